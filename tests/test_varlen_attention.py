@@ -1,0 +1,248 @@
+"""varlen_attention: every CPU-capable backend against the float64 reference, and the contract."""
+
+import pytest
+import torch
+from attention_cases import (
+    assert_close,
+    assert_within_rule,
+    forward_backward,
+    make_case,
+    random_case,
+    reference_fn,
+)
+
+from crossmae.ops import BACKENDS, ENV_VAR, available_backends, select_backend, varlen_attention
+from crossmae.packed import Packed, pad_packed, unpad
+from crossmae_kernels.varlen_attention import is_interpreting
+
+# Triton runs on CPU tensors only in its interpreter, which conftest.py turns on when no GPU is
+# present; on a GPU machine the Triton backend is checked by test_varlen_attention_gpu.py.
+needs_interpreter = pytest.mark.skipif(not is_interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+
+
+def backend_fn(name):
+    def fn(q, k, v, cu_q, cu_k, max_q, max_k):
+        return varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=name)
+
+    return fn
+
+
+TORCH_BACKENDS = ["math", "loop", "sdpa_padded"]
+CPU_BACKENDS = TORCH_BACKENDS + (["triton"] if is_interpreting() else [])
+# (B, max Lq, max Lk, H, D): B from 1 to 9, Lq != Lk, head dims 16/32/64
+SHAPES = [(1, 13, 7, 2, 16), (2, 1, 9, 1, 32), (4, 40, 23, 2, 64), (5, 9, 33, 3, 16), (9, 21, 12, 2, 32)]
+TRITON_SHAPES = [(1, 13, 7, 2, 16), (4, 40, 23, 2, 32), (6, 19, 35, 1, 64), (9, 21, 12, 2, 16), (3, 17, 5, 1, 24)]
+
+
+def check_against_reference(backend, case, dtype, atol, rtol):
+    grad_out = torch.randn(case.q.shape, generator=torch.Generator().manual_seed(7))
+    got = forward_backward(backend_fn(backend), case, grad_out, dtype=dtype)
+    ref = forward_backward(reference_fn, case, grad_out, dtype=torch.float64)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert a.dtype == dtype, f"{name} dtype {a.dtype} != {dtype}"
+        assert_close(a, r, atol=atol, rtol=rtol, name=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_q{}_k{}_H{}_D{}".format(*s))
+def test_torch_backends_match_reference_fp32(backend, shape):
+    batch, max_q, max_k, heads, head_dim = shape
+    case = random_case(batch, max_q, max_k, heads, head_dim, seed=sum(shape))
+    check_against_reference(backend, case, torch.float32, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
+def test_torch_backends_bf16_within_rule(backend):
+    """bf16 error vs float64 ≤ 2× (out) / 3× (grads) plain PyTorch's own bf16 error, + a floor."""
+    case = random_case(6, 30, 25, 2, 32, seed=3)
+    grad_out = torch.randn(case.q.shape, generator=torch.Generator().manual_seed(8))
+    got = forward_backward(backend_fn(backend), case, grad_out, dtype=torch.bfloat16)
+    base = forward_backward(backend_fn("math"), case, grad_out, dtype=torch.bfloat16)
+    ref = forward_backward(reference_fn, case, grad_out, dtype=torch.float64)
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        assert_within_rule(got[i], ref[i], base[i], factor=2 if i == 0 else 3, floor=1e-2, name=f"{backend} {name}")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "B{}_q{}_k{}_H{}_D{}".format(*s))
+def test_triton_matches_reference_fp32(shape):
+    batch, max_q, max_k, heads, head_dim = shape
+    case = random_case(batch, max_q, max_k, heads, head_dim, seed=sum(shape))
+    check_against_reference("triton", case, torch.float32, atol=2e-5, rtol=2e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float16])
+def test_triton_low_precision_within_rule(dtype):
+    case = random_case(5, 37, 21, 2, 32, seed=11)
+    grad_out = torch.randn(case.q.shape, generator=torch.Generator().manual_seed(9))
+    got = forward_backward(backend_fn("triton"), case, grad_out, dtype=dtype)
+    base = forward_backward(backend_fn("math"), case, grad_out, dtype=dtype)
+    ref = forward_backward(reference_fn, case, grad_out, dtype=torch.float64)
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        assert_within_rule(got[i], ref[i], base[i], factor=2 if i == 0 else 3, floor=1e-3, name=f"triton {name}")
+
+
+@needs_interpreter
+def test_triton_interpreter_refuses_bf16_with_a_reason():
+    case = make_case([3], [4], heads=1, head_dim=16, dtype=torch.bfloat16, requires_grad=False)
+    with pytest.raises(ValueError, match="interpreter has no bfloat16"):
+        varlen_attention(*case.args, backend="triton")
+
+
+def test_empty_key_segment_gives_zero_output_and_zero_grads():
+    case = make_case([3, 4], [0, 5], heads=2, head_dim=16)
+    for backend in CPU_BACKENDS:
+        out, dq, dk, dv = forward_backward(backend_fn(backend), case, torch.ones(case.q.shape))
+        assert torch.equal(out[:3], torch.zeros_like(out[:3])), backend
+        assert torch.equal(dq[:3], torch.zeros_like(dq[:3])), backend
+        assert out[3:].abs().sum() > 0, backend
+
+
+def test_degenerate_batches():
+    for lengths_q, lengths_k in [([0, 0], [3, 2]), ([2, 1], [0, 0]), ([], []), ([0], [0])]:
+        case = make_case(lengths_q, lengths_k, heads=2, head_dim=16)
+        for backend in CPU_BACKENDS:
+            out, dq, dk, dv = forward_backward(backend_fn(backend), case, torch.ones(case.q.shape))
+            assert out.shape == case.q.shape and not out.abs().any(), backend
+            assert not dk.abs().any() and not dv.abs().any(), backend
+
+
+@needs_interpreter
+def test_triton_accepts_strided_inputs():
+    case = make_case([5, 0, 9], [4, 6, 1], heads=2, head_dim=16, requires_grad=False)
+    wide = torch.randn(case.q.shape[0], 2, 48)
+    q = wide[:, :, 8:24]  # non-contiguous in the token and head dims
+    k = case.k.detach().transpose(0, 1).contiguous().transpose(0, 1)  # head-major storage
+    v = case.v.detach()
+    got = varlen_attention(q, k, v, *case.args[3:], backend="triton")
+    ref = reference_fn(q, k, v, *case.args[3:])
+    assert_close(got, ref, atol=2e-5, rtol=2e-5, name="strided out")
+
+
+@needs_interpreter
+def test_triton_backward_is_deterministic():
+    case = random_case(7, 45, 30, 2, 32, seed=5)
+    grad_out = torch.randn(case.q.shape, generator=torch.Generator().manual_seed(1))
+    first = forward_backward(backend_fn("triton"), case, grad_out)
+    second = forward_backward(backend_fn("triton"), case, grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_padded_and_packed_agree():
+    """The same samples as a padded batch through SDPA and packed through each backend."""
+    lengths_q, lengths_k = [5, 1, 12, 0], [7, 3, 2, 6]
+    case = make_case(lengths_q, lengths_k, heads=2, head_dim=16, requires_grad=False)
+    pq, pk = case.packed_q, case.packed_k
+    qp = pad_packed(case.q, pq.cu_seqlens, pq.max_seqlen)  # [B, Lq, H, D]
+    kp = pad_packed(case.k, pk.cu_seqlens, pk.max_seqlen)  # [B, Lk, H, D]
+    vp = pad_packed(case.v, pk.cu_seqlens, pk.max_seqlen)
+    key_ok = torch.arange(pk.max_seqlen)[None, :] < pk.lengths[:, None]  # [B, Lk]
+    padded = torch.nn.functional.scaled_dot_product_attention(
+        qp.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2), attn_mask=key_ok[:, None, None, :]
+    ).transpose(1, 2)  # [B, Lq, H, D]
+    expected = unpad(padded, pq.cu_seqlens, pq.total)
+    for backend in CPU_BACKENDS:
+        got = varlen_attention(*case.args, backend=backend)
+        assert_close(got, expected, atol=2e-5, rtol=2e-5, name=f"{backend} vs padded")
+
+
+def test_softmax_scale_is_used():
+    case = make_case([6, 3], [4, 5], heads=1, head_dim=16, requires_grad=False)
+    for backend in CPU_BACKENDS:
+        got = varlen_attention(*case.args, softmax_scale=0.3, backend=backend)
+        ref = reference_fn(*case.args, softmax_scale=0.3)
+        assert_close(got, ref, atol=2e-5, rtol=2e-5, name=f"{backend} scale")
+
+
+# -- selection --------------------------------------------------------------------------
+def test_auto_picks_a_backend_that_can_run_and_honours_env(monkeypatch):
+    case = make_case([3], [4], heads=1, head_dim=16, requires_grad=False)
+    chosen = select_backend("auto", case.q, needs_backward=True)
+    assert not chosen.reasons(case.q, needs_backward=True)
+    monkeypatch.setenv(ENV_VAR, "loop")
+    assert select_backend("auto", case.q, needs_backward=True).name == "loop"
+    monkeypatch.setenv(ENV_VAR, "no_such_backend")
+    with pytest.raises(ValueError, match="backend must be"):
+        varlen_attention(*case.args)
+
+
+def test_unavailable_backend_raises_with_reasons():
+    case = make_case([3], [4], heads=1, head_dim=16, requires_grad=False)
+    for name in ("torch_varlen", "flash_attn", "xformers"):
+        with pytest.raises(ValueError, match=f"backend '{name}' can't run"):
+            varlen_attention(*case.args, backend=name)
+    assert set(TORCH_BACKENDS) <= set(available_backends(case.q, needs_backward=True))
+
+
+def test_every_backend_declares_its_support():
+    case = make_case([3], [4], heads=1, head_dim=16, requires_grad=False)
+    for backend in BACKENDS.values():
+        assert backend.devices and backend.dtypes and backend.description
+        assert isinstance(backend.reasons(case.q), list)
+
+
+# -- bad inputs ---------------------------------------------------------------------------
+def bad_input_cases():
+    def base():
+        c = make_case([3, 5], [4, 2], heads=2, head_dim=16, requires_grad=False)
+        return list(c.args)
+
+    def with_(i, value):
+        args = base()
+        args[i] = value(args) if callable(value) else value
+        return args
+
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    return [
+        ("cu_seqlens_q must be int32", with_(3, cu.long())),
+        ("cu_seqlens_k must have the length", with_(4, torch.tensor([0, 6], dtype=torch.int32))),
+        ("cu_seqlens_q must have shape", with_(3, cu[None])),
+        ("cu_seqlens_q must be non-decreasing", with_(3, torch.tensor([0, 9, 8], dtype=torch.int32))),
+        (r"cu_seqlens_q\[0\] must be 0", with_(3, torch.tensor([1, 3, 8], dtype=torch.int32))),
+        (r"cu_seqlens_q\[-1\] must equal", with_(3, torch.tensor([0, 3, 7], dtype=torch.int32))),
+        (r"cu_seqlens_k\[-1\] must equal", with_(4, torch.tensor([0, 4, 5], dtype=torch.int32))),
+        ("max_seqlen_q=4 is smaller than the longest segment", with_(5, 4)),
+        ("max_seqlen_k=3 is smaller than the longest segment", with_(6, 3)),
+        ("max_seqlen_q must be a Python int", with_(5, torch.tensor(5))),
+        ("k must have q's number of heads", with_(1, lambda a: torch.randn(6, 3, 16))),
+        ("v must have q's head dim", with_(2, lambda a: torch.randn(6, 2, 8))),
+        ("k must have q's head dim", with_(1, lambda a: torch.randn(6, 2, 32))),
+        ("k must have q's dtype", with_(1, lambda a: a[1].double())),
+        ("v must have as many rows as k", with_(2, lambda a: torch.randn(5, 2, 16))),
+        (r"q must have shape \[total, H, D\]", with_(0, lambda a: a[0][None])),
+        ("cu_seqlens_q must be a torch.Tensor", with_(3, [0, 3, 8])),
+    ]
+
+
+@pytest.mark.parametrize("match,args", bad_input_cases(), ids=[c[0][:40] for c in bad_input_cases()])
+def test_bad_inputs_raise_value_error_naming_the_argument(match, args):
+    with pytest.raises(ValueError, match=match):
+        varlen_attention(*args, backend="math")
+
+
+def test_device_mismatch_is_rejected():
+    case = make_case([3], [4], heads=1, head_dim=16, requires_grad=False)
+    k_meta = case.k.to("meta")
+    with pytest.raises(ValueError, match="k must be on q's device"):
+        varlen_attention(case.q, k_meta, case.v, *case.args[3:], backend="math")
+    with pytest.raises(ValueError, match="cu_seqlens_k must be on q's device"):
+        varlen_attention(case.q, case.k, case.v, case.args[3], case.args[4].to("meta"), 3, 4, backend="math")
+
+
+def test_unsupported_head_dim_is_rejected_by_backend():
+    case = make_case([3], [4], heads=1, head_dim=256, requires_grad=False)
+    with pytest.raises(ValueError, match="supports head dims .* not 256"):
+        varlen_attention(*case.args, backend="triton")
+    case = make_case([3], [4], heads=1, head_dim=12, requires_grad=False)
+    with pytest.raises(ValueError, match="not 12"):
+        varlen_attention(*case.args, backend="triton")
+
+
+def test_packed_cu_seqlens_are_not_read_back():
+    """cu_seqlens built by Packed are trusted: checking them reads nothing from the tensor."""
+    packed = Packed.from_lengths([4, 0, 7])
+    from crossmae.packed import _SUMMARIES
+
+    assert packed.cu_seqlens in _SUMMARIES
