@@ -1,0 +1,97 @@
+"""Named workload presets shared by benchmarks and tests (DESIGN §7).
+
+A preset fixes the token counts of one training batch (one grid modality) and the model's
+widths. :func:`attention_lengths` turns it into the per-sample query and key lengths of the
+decoder's cross-attention, which is what the attention benchmarks time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class WorkloadPreset:
+    """One batch's shape and the model widths.
+
+    Attributes:
+        name: preset name.
+        batch: B samples.
+        steps: T time steps per sample.
+        patches: P valid patches per frame (the most, for ragged presets).
+        patch_grid: patches per frame side (``patch_grid ** 2`` patch positions per frame).
+        patch_dim: values per patch.
+        mask_ratio: fraction of each sample's valid tokens hidden from the encoder.
+        enc_dim, enc_depth, enc_heads: encoder width, layers, heads.
+        dec_dim, dec_depth, dec_heads: decoder width, layers, heads.
+        min_patches: fewest valid patches per frame (ragged presets; equals ``patches`` otherwise).
+        max_missing_steps: largest fraction of missing time steps per sample (ragged presets).
+    """
+
+    name: str
+    batch: int
+    steps: int
+    patches: int
+    patch_grid: int = 10
+    patch_dim: int = 100
+    mask_ratio: float = 0.75
+    enc_dim: int = 256
+    enc_depth: int = 6
+    enc_heads: int = 8
+    dec_dim: int = 128
+    dec_depth: int = 4
+    dec_heads: int = 8
+    min_patches: int | None = None
+    max_missing_steps: float = 0.0
+
+    @property
+    def dec_head_dim(self) -> int:
+        return self.dec_dim // self.dec_heads
+
+    @property
+    def is_ragged(self) -> bool:
+        return (self.min_patches is not None and self.min_patches != self.patches) or self.max_missing_steps > 0
+
+
+PRESETS: dict[str, WorkloadPreset] = {
+    "seed": WorkloadPreset("seed", batch=8, steps=90, patches=94),
+    "wide": WorkloadPreset("wide", batch=8, steps=90, patches=94, enc_dim=512, dec_dim=512, dec_heads=8),
+    "ragged": WorkloadPreset("ragged", batch=8, steps=90, patches=94, min_patches=60, max_missing_steps=0.2),
+    "cpu": WorkloadPreset("cpu", batch=4, steps=16, patches=94),
+}
+
+
+def get_preset(name: str) -> WorkloadPreset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}") from None
+
+
+def valid_tokens(preset: WorkloadPreset, seed: int = 0) -> list[int]:
+    """Valid tokens per sample: patches per frame times the time steps that are not missing."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = []
+    for _ in range(preset.batch):
+        low = preset.min_patches if preset.min_patches is not None else preset.patches
+        patches = int(torch.randint(low, preset.patches + 1, (1,), generator=gen))
+        missing = float(torch.rand(1, generator=gen)) * preset.max_missing_steps
+        steps = preset.steps - int(round(missing * preset.steps))
+        counts.append(patches * steps)
+    return counts
+
+
+def attention_lengths(preset: WorkloadPreset, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Per-sample (query, key) lengths of the decoder cross-attention: masked vs visible tokens."""
+    valid = valid_tokens(preset, seed)
+    masked = [int(round(preset.mask_ratio * n)) for n in valid]
+    visible = [n - m for n, m in zip(valid, masked)]
+    return masked, visible
+
+
+def attention_flops(lengths_q: list[int], lengths_k: list[int], heads: int, head_dim: int) -> tuple[float, float]:
+    """Forward and backward FLOPs over the real lengths: 4·Σ Lq·Lk·H·D, backward 2.5× forward."""
+    fwd = 4.0 * sum(lq * lk for lq, lk in zip(lengths_q, lengths_k)) * heads * head_dim
+    return fwd, 2.5 * fwd
