@@ -246,3 +246,12 @@ def test_packed_cu_seqlens_are_not_read_back():
     from crossmae.packed import _SUMMARIES
 
     assert packed.cu_seqlens in _SUMMARIES
+
+
+def test_flex_forward_on_cpu_matches_reference_and_refuses_backward():
+    case = random_case(5, 20, 14, 2, 16, seed=2, requires_grad=False)
+    got = varlen_attention(*case.args, backend="flex")
+    assert_close(got, reference_fn(*case.args), atol=2e-5, rtol=2e-5, name="flex out")
+    case.q.requires_grad_(True)
+    with pytest.raises(ValueError, match="has no backward on cpu"):
+        varlen_attention(*case.args, backend="flex")

@@ -37,7 +37,7 @@ class AttentionBackend:
         devices: device types it runs on (``"cpu"``, ``"cuda"``).
         dtypes: input dtypes it accepts.
         head_dims: description of the head dims it accepts, and the predicate that checks one.
-        supports_backward: whether gradients flow through it.
+        backward_devices: device types on which gradients flow through it.
         unavailable: returns why the backend can't run at all here (library missing), or None.
         extra_reasons: further input-dependent reasons (e.g. GPU architecture), may be empty.
     """
@@ -48,7 +48,7 @@ class AttentionBackend:
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     head_dims: tuple[str, Callable[[int], bool]]
-    supports_backward: bool = True
+    backward_devices: tuple[str, ...] = ("cpu", "cuda")
     unavailable: Callable[[], str | None] = lambda: None
     extra_reasons: Callable[[torch.Tensor], list[str]] = field(default=lambda q: [])
 
@@ -66,8 +66,8 @@ class AttentionBackend:
         text, accepts = self.head_dims
         if not accepts(q.shape[-1]):
             why.append(f"supports head dims {text}, not {q.shape[-1]}")
-        if needs_backward and not self.supports_backward:
-            why.append("has no backward on this device, and the inputs require grad")
+        if needs_backward and q.device.type not in self.backward_devices:
+            why.append(f"has no backward on {q.device.type}, and the inputs require grad")
         if not why:
             why.extend(self.extra_reasons(q))
         return why
@@ -154,8 +154,8 @@ register_backend(AttentionBackend(
     devices=("cpu", "cuda"),
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     head_dims=("16..256, powers of two", external.flex_head_dim_supported),
+    backward_devices=("cuda",),
     unavailable=external.flex_unavailable,
-    extra_reasons=external.flex_reasons,
 ))
 
 # The order "auto" tries, per device type. See bench/results/backend_order.md for the evidence.

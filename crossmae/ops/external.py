@@ -121,12 +121,6 @@ def flex_unavailable() -> str | None:
     return None
 
 
-def flex_reasons(q: torch.Tensor) -> list[str]:
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
-        return ["has no backward on CPU"]
-    return []
-
-
 @functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
