@@ -150,3 +150,36 @@ def key_padding_mask(cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
     """bool ``[B, max_seqlen]``: True where a padded position holds a real row."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]  # [B]
     return torch.arange(max_seqlen, device=cu_seqlens.device)[None, :] < lengths[:, None]
+
+
+def concat_segments(parts: Sequence[Packed]) -> tuple[Packed, torch.Tensor, list[torch.Tensor]]:
+    """Per-sample concatenation of packed sets: sample b's rows are part 0's rows of b, then part 1's, ...
+
+    Runs on the host lengths (in the collate, not in the model).
+
+    Returns:
+        packed: the boundaries of the concatenation (on the parts' cu_seqlens device).
+        order: int64 ``[total]``: ``torch.cat(part_tensors)[order]`` is the concatenation.
+        dest: per part, int64 ``[total_i]``: the row each of its rows lands on.
+    """
+    if not parts:
+        raise ValueError("concat_segments needs at least one part")
+    batch = parts[0].batch_size
+    for i, part in enumerate(parts):
+        if part.batch_size != batch:
+            raise ValueError(f"part {i} has {part.batch_size} samples, part 0 has {batch}")
+    lengths = torch.stack([p.lengths for p in parts])  # [n_parts, B]
+    out = Packed.from_lengths(lengths.sum(0), device=parts[0].cu_seqlens.device)
+    out_starts = torch.cumsum(lengths.sum(0), 0) - lengths.sum(0)  # [B]
+    before = torch.cumsum(lengths, 0) - lengths  # [n_parts, B]: rows of earlier parts in the same sample
+    order = torch.empty(out.total, dtype=torch.int64)
+    dest, base = [], 0
+    for i, part in enumerate(parts):
+        seg = torch.repeat_interleave(torch.arange(batch), part.lengths)  # [total_i]
+        part_starts = torch.cumsum(part.lengths, 0) - part.lengths  # [B]
+        pos = torch.arange(part.total) - part_starts[seg]  # [total_i]
+        rows = out_starts[seg] + before[i, seg] + pos  # [total_i]
+        order[rows] = torch.arange(base, base + part.total)
+        dest.append(rows)
+        base += part.total
+    return out, order, dest

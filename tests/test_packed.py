@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from crossmae.packed import Packed, key_padding_mask, pad_packed, segment_ids, summarize_cu_seqlens, unpad
+from crossmae.packed import (
+    Packed,
+    concat_segments,
+    key_padding_mask,
+    pad_packed,
+    segment_ids,
+    summarize_cu_seqlens,
+    unpad,
+)
 
 
 def test_from_lengths_builds_boundaries():
@@ -42,3 +50,15 @@ def test_summary_is_cached_and_refreshed_after_in_place_change():
     assert summarize_cu_seqlens(cu) == (0, 7, 5, 2)
     cu[2] = 9
     assert summarize_cu_seqlens(cu).last == 9
+
+
+def test_concat_segments_interleaves_per_sample():
+    a = Packed.from_lengths([2, 0, 1])
+    b = Packed.from_lengths([1, 2, 0])
+    out, order, (dest_a, dest_b) = concat_segments([a, b])
+    assert out.lengths.tolist() == [3, 2, 1]
+    rows_a = torch.tensor([10, 11, 12])  # sample 0, 0, 2
+    rows_b = torch.tensor([20, 21, 22])  # sample 0, 1, 1
+    cat = torch.cat([rows_a, rows_b])[order]
+    assert cat.tolist() == [10, 11, 20, 21, 22, 12]
+    assert torch.equal(cat[dest_a], rows_a) and torch.equal(cat[dest_b], rows_b)

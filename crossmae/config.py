@@ -1,0 +1,426 @@
+"""Typed run configuration: dataclasses, named presets, YAML files and ``--section.key=value`` overrides.
+
+Resolution order: the preset's defaults, then the YAML file (``--config``), then command-line
+overrides. Every value is checked against its field's type; an unknown key or a value of the
+wrong type raises :class:`ConfigError` naming the key, before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value, key or file that can't be used; the message names it."""
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in synthetic water data set (:mod:`crossmae.data.synthetic`).
+
+    Attributes:
+        num_basins: basins in the data set; each has its own irregular mask and response.
+        record_days: days simulated per basin (windows are cut from this record).
+        grid_size: cells per side of the square grid.
+        basin_patches: fewest and most patches of the patch grid that a basin touches.
+        grids: grid modalities to provide (``precip``, ``temperature``, ``soil_moisture``).
+        series: series modalities to provide (``streamflow``, ``evaporation``).
+        static: whether to provide static basin attributes.
+        missing_frames: largest fraction of a window's days whose grids are entirely missing.
+        series_gap_rate: expected gaps per 100 days in each series (gaps last 3–30 days).
+    """
+
+    num_basins: int = 16
+    record_days: int = 1095
+    grid_size: int = 32
+    basin_patches: list[int] = field(default_factory=lambda: [8, 16])
+    grids: list[str] = field(default_factory=lambda: ["precip", "temperature", "soil_moisture"])
+    series: list[str] = field(default_factory=lambda: ["streamflow", "evaporation"])
+    static: bool = True
+    missing_frames: float = 0.0
+    series_gap_rate: float = 0.5
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are cut into tokens.
+
+    Attributes:
+        source: ``synthetic`` (built in, no files needed).
+        steps: T, days per sample window.
+        stride: days between the starts of consecutive windows.
+        patch_size: cells per side of a grid patch (a grid token is C·patch_size² values).
+        val_fraction: the last fraction of each basin's record is the validation period.
+        batch_size: samples per step on each process.
+        num_workers: DataLoader worker processes.
+        seed: seeds the data set's generation (synthetic) and nothing else.
+    """
+
+    source: str = "synthetic"
+    steps: int = 32
+    stride: int = 8
+    patch_size: int = 8
+    val_fraction: float = 0.25
+    batch_size: int = 8
+    num_workers: int = 0
+    seed: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class MaskConfig:
+    """How each sample's tokens are hidden and which hidden ones are predicted.
+
+    Attributes:
+        grid_ratio: fraction of a sample's valid grid tokens hidden from the encoder.
+        series_ratio: the same for series tokens.
+        ratios: per-modality overrides, e.g. ``{streamflow: 0.9}``.
+        mode: ``free`` (uniform over the sample's valid tokens) or ``frame`` (the ratio within
+            each time step's valid patches; series tokens are masked freely in both modes).
+        kept_mask_ratio: fraction of the hidden tokens that are predicted (CrossMAE's partial
+            reconstruction; 1.0 predicts them all).
+    """
+
+    grid_ratio: float = 0.75
+    series_ratio: float = 0.5
+    ratios: dict[str, float] = field(default_factory=dict)
+    mode: str = "free"
+    kept_mask_ratio: float = 1.0
+
+    def ratio(self, modality: str, kind: str) -> float:
+        return self.ratios.get(modality, self.grid_ratio if kind == "grid" else self.series_ratio)
+
+
+@dataclass
+class ModelConfig:
+    """The multimodal CrossMAE (DESIGN §4, §6).
+
+    Attributes:
+        enc_dim, enc_depth, enc_heads: every modality encoder's width, blocks and heads.
+        dec_dim, dec_depth, dec_heads: every modality decoder's width, blocks and heads.
+        mlp_ratio: MLP hidden width over the model width.
+        use_cross_attn: False gives the standard MAE decoder (self-attention over the memory
+            and a mask token at every hidden position): the baseline.
+        decoder_self_attn: masked self-attention among the queries in each decoder block.
+        use_weighted_fm: decoder block i attends to a learned mix of encoder layers.
+        use_fm_layers: encoder blocks to mix (indices; empty = all).
+        use_input: also mix the encoder's input embeddings.
+        memory: ``joint`` (every modality's visible tokens) or ``own`` (the decoder's own modality).
+        attn_backend: varlen attention backend of the packed path (``auto`` or a registry name).
+        norm_pix_loss: normalise each target token by its own mean and variance.
+        loss_weights: per-modality loss weights (default 1).
+    """
+
+    enc_dim: int = 64
+    enc_depth: int = 3
+    enc_heads: int = 4
+    dec_dim: int = 64
+    dec_depth: int = 2
+    dec_heads: int = 4
+    mlp_ratio: float = 4.0
+    use_cross_attn: bool = True
+    decoder_self_attn: bool = False
+    use_weighted_fm: bool = False
+    use_fm_layers: list[int] = field(default_factory=list)
+    use_input: bool = False
+    memory: str = "joint"
+    attn_backend: str = "auto"
+    norm_pix_loss: bool = False
+    loss_weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation and the run's bookkeeping.
+
+    Attributes:
+        max_steps: optimizer steps.
+        lr, min_lr: peak and final learning rate (linear warm-up, then cosine decay).
+        warmup_steps: steps of linear warm-up.
+        weight_decay, beta1, beta2: AdamW.
+        grad_clip: clip the global gradient norm to this (0 disables).
+        log_every: steps between metric rows.
+        val_every: steps between validation passes (0 disables).
+        val_batches: batches per validation pass.
+        ckpt_every: steps between checkpoints (0: only at the end).
+        keep_checkpoints: how many recent checkpoints to keep.
+        max_nonfinite_steps: consecutive steps with a non-finite loss before the run stops.
+        amp: ``auto`` (bf16 autocast on CUDA), ``bf16`` or ``none``.
+        compile: wrap the model in ``torch.compile``.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+        seed: seeds weights, sampling order and masks.
+        out_dir: the run folder.
+        fused: the packed path (varlen attention, ``attn_backend``); False runs the seed's path.
+    """
+
+    max_steps: int = 300
+    lr: float = 2e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    log_every: int = 10
+    val_every: int = 100
+    val_batches: int = 4
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 5
+    amp: str = "auto"
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    out_dir: str = "runs/default"
+    fused: bool = False
+
+
+@dataclass
+class Config:
+    preset: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# -- presets (DESIGN §7) -------------------------------------------------------------------
+def _single_grid(config: Config, *, batch: int, steps: int, patches: list[int], missing: float = 0.0) -> Config:
+    """One grid modality of 100×100 cells in 10×10 patches (patch_dim 100), no series, no static."""
+    config.data.batch_size = batch
+    config.data.steps = steps
+    config.data.stride = steps
+    config.data.patch_size = 10
+    config.data.synthetic = SyntheticConfig(
+        num_basins=8, record_days=max(4 * steps, 365), grid_size=100, basin_patches=patches,
+        grids=["precip"], series=[], static=False, missing_frames=missing,
+    )
+    config.mask.grid_ratio = 0.75
+    config.model = ModelConfig(enc_dim=256, enc_depth=6, enc_heads=8, dec_dim=128, dec_depth=4, dec_heads=8)
+    return config
+
+
+def _preset_default() -> Config:
+    return Config()
+
+
+def _preset_seed() -> Config:
+    return _single_grid(Config(preset="seed"), batch=8, steps=90, patches=[94, 94])
+
+
+def _preset_wide() -> Config:
+    config = _single_grid(Config(preset="wide"), batch=8, steps=90, patches=[94, 94])
+    config.model.enc_dim, config.model.dec_dim, config.model.dec_heads = 512, 512, 8
+    return config
+
+
+def _preset_ragged() -> Config:
+    return _single_grid(Config(preset="ragged"), batch=8, steps=90, patches=[60, 94], missing=0.2)
+
+
+def _preset_cpu() -> Config:
+    return _single_grid(Config(preset="cpu"), batch=4, steps=16, patches=[94, 94])
+
+
+PRESETS = {
+    "default": _preset_default,
+    "seed": _preset_seed,
+    "wide": _preset_wide,
+    "ragged": _preset_ragged,
+    "cpu": _preset_cpu,
+}
+
+
+def preset_config(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    config = PRESETS[name]()
+    config.preset = name
+    return config
+
+
+# -- typed assignment ----------------------------------------------------------------------
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(value: Any, hint, key: str):
+    """``value`` checked (and widened where lossless, int → float) against the type ``hint``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{key}: unsupported type {hint}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{key} key"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {hint.__name__} fields, got {value!r}")
+        obj = hint()
+        _apply_mapping(obj, value, key)
+        return obj
+    raise ConfigError(f"{key}: unsupported field type {_type_name(hint)}")
+
+
+def _apply_mapping(obj, mapping: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    for name, value in mapping.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in hints:
+            known = ", ".join(f.name for f in dataclasses.fields(obj))
+            raise ConfigError(f"unknown config key {key!r} (known here: {known})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            _apply_mapping(current, value, key)
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply ``section.key=value`` strings; values are parsed as YAML (``3``, ``0.5``, ``true``, ``[1, 2]``)."""
+    for item in overrides:
+        item = item[2:] if item.startswith("--") else item
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        path, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {path}: can't parse value {raw!r}: {exc}") from None
+        mapping: dict = {}
+        node = mapping
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+        _apply_mapping(config, mapping, "")
+    return config
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def resolve_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> Config:
+    """Preset defaults, then the YAML file, then overrides; validated."""
+    file_data = load_yaml(config_file) if config_file else {}
+    name = preset or file_data.pop("preset", None) or "default"
+    file_data.pop("preset", None)
+    config = preset_config(name)
+    _apply_mapping(config, file_data, "")
+    apply_overrides(config, list(overrides))
+    validate_config(config)
+    return config
+
+
+def validate_config(config: Config) -> None:
+    """Range checks a type can't express; raises ConfigError naming the key."""
+    d, m, mo, t = config.data, config.mask, config.model, config.train
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    need(d.source == "synthetic", f"data.source must be 'synthetic', got {d.source!r}")
+    need(d.steps >= 1, f"data.steps must be at least 1, got {d.steps}")
+    need(d.stride >= 1, f"data.stride must be at least 1, got {d.stride}")
+    need(d.patch_size >= 1, f"data.patch_size must be at least 1, got {d.patch_size}")
+    need(0.0 <= d.val_fraction < 1.0, f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    need(d.batch_size >= 1, f"data.batch_size must be at least 1, got {d.batch_size}")
+    need(d.num_workers >= 0, f"data.num_workers must be non-negative, got {d.num_workers}")
+    for name, r in [("mask.grid_ratio", m.grid_ratio), ("mask.series_ratio", m.series_ratio),
+                    *[(f"mask.ratios.{k}", v) for k, v in m.ratios.items()]]:
+        need(0.0 <= r < 1.0, f"{name} must be in [0, 1), got {r}")
+    need(m.mode in ("free", "frame"), f"mask.mode must be 'free' or 'frame', got {m.mode!r}")
+    need(0.0 < m.kept_mask_ratio <= 1.0, f"mask.kept_mask_ratio must be in (0, 1], got {m.kept_mask_ratio}")
+    for prefix, dim, heads, depth in [("enc", mo.enc_dim, mo.enc_heads, mo.enc_depth),
+                                      ("dec", mo.dec_dim, mo.dec_heads, mo.dec_depth)]:
+        need(depth >= 1, f"model.{prefix}_depth must be at least 1, got {depth}")
+        need(heads >= 1 and dim % heads == 0,
+             f"model.{prefix}_dim ({dim}) must be a multiple of model.{prefix}_heads ({heads})")
+    need(mo.memory in ("joint", "own"), f"model.memory must be 'joint' or 'own', got {mo.memory!r}")
+    for i in mo.use_fm_layers:
+        need(-mo.enc_depth <= i < mo.enc_depth,
+             f"model.use_fm_layers holds {i}, but the encoder has {mo.enc_depth} blocks")
+    need(t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}")
+    need(t.lr > 0 and t.min_lr >= 0, f"train.lr must be positive and train.min_lr non-negative, got {t.lr}, "
+         f"{t.min_lr}")
+    need(t.amp in ("auto", "bf16", "none"), f"train.amp must be 'auto', 'bf16' or 'none', got {t.amp!r}")
+    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
+         f"train.device must be 'auto', 'cpu' or 'cuda[:N]', got {t.device!r}")
+    need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be at least 1, got {t.max_nonfinite_steps}")
+    s = d.synthetic
+    need(len(s.basin_patches) == 2 and 1 <= s.basin_patches[0] <= s.basin_patches[1],
+         f"data.synthetic.basin_patches must be [min, max] with 1 <= min <= max, got {s.basin_patches}")
+    n_patches = (-(-s.grid_size // d.patch_size)) ** 2
+    need(s.basin_patches[1] <= n_patches,
+         f"data.synthetic.basin_patches max {s.basin_patches[1]} exceeds the {n_patches} patches of a "
+         f"{s.grid_size}x{s.grid_size} grid in {d.patch_size}-cell patches")
+    need(s.grids or s.series, "data.synthetic must provide at least one grid or series modality")
+    need(0.0 <= s.missing_frames < 1.0, f"data.synthetic.missing_frames must be in [0, 1), got {s.missing_frames}")
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def config_from_dict(data: dict) -> Config:
+    config = Config()
+    _apply_mapping(config, data, "")
+    return config

@@ -1,0 +1,77 @@
+"""What a water data set yields: one window of every modality for one basin.
+
+A data set describes its modalities once (:class:`ModalitySpec`) and yields :class:`Sample`
+objects. Values are already normalised (training-split statistics); NaN marks a missing value.
+Grid cells outside the basin are not data: the basin mask says which cells are real.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """One modality's kind and shape.
+
+    Attributes:
+        name: modality name (``precip``, ``streamflow`` ...).
+        kind: ``grid`` (a field over the basin, ``[T, C, H, W]``) or ``series`` (``[T, F]``).
+        channels: C for grids, F for series.
+        height, width: grid cells (grids only).
+    """
+
+    name: str
+    kind: str
+    channels: int
+    height: int = 0
+    width: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("grid", "series"):
+            raise ValueError(f"ModalitySpec.kind must be 'grid' or 'series', got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The modalities of a data set, in a fixed order, and the number of static attributes."""
+
+    modalities: tuple[ModalitySpec, ...]
+    static_dim: int = 0
+
+    @property
+    def grids(self) -> tuple[ModalitySpec, ...]:
+        return tuple(m for m in self.modalities if m.kind == "grid")
+
+    @property
+    def series(self) -> tuple[ModalitySpec, ...]:
+        return tuple(m for m in self.modalities if m.kind == "series")
+
+    def __getitem__(self, name: str) -> ModalitySpec:
+        for m in self.modalities:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+@dataclass
+class Sample:
+    """One window of one basin.
+
+    Attributes:
+        grids: name → float32 ``[T, C, H, W]``; NaN = missing.
+        basin_masks: name → bool ``[H, W]``; True = the cell lies inside the basin.
+        series: name → float32 ``[T, F]``; NaN = missing.
+        static: float32 ``[S]`` static attributes (NaN = unknown), or None.
+        noise_seed: seeds this sample's mask draw (so masks depend on the sample, not the batch).
+        meta: anything for evaluation and plots (basin id, first day ...).
+    """
+
+    grids: dict[str, torch.Tensor] = field(default_factory=dict)
+    basin_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    series: dict[str, torch.Tensor] = field(default_factory=dict)
+    static: torch.Tensor | None = None
+    noise_seed: int = 0
+    meta: dict = field(default_factory=dict)

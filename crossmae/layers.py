@@ -1,0 +1,169 @@
+"""Transformer layers that run on packed or padded tokens.
+
+Every layer except attention is per token, so it runs unchanged on packed ``[total, d]`` or
+padded ``[B, L, d]`` tensors. Attention takes a *layout* that knows how the rows of the batch
+belong to samples:
+
+- :class:`PackedLayout`  packed rows, one :func:`crossmae.ops.varlen_attention` call (the fast path);
+- :class:`PaddedLayout`  ``[B, L, ...]`` padded tensors, one SDPA call with a key-padding mask;
+- :class:`LoopLayout`    ``[B, L, ...]`` padded tensors, one SDPA call per sample (the seed's way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossmae.ops import varlen_attention
+from crossmae.packed import Packed
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Queries and keys packed: ``q [total_q, H, D]``, ``k/v [total_k, H, D]``."""
+
+    q: Packed
+    k: Packed
+    backend: str = "auto"
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return varlen_attention(
+            q, k, v, self.q.cu_seqlens, self.k.cu_seqlens, self.q.max_seqlen, self.k.max_seqlen, backend=self.backend
+        )
+
+
+@dataclass(frozen=True)
+class PaddedLayout:
+    """Padded ``q [B, Lq, H, D]``, ``k/v [B, Lk, H, D]``; ``key_mask [B, Lk]`` True at real keys."""
+
+    key_mask: torch.Tensor
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        has_keys = self.key_mask.any(dim=1)  # [B]
+        # a sample without keys would softmax over nothing: let it see its padding, then zero it
+        mask = (self.key_mask | ~has_keys[:, None])[:, None, None, :]  # [B, 1, 1, Lk]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        )  # [B, H, Lq, D]
+        out = out * has_keys[:, None, None, None].to(out.dtype)
+        return out.transpose(1, 2)  # [B, Lq, H, D]
+
+
+@dataclass(frozen=True)
+class LoopLayout:
+    """Padded ``q [B, Lq, H, D]``, ``k/v [B, Lk, H, D]``; one SDPA call per sample on its real rows."""
+
+    lengths_q: tuple[int, ...]
+    lengths_k: tuple[int, ...]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for b, (lq, lk) in enumerate(zip(self.lengths_q, self.lengths_k)):
+            if lq == 0 or lk == 0:
+                outs.append(q[b] * 0.0)
+                continue
+            ob = F.scaled_dot_product_attention(
+                q[b, :lq].transpose(0, 1), k[b, :lk].transpose(0, 1), v[b, :lk].transpose(0, 1)
+            )  # [H, lq, D]
+            outs.append(F.pad(ob.transpose(0, 1), (0, 0, 0, 0, 0, q.shape[1] - lq)))  # [Lq, H, D]
+        return torch.stack(outs)  # [B, Lq, H, D]
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the samples given by the layout."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, layout) -> torch.Tensor:
+        qkv = self.qkv(x).unflatten(-1, (3, self.heads, -1))  # [..., 3, H, D]
+        q, k, v = qkv.unbind(-3)  # [..., H, D] each
+        out = layout.attend(q, k, v)  # [..., H, D]
+        return self.proj(out.flatten(-2))  # [..., dim]
+
+
+class CrossAttention(nn.Module):
+    """Queries from ``x [..., dim]`` attend to ``memory [..., mem_dim]`` of the same sample."""
+
+    def __init__(self, dim: int, heads: int, mem_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(mem_dim or dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, layout) -> torch.Tensor:
+        q = self.q(x).unflatten(-1, (self.heads, -1))  # [..., H, D]
+        k, v = self.kv(memory).unflatten(-1, (2, self.heads, -1)).unbind(-3)  # [..., H, D] each
+        out = layout.attend(q, k, v)  # [..., H, D]
+        return self.proj(out.flatten(-2))  # [..., dim]
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: self-attention + MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, layout) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), layout)
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossAttentionBlock(nn.Module):
+    """CrossMAE decoder block: cross-attention to the memory, optional self-attention among
+    the queries, MLP; all pre-norm."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, self_attn: bool = False):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim)
+        self.cross = CrossAttention(dim, heads)
+        self.self_attn = None
+        if self_attn:
+            self.norm_s = nn.LayerNorm(dim)
+            self.self_attn = SelfAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, cross_layout, self_layout=None) -> torch.Tensor:
+        x = x + self.cross(self.norm_q(x), memory, cross_layout)
+        if self.self_attn is not None:
+            x = x + self.self_attn(self.norm_s(x), self_layout)
+        return x + self.mlp(self.norm2(x))
+
+
+def sincos_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed sin-cos embedding of integer positions ``[N]`` → ``[N, dim]`` (dim even)."""
+    half = dim // 2
+    freq = torch.exp(-torch.arange(half, dtype=torch.float64) * (torch.log(torch.tensor(10000.0)) / max(half, 1)))
+    angle = positions.double()[:, None] * freq[None, :]  # [N, half]
+    emb = torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)  # [N, 2·half]
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb.float()
+
+
+def grid_sincos_embedding(rows: int, cols: int, dim: int) -> torch.Tensor:
+    """2-D sin-cos embedding of a patch grid → ``[rows·cols, dim]`` (half for rows, half for columns)."""
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.cat([sincos_embedding(r.flatten(), dim // 2), sincos_embedding(c.flatten(), dim - dim // 2)], dim=1)
