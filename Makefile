@@ -1,4 +1,4 @@
-# One command each: `make test` (set up + tests), `make lint`.
+# One command each: `make test` (set up + tests), `make train` (set up + the default run), `make lint`.
 # Creates or reuses a virtual environment in .venv with the CPU build of torch.
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint clean
+.PHONY: venv test train lint clean
 
 $(STAMP): setup.py pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+train: $(STAMP)
+	$(PY) train.py --fused
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -150,8 +150,9 @@ class MultimodalCrossMAE(nn.Module):
         self.register_buffer("time_dec", sincos_embedding(torch.arange(steps), cfg.dec_dim), persistent=False)
         for m in spec.grids:
             rows, cols = -(-m.height // patch_size), -(-m.width // patch_size)
-            self.register_buffer(f"space_enc_{m.name}", grid_sincos_embedding(rows, cols, cfg.enc_dim), persistent=False)
-            self.register_buffer(f"space_dec_{m.name}", grid_sincos_embedding(rows, cols, cfg.dec_dim), persistent=False)
+            for which, dim in (("enc", cfg.enc_dim), ("dec", cfg.dec_dim)):
+                table = grid_sincos_embedding(rows, cols, dim)  # [P, dim]
+                self.register_buffer(f"space_{which}_{m.name}", table, persistent=False)
         self.apply(self._init_weights)
         for p in [*self.modality_tokens.values(), *(d.mask_token for d in self.decoders.values()),
                   *(d.modality_token for d in self.decoders.values())]:

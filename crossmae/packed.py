@@ -124,11 +124,32 @@ def segment_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     return torch.repeat_interleave(batch, lengths, output_size=total)
 
 
+# cu_seqlens tensor -> {(version, total, max_seqlen): padded index}: the padded paths call
+# padded_index for q, k and v of every layer with the same boundaries.
+_PADDED_INDEX = WeakIdKeyDictionary()
+
+
 def padded_index(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
-    """int64 ``[total]``: for each packed row, its flat index ``b * max_seqlen + t`` in a padded batch."""
+    """int64 ``[total]``: for each packed row, its flat index ``b * max_seqlen + t`` in a padded batch.
+
+    Cached per ``cu_seqlens`` tensor (outside ``torch.compile``), so a model's layers share it.
+    """
+    version = None if torch.compiler.is_compiling() else _version(cu_seqlens)
+    key = (version, total, max_seqlen)
+    if version is not None:
+        cached = _PADDED_INDEX.get(cu_seqlens)
+        if cached is not None and key in cached:
+            return cached[key]
     seg = segment_ids(cu_seqlens, total)  # [total]
     pos = torch.arange(total, device=cu_seqlens.device) - cu_seqlens.long()[seg]  # [total]
-    return seg * max_seqlen + pos
+    index = seg * max_seqlen + pos
+    if version is not None:
+        entry = _PADDED_INDEX.get(cu_seqlens)
+        if entry is None or next(iter(entry))[0] != version:
+            entry = {}
+            _PADDED_INDEX[cu_seqlens] = entry
+        entry[key] = index
+    return index
 
 
 def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, value: float = 0.0) -> torch.Tensor:

@@ -129,7 +129,8 @@ def _compiled_flex():
 
 
 def flex_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention as eager_flex
+    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import flex_attention as eager_flex
 
     total_q, total_k = q.shape[0], k.shape[0]
     seg_q = segment_ids(cu_seqlens_q, total_q)  # [total_q]
