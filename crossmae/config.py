@@ -192,18 +192,28 @@ class Config:
 
 
 # -- presets (DESIGN §7) -------------------------------------------------------------------
-def _single_grid(config: Config, *, batch: int, steps: int, patches: list[int], missing: float = 0.0) -> Config:
-    """One grid modality of 100×100 cells in 10×10 patches (patch_dim 100), no series, no static."""
-    config.data.batch_size = batch
-    config.data.steps = steps
-    config.data.stride = steps
-    config.data.patch_size = 10
+def _workload_preset(name: str) -> Config:
+    """The workload preset ``name`` of :data:`crossmae.presets.PRESETS` as a run: one grid modality
+    (100×100 cells in 10×10-cell patches, patch_dim 100), no series, no static attributes."""
+    from crossmae.presets import get_preset
+
+    w = get_preset(name)
+    config = Config(preset=name)
+    config.data.batch_size = w.batch
+    config.data.steps = w.steps
+    config.data.stride = w.steps
+    config.data.patch_size = w.patch_size
+    low = w.min_patches if w.min_patches is not None else w.patches
     config.data.synthetic = SyntheticConfig(
-        num_basins=8, record_days=max(4 * steps, 365), grid_size=100, basin_patches=patches,
-        grids=["precip"], series=[], static=False, missing_frames=missing,
+        num_basins=8, record_days=max(4 * w.steps, 365), grid_size=w.patch_grid * config.data.patch_size,
+        basin_patches=[low, w.patches], grids=["precip"], series=[], static=False,
+        missing_frames=w.max_missing_steps,
     )
-    config.mask.grid_ratio = 0.75
-    config.model = ModelConfig(enc_dim=256, enc_depth=6, enc_heads=8, dec_dim=128, dec_depth=4, dec_heads=8)
+    config.mask.grid_ratio = w.mask_ratio
+    config.model = ModelConfig(
+        enc_dim=w.enc_dim, enc_depth=w.enc_depth, enc_heads=w.enc_heads,
+        dec_dim=w.dec_dim, dec_depth=w.dec_depth, dec_heads=w.dec_heads,
+    )
     return config
 
 
@@ -211,30 +221,9 @@ def _preset_default() -> Config:
     return Config()
 
 
-def _preset_seed() -> Config:
-    return _single_grid(Config(preset="seed"), batch=8, steps=90, patches=[94, 94])
-
-
-def _preset_wide() -> Config:
-    config = _single_grid(Config(preset="wide"), batch=8, steps=90, patches=[94, 94])
-    config.model.enc_dim, config.model.dec_dim, config.model.dec_heads = 512, 512, 8
-    return config
-
-
-def _preset_ragged() -> Config:
-    return _single_grid(Config(preset="ragged"), batch=8, steps=90, patches=[60, 94], missing=0.2)
-
-
-def _preset_cpu() -> Config:
-    return _single_grid(Config(preset="cpu"), batch=4, steps=16, patches=[94, 94])
-
-
 PRESETS = {
     "default": _preset_default,
-    "seed": _preset_seed,
-    "wide": _preset_wide,
-    "ragged": _preset_ragged,
-    "cpu": _preset_cpu,
+    **{name: (lambda name=name: _workload_preset(name)) for name in ("seed", "wide", "ragged", "cpu")},
 }
 
 

@@ -22,7 +22,7 @@ class WorkloadPreset:
         steps: T time steps per sample.
         patches: P valid patches per frame (the most, for ragged presets).
         patch_grid: patches per frame side (``patch_grid ** 2`` patch positions per frame).
-        patch_dim: values per patch.
+        patch_size: cells per patch side (one channel: ``patch_dim = patch_size ** 2`` values).
         mask_ratio: fraction of each sample's valid tokens hidden from the encoder.
         enc_dim, enc_depth, enc_heads: encoder width, layers, heads.
         dec_dim, dec_depth, dec_heads: decoder width, layers, heads.
@@ -35,7 +35,7 @@ class WorkloadPreset:
     steps: int
     patches: int
     patch_grid: int = 10
-    patch_dim: int = 100
+    patch_size: int = 10
     mask_ratio: float = 0.75
     enc_dim: int = 256
     enc_depth: int = 6
@@ -45,6 +45,10 @@ class WorkloadPreset:
     dec_heads: int = 8
     min_patches: int | None = None
     max_missing_steps: float = 0.0
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2
 
     @property
     def dec_head_dim(self) -> int:

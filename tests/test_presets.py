@@ -1,0 +1,29 @@
+"""The run presets build batches of the shapes DESIGN §7 states (and crossmae.presets computes)."""
+
+import pytest
+
+from crossmae.config import preset_config
+from crossmae.data.loader import GlobalBatchOrder, build_dataset, make_collator
+from crossmae.presets import attention_lengths, get_preset
+
+
+@pytest.mark.parametrize("name", ["cpu", "ragged"])
+def test_preset_batches_have_the_stated_shape(name):
+    config = preset_config(name)
+    workload = get_preset(name)
+    dataset = build_dataset(config.data, "train")
+    batch = make_collator(config, dataset)([dataset[k] for k in GlobalBatchOrder(len(dataset), workload.batch, 0)
+                                            .batch(0)])
+    mb = batch.modalities["precip"]
+    assert batch.batch_size == workload.batch and mb.target.shape[1] == workload.patch_dim
+    valid = mb.vis.lengths + mb.masked.lengths  # [B] valid tokens per sample
+    if name == "cpu":
+        expected_q, expected_k = attention_lengths(workload)
+        assert mb.pred.lengths.tolist() == expected_q and mb.vis.lengths.tolist() == expected_k
+        assert valid.tolist() == [workload.steps * workload.patches] * workload.batch
+    else:
+        low = workload.steps * workload.min_patches * (1 - workload.max_missing_steps)
+        assert ((valid >= low - 1) & (valid <= workload.steps * workload.patches)).all()
+        assert len(set(valid.tolist())) > 1  # ragged: samples differ
+    model = config.model
+    assert (model.dec_dim // model.dec_heads, model.enc_dim) == (workload.dec_head_dim, workload.enc_dim)
