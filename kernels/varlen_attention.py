@@ -90,7 +90,7 @@ BWD_DKDV_CONFIGS = [
         (32, 128, 8, 3),
         (64, 64, 4, 3),
         (32, 64, 4, 3),
-        (128, 64, 8, 2),
+        (128, 64, 4, 2),
     ]
 ]
 
@@ -101,7 +101,7 @@ BWD_DQ_CONFIGS = [
         (128, 32, 8, 3),
         (64, 64, 4, 3),
         (64, 32, 4, 3),
-        (64, 128, 8, 2),
+        (64, 128, 4, 2),
     ]
 ]
 
@@ -120,8 +120,14 @@ def _fits(config: triton.Config, head_dim: int, dtype, kind: str) -> bool:
 
     Register tiles (fp32 unless stated) divided over the block's threads must stay well
     under 255 per thread, and the pipelined shared-memory tiles under ``_SMEM_BUDGET``.
+    The rows of the score tile (BLOCK_M for fwd and dq, BLOCK_N for dK/dV) must fill the
+    warps: Triton lays a dot that feeds another dot out with every warp along its rows, 16
+    rows per warp, so a shorter tile would be computed twice by two warpgroups (and hold
+    twice the registers). bench/kernel_report.py checks the result on sm_90.
     """
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    if (bn if kind == "dkdv" else bm) < 16 * config.num_warps:
+        return False
     bd = block_head_dim(head_dim)
     nbytes = _elem_bytes(dtype)
     threads = 32 * config.num_warps
