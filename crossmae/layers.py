@@ -66,9 +66,9 @@ class LoopLayout:
                 outs.append(q[b] * 0.0)
                 continue
             ob = F.scaled_dot_product_attention(
-                q[b, :lq].transpose(0, 1), k[b, :lk].transpose(0, 1), v[b, :lk].transpose(0, 1)
-            )  # [H, lq, D]
-            outs.append(F.pad(ob.transpose(0, 1), (0, 0, 0, 0, 0, q.shape[1] - lq)))  # [Lq, H, D]
+                q[b : b + 1, :lq].transpose(1, 2), k[b : b + 1, :lk].transpose(1, 2), v[b : b + 1, :lk].transpose(1, 2)
+            )  # [1, H, lq, D]: 4-D, as SDPA's fused kernels need
+            outs.append(F.pad(ob[0].transpose(0, 1), (0, 0, 0, 0, 0, q.shape[1] - lq)))  # [Lq, H, D]
         return torch.stack(outs)  # [B, Lq, H, D]
 
 

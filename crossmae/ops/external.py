@@ -140,6 +140,8 @@ def flex_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
         return seg_q[q_idx] == seg_k[kv_idx]
 
     block_mask = create_block_mask(same_sample, None, None, total_q, total_k, device=q.device)
+    if not torch.is_grad_enabled():  # FlexAttention on CPU refuses inputs that require grad, even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
     attend = _compiled_flex() if q.is_cuda else eager_flex
     out = attend(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],

@@ -71,10 +71,11 @@ def loop_attention(
         if kb.shape[0] == 0:
             outs.append(qb * 0.0)
             continue
+        # 4-D inputs: SDPA's fused CPU/GPU kernels refuse 3-D ones and fall back to the math path
         ob = F.scaled_dot_product_attention(
-            qb.transpose(0, 1), kb.transpose(0, 1), vb.transpose(0, 1), scale=softmax_scale
-        )  # [H, Lq_b, D]
-        outs.append(ob.transpose(0, 1))  # [Lq_b, H, D]
+            qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None], scale=softmax_scale
+        )  # [1, H, Lq_b, D]
+        outs.append(ob[0].transpose(0, 1))  # [Lq_b, H, D]
     if not outs:
         return q.new_zeros(q.shape)
     return torch.cat(outs, dim=0)  # [total_q, H, D]
