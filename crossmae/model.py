@@ -211,16 +211,13 @@ class MultimodalCrossMAE(nn.Module):
             encoded[name] = EncodedModality(out=x, layers=maps if cfg.use_weighted_fm else [])
         return encoded
 
-    def _memory(self, batch: PackedBatch, encoded: dict[str, EncodedModality], name: str):
-        """The memory a decoder attends to: (rows, feature maps, boundaries)."""
-        if self.cfg.memory == "own":
-            e = encoded[name]
-            return e.out, e.layers, batch.modalities[name].enc
+    def _joint_memory(self, batch: PackedBatch, encoded: dict[str, EncodedModality]):
+        """Every modality's encoder rows, per sample: (rows ``[total_mem, enc_dim]``, feature maps)."""
         order = batch.memory_order
         rows = torch.cat([encoded[n].out for n in self.names])[order]  # [total_mem, enc_dim]
-        maps = [torch.cat([encoded[n].layers[i] for n in self.names])[order]
-                for i in range(len(encoded[name].layers))]
-        return rows, maps, batch.memory
+        n_maps = len(encoded[self.names[0]].layers)
+        maps = [torch.cat([encoded[n].layers[i] for n in self.names])[order] for i in range(n_maps)]
+        return rows, maps
 
     # -- decoder ---------------------------------------------------------------------------
     def _queries(self, decoder: ModalityDecoder, name: str, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -257,10 +254,14 @@ class MultimodalCrossMAE(nn.Module):
     def forward_decoder(self, batch: PackedBatch, encoded: dict[str, EncodedModality]) -> dict[str, torch.Tensor]:
         """Reconstruct each modality's predicted tokens → ``[total_pred, token_dim]`` per modality."""
         predictions = {}
+        joint = self._joint_memory(batch, encoded) if self.cfg.memory == "joint" else None
         for name in self.names:
             decoder = self.decoders[name]
             mb = batch.modalities[name]
-            rows, maps, mem = self._memory(batch, encoded, name)
+            if joint is not None:
+                (rows, maps), mem = joint, batch.memory
+            else:
+                rows, maps, mem = encoded[name].out, encoded[name].layers, mb.enc
             memories = decoder.memories(rows, maps)
             if self.cfg.use_cross_attn:
                 x = self._decode_cross(decoder, mb, memories, mem)
