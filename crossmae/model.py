@@ -7,7 +7,8 @@ cross-attend to the memory. Split as MAE: :meth:`forward_encoder`, :meth:`forwar
 :meth:`forward_loss`.
 
 Paths (the same weights, different layouts of the same arithmetic):
-    packed  every attention is one varlen kernel call over the batch (``--fused``);
+    packed  every attention is one varlen kernel call over the batch, and the loss is the fused
+            Triton kernel where it runs (``--fused``);
     padded  tokens padded to the longest sample, SDPA with a key-padding mask;
     loop    padded tokens and one SDPA call per sample (the seed's decoder).
 The seed's path is the padded encoder with the loop decoder.
@@ -32,6 +33,7 @@ from crossmae.layers import (
     grid_sincos_embedding,
     sincos_embedding,
 )
+from crossmae.ops.loss import masked_sse
 from crossmae.packed import Packed, key_padding_mask, pad_packed, unpad
 
 ENCODER_PATHS = ("packed", "padded")
@@ -289,7 +291,7 @@ class MultimodalCrossMAE(nn.Module):
                 mean = (target * weight).sum(-1, keepdim=True) / count
                 var = ((target - mean).square() * weight).sum(-1, keepdim=True) / count
                 target = (target - mean) / (var + 1e-6).sqrt()
-            sse = ((pred.float() - target).square() * weight).sum()
+            sse = masked_sse(pred, target, weight, fused=self.decoder_path == "packed")
             norm = mb.target_count if normalizers is None else normalizers[name]
             loss = sse / norm if norm > 0 else sse * 0.0
             weighted = loss * self.cfg.loss_weights.get(name, 1.0)
