@@ -6,14 +6,17 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.9.0
 STAMP := $(VENV)/.installed
+# crossmae._C is rebuilt (incrementally, in build/) when its CMake sources change
+EXT_SOURCES := CMakeLists.txt $(shell find kernels/csrc -type f 2>/dev/null)
 
 .PHONY: venv test train lint clean
 
-$(STAMP): setup.py pyproject.toml Makefile
+# torch first, then crossmae without build isolation: its extension builds against this torch
+$(STAMP): setup.py pyproject.toml Makefile $(EXT_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "$(TRITON_SPEC)" "setuptools>=70.1" "cmake>=3.21"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)

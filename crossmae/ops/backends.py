@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from crossmae.ops import external, reference, triton_attention
+from crossmae.ops import cpu_attention, external, reference, triton_attention
 
 ENV_VAR = "CROSSMAE_ATTN_BACKEND"
 
@@ -101,6 +101,15 @@ register_backend(AttentionBackend(
     head_dims=("any", _any_head_dim),
 ))
 register_backend(AttentionBackend(
+    name="cpu",
+    fn=cpu_attention.cpu_varlen_attention,
+    description="our compiled C++ kernels (crossmae._C), forward and backward (FA2-style, OpenMP, deterministic)",
+    devices=("cpu",),
+    dtypes=(torch.bfloat16, torch.float32),
+    head_dims=("any", _any_head_dim),
+    unavailable=cpu_attention.unavailable_reason,
+))
+register_backend(AttentionBackend(
     name="sdpa_padded",
     fn=reference.sdpa_padded_attention,
     description="pad to max_seqlen, one SDPA call with a key-padding mask, unpad",
@@ -161,7 +170,7 @@ register_backend(AttentionBackend(
 # The order "auto" tries, per device type. See bench/results/backend_order.md for the evidence.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("flash_attn", "torch_varlen", "triton", "xformers", "flex", "sdpa_padded", "math"),
-    "cpu": ("sdpa_padded", "math"),
+    "cpu": ("cpu", "sdpa_padded", "math"),
 }
 
 
