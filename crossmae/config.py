@@ -8,6 +8,8 @@ wrong type raises :class:`ConfigError` naming the key, before any work is done.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,19 +50,165 @@ class SyntheticConfig:
     series_gap_rate: float = 0.5
 
 
+GRID_FORMATS = ("netcdf", "zarr")
+SERIES_FORMATS = ("camels_forcing", "camels_streamflow", "mhm_gauge", "csv")
+STATIC_FORMATS = ("camels_attributes", "csv")
+TRANSFORMS = ("none", "log1p")
+
+
+@dataclass
+class GridSource:
+    """One grid modality read from NetCDF or Zarr files through xarray (:mod:`crossmae.data.readers`).
+
+    Attributes:
+        name: the modality's name (``pre``, ``tavg`` ...).
+        format: ``netcdf`` or ``zarr``.
+        path: the file (a Zarr store: its folder); ``{basin}`` is replaced by the basin id.
+        variables: the variables read as channels, each with dims (time, y, x) in some order;
+            empty = ``[name]``.
+        time_dim: the time dimension (its coordinate must decode to dates; days are what count).
+        mask_path: file holding the basin mask (``{basin}`` allowed); empty = ``path``.
+        mask_variable: the mask variable: cells that are finite and non-zero lie inside the basin; its
+            spatial shape must match the grid (extra length-1 dims such as time are dropped). Empty: no
+            mask, every cell of the grid is inside.
+        crop: ``[y0, y1, x0, x1]`` cell index ranges (half-open, in file order) to keep; empty = all.
+        missing_values: values that mean "missing" besides NaN and the file's ``_FillValue``.
+        transform: ``none`` or ``log1p`` (applied before standardisation) for every variable.
+        transforms: per-variable overrides of ``transform``, e.g. ``{pre: log1p}``.
+    """
+
+    name: str = ""
+    format: str = "netcdf"
+    path: str = ""
+    variables: list[str] = field(default_factory=list)
+    time_dim: str = "time"
+    mask_path: str = ""
+    mask_variable: str = ""
+    crop: list[int] = field(default_factory=list)
+    missing_values: list[float] = field(default_factory=lambda: [-9999.0, -999.0])
+    transform: str = "none"
+    transforms: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SeriesSource:
+    """One series modality read from per-basin text files (:mod:`crossmae.data.readers`).
+
+    Attributes:
+        name: the modality's name (``streamflow``, ``forcing`` ...).
+        format: ``camels_forcing`` (CAMELS-US basin-mean forcing), ``camels_streamflow`` (USGS
+            ``gauge year month day Q flag``), ``mhm_gauge`` (mHM gauge text: 5 header lines, then
+            ``YYYY MM DD HH MM value``) or ``csv`` (a delimited table with a date column).
+        path: the file; ``{basin}`` is replaced by the basin id; a glob pattern (``*``) must match
+            exactly one file (CAMELS forcing files carry a data set name: ``{basin}_lump_*_forcing_leap.txt``).
+        columns: the value columns, as features of one token. ``camels_forcing``: names as in the header,
+            with or without the units (``prcp`` or ``prcp(mm/day)``); ``csv``: header names;
+            ``camels_streamflow`` and ``mhm_gauge`` have one value column (leave empty).
+        date_column: ``csv``: the date column.
+        date_format: ``csv``: a ``strptime`` format such as ``%d.%m.%Y``; empty = ISO 8601.
+        delimiter: ``csv``: the field separator (``,``, ``;``, ``\\t``; a single space means any whitespace).
+        skip_rows: ``csv``: 0-based line numbers of the file to skip, e.g. ``[1]`` for a units line
+            under the header.
+        missing_values: values that mean "missing" besides NaN and empty fields (``mhm_gauge`` also
+            takes the ``nodata`` value of its header).
+        transform, transforms: as for :class:`GridSource` (per column).
+        flow: streamflow-like: evaluation reports NSE and KGE of its reconstructed days.
+    """
+
+    name: str = ""
+    format: str = "csv"
+    path: str = ""
+    columns: list[str] = field(default_factory=list)
+    date_column: str = "date"
+    date_format: str = ""
+    delimiter: str = ","
+    skip_rows: list[int] = field(default_factory=list)
+    missing_values: list[float] = field(default_factory=lambda: [-9999.0, -999.0])
+    transform: str = "none"
+    transforms: dict[str, str] = field(default_factory=dict)
+    flow: bool = False
+
+
+@dataclass
+class StaticSource:
+    """Static basin attributes from delimited tables keyed by basin id (all files are joined on it).
+
+    Attributes:
+        format: ``camels_attributes`` (``;``-separated, keyed by ``gauge_id``) or ``csv``.
+        paths: the tables (CAMELS: ``camels_clim.txt``, ``camels_topo.txt`` ...).
+        columns: the numeric columns to use, by name; empty = no static attributes.
+        id_column: the basin id column; empty = the format's (``gauge_id``; ``basin`` for csv).
+        delimiter: ``csv``: the field separator.
+        missing_values: values that mean "missing" besides NaN, empty fields and ``NA``.
+    """
+
+    format: str = "camels_attributes"
+    paths: list[str] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+    id_column: str = ""
+    delimiter: str = ","
+    missing_values: list[float] = field(default_factory=lambda: [-9999.0, -999.0])
+
+
+@dataclass
+class SplitConfig:
+    """How windows are assigned to the train, val and test splits.
+
+    Attributes:
+        by: ``period`` (every basin, cut by dates) or ``basin`` (whole records of listed basins).
+        train, val, test: ``period``: ``[first day, last day]`` ISO dates, inclusive; ``basin``: basin
+            ids. ``period`` with all three empty: the last ``data.val_fraction`` of each basin's record
+            is val, the rest train, and there is no test split. ``basin`` with ``train`` empty: every
+            basin not in val or test.
+    """
+
+    by: str = "period"
+    train: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)
+    test: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FilesConfig:
+    """Real data from files (:mod:`crossmae.data.files`): grids, series and static attributes per basin.
+
+    Attributes:
+        root: the folder that relative paths resolve against. A relative ``root`` (empty included)
+            given in a YAML file resolves against that file's folder; one given on the command line, or
+            with no file, against the working directory. :func:`resolve_config` stores it absolute, so a
+            saved run finds its data from anywhere.
+        basins: basin ids (quote them in YAML: ``'01022500'``); they fill ``{basin}`` in paths.
+        basins_file: a text file with one basin id a line, used when ``basins`` is empty.
+        grids, series: the modalities, in this order in the model.
+        static: the static attribute tables.
+        split: train / val / test assignment.
+    """
+
+    root: str = ""
+    basins: list[str] = field(default_factory=list)
+    basins_file: str = ""
+    grids: list[GridSource] = field(default_factory=list)
+    series: list[SeriesSource] = field(default_factory=list)
+    static: StaticSource = field(default_factory=StaticSource)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
 @dataclass
 class DataConfig:
     """Where samples come from and how they are cut into tokens.
 
     Attributes:
-        source: ``synthetic`` (built in, no files needed).
+        source: ``synthetic`` (built in, no files needed) or ``files`` (real data, :class:`FilesConfig`).
         steps: T, days per sample window.
         stride: days between the starts of consecutive windows.
         patch_size: cells per side of a grid patch (a grid token is C·patch_size² values).
-        val_fraction: the last fraction of each basin's record is the validation period.
+        val_fraction: the last fraction of each basin's record is the validation period (``files``: only
+            when ``files.split`` names no periods).
         batch_size: samples per step on each process.
         num_workers: DataLoader worker processes.
         seed: seeds the data set's generation (synthetic) and nothing else.
+        synthetic: the ``synthetic`` source's settings.
+        files: the ``files`` source's settings.
     """
 
     source: str = "synthetic"
@@ -72,6 +220,7 @@ class DataConfig:
     num_workers: int = 0
     seed: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    files: FilesConfig = field(default_factory=FilesConfig)
 
 
 @dataclass
@@ -276,7 +425,10 @@ def _coerce(value: Any, hint, key: str):
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key} must be a string, got {value!r}")
+        if isinstance(value, datetime.date):  # YAML reads 1990-01-01 as a date
+            return value.isoformat()
+        hint_text = " (quote it in YAML: '01022500' unquoted is read as a number)" if isinstance(value, int) else ""
+        raise ConfigError(f"{key} must be a string, got {value!r}{hint_text}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -349,9 +501,19 @@ def resolve_config(preset: str | None = None, config_file: str | None = None, ov
     file_data.pop("preset", None)
     config = preset_config(name)
     _apply_mapping(config, file_data, "")
+    if config_file:  # relative data paths of a YAML file are relative to its folder
+        _anchor_files_root(config, Path(config_file).resolve().parent)
     apply_overrides(config, list(overrides))
+    _anchor_files_root(config, Path.cwd())
     validate_config(config)
     return config
+
+
+def _anchor_files_root(config: Config, base: Path) -> None:
+    """Make ``data.files.root`` absolute (relative to ``base``) when the files source is used."""
+    files = config.data.files
+    if config.data.source == "files" and not os.path.isabs(files.root):
+        files.root = os.path.normpath(str(base / files.root))
 
 
 def validate_config(config: Config) -> None:
@@ -362,7 +524,7 @@ def validate_config(config: Config) -> None:
         if not ok:
             raise ConfigError(message)
 
-    need(d.source == "synthetic", f"data.source must be 'synthetic', got {d.source!r}")
+    need(d.source in ("synthetic", "files"), f"data.source must be 'synthetic' or 'files', got {d.source!r}")
     need(d.steps >= 1, f"data.steps must be at least 1, got {d.steps}")
     need(d.stride >= 1, f"data.stride must be at least 1, got {d.stride}")
     need(d.patch_size >= 1, f"data.patch_size must be at least 1, got {d.patch_size}")
@@ -390,6 +552,9 @@ def validate_config(config: Config) -> None:
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"),
          f"train.device must be 'auto', 'cpu' or 'cuda[:N]', got {t.device!r}")
     need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be at least 1, got {t.max_nonfinite_steps}")
+    if d.source == "files":
+        _validate_files(d.files)
+        return
     s = d.synthetic
     need(len(s.basin_patches) == 2 and 1 <= s.basin_patches[0] <= s.basin_patches[1],
          f"data.synthetic.basin_patches must be [min, max] with 1 <= min <= max, got {s.basin_patches}")
@@ -399,6 +564,71 @@ def validate_config(config: Config) -> None:
          f"{s.grid_size}x{s.grid_size} grid in {d.patch_size}-cell patches")
     need(s.grids or s.series, "data.synthetic must provide at least one grid or series modality")
     need(0.0 <= s.missing_frames < 1.0, f"data.synthetic.missing_frames must be in [0, 1), got {s.missing_frames}")
+
+
+def _validate_files(f: FilesConfig) -> None:
+    """The checks of the ``files`` source that need no file: formats, names, transforms, split lists."""
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    need(bool(f.basins) or bool(f.basins_file), "data.files needs basins (a list of ids) or basins_file")
+    need(len(set(f.basins)) == len(f.basins), f"data.files.basins holds duplicates: {f.basins}")
+    need(bool(f.grids) or bool(f.series), "data.files needs at least one grid or series modality")
+    names: list[str] = []
+    for kind, sources, formats in (("grids", f.grids, GRID_FORMATS), ("series", f.series, SERIES_FORMATS)):
+        for i, src in enumerate(sources):
+            key = f"data.files.{kind}[{i}]"
+            need(bool(src.name), f"{key}.name must be set (the modality's name)")
+            need(src.name not in names, f"{key}.name {src.name!r} is used by another modality")
+            need(src.name != "static", f"{key}.name 'static' is reserved for the static attributes")
+            names.append(src.name)
+            need(src.format in formats, f"{key}.format must be one of {list(formats)}, got {src.format!r}")
+            need(bool(src.path), f"{key}.path must be set")
+            need(src.transform in TRANSFORMS, f"{key}.transform must be one of {list(TRANSFORMS)}, got "
+                 f"{src.transform!r}")
+            for col, tr in src.transforms.items():
+                need(tr in TRANSFORMS, f"{key}.transforms.{col} must be one of {list(TRANSFORMS)}, got {tr!r}")
+            if kind == "grids":
+                variables = src.variables or [src.name]
+                for col in src.transforms:
+                    need(col in variables, f"{key}.transforms names {col!r}, which is not one of its variables "
+                         f"{variables}")
+                need(len(src.crop) in (0, 4) and (not src.crop or (0 <= src.crop[0] < src.crop[1]
+                                                                   and 0 <= src.crop[2] < src.crop[3])),
+                     f"{key}.crop must be [y0, y1, x0, x1] with 0 <= y0 < y1 and 0 <= x0 < x1, got {src.crop}")
+            elif src.format in ("camels_forcing", "csv"):
+                need(bool(src.columns), f"{key}.columns must name the value columns of its {src.format} files")
+            elif src.format in ("camels_streamflow", "mhm_gauge"):
+                need(len(src.columns) <= 1, f"{key}.columns: a {src.format} file has one value column, got "
+                     f"{src.columns}")
+    st = f.static
+    if st.columns:
+        need(st.format in STATIC_FORMATS, f"data.files.static.format must be one of {list(STATIC_FORMATS)}, got "
+             f"{st.format!r}")
+        need(bool(st.paths), "data.files.static.columns are set but data.files.static.paths is empty")
+    sp = f.split
+    need(sp.by in ("period", "basin"), f"data.files.split.by must be 'period' or 'basin', got {sp.by!r}")
+    for part in ("train", "val", "test"):
+        value = getattr(sp, part)
+        if sp.by == "period" and value:
+            need(len(value) == 2, f"data.files.split.{part} must be [first day, last day], got {value}")
+            try:
+                first, last = (datetime.date.fromisoformat(v) for v in value)
+            except ValueError:
+                raise ConfigError(f"data.files.split.{part} must hold ISO dates (YYYY-MM-DD), got {value}") from None
+            need(first <= last, f"data.files.split.{part}: the first day {value[0]} is after the last {value[1]}")
+        if sp.by == "basin" and f.basins:
+            unknown = [b for b in value if b not in f.basins]
+            need(not unknown, f"data.files.split.{part} names basins not in data.files.basins: {unknown}")
+    if sp.by == "period":
+        need(bool(sp.train) or not (sp.val or sp.test),
+             "data.files.split.train must be set when val or test periods are (or leave all three empty)")
+    else:
+        need(bool(sp.val), "data.files.split.val must list the validation basins when split.by is 'basin'")
+        overlap = set(sp.train) & set(sp.val) | set(sp.train) & set(sp.test) | set(sp.val) & set(sp.test)
+        need(not overlap, f"data.files.split: basins {sorted(overlap)} are in more than one split")
 
 
 def config_to_dict(config: Config) -> dict:

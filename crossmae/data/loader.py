@@ -12,12 +12,17 @@ from crossmae.data.collate import MaskingCollator
 
 
 def build_dataset(data: DataConfig, split: str, norm_stats: dict | None = None) -> Dataset:
-    """The data set of ``data.source`` for ``split`` (``train`` or ``val``); val reuses train's statistics."""
+    """The data set of ``data.source`` for ``split`` (``train``, ``val``; ``files`` also ``test``); val and test
+    reuse train's statistics."""
     if data.source == "synthetic":
         from crossmae.data.synthetic import SyntheticWaterDataset
 
         return SyntheticWaterDataset(data, split=split, norm_stats=norm_stats)
-    raise ValueError(f"data.source must be 'synthetic', got {data.source!r}")
+    if data.source == "files":
+        from crossmae.data.files import FilesDataset
+
+        return FilesDataset(data, split=split, norm_stats=norm_stats)
+    raise ValueError(f"data.source must be 'synthetic' or 'files', got {data.source!r}")
 
 
 class GlobalBatchOrder:
