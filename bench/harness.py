@@ -13,7 +13,7 @@ What it gives a benchmark script:
   :func:`print_table` an aligned table; :func:`compare` the change of every matching row between
   two result files, non-zero past a threshold.
 - argparse helpers (:func:`add_common_args`, :func:`parse_list`, :func:`parse_dtype`) whose
-  errors name the bad flag.
+  errors name the bad flag; :func:`import_pyplot` matplotlib when installed (plots are optional).
 
 Peak memory, precisely
     On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``: the tensors of
@@ -472,6 +472,7 @@ class BenchRun:
         command: the command line that reproduces the run.
         key_fields: the row fields that identify a measurement across runs (for :func:`compare`).
         rows: one dict per measurement; :meth:`add` appends.
+        metric: the row field holding the median time, which :func:`compare` reads by default.
     """
 
     bench: str
@@ -481,16 +482,20 @@ class BenchRun:
     command: str
     key_fields: tuple[str, ...]
     rows: list[dict] = field(default_factory=list)
+    metric: str = "p50_ms"
 
     @classmethod
     def start(
         cls, bench: str, device: torch.device | str, *, key_fields: Sequence[str], argv: Sequence[str],
-        peak_dtype: torch.dtype | None = None, peak_size: int | None = None,
+        peak_dtype: torch.dtype | None = None, peak_size: int | None = None, program: str | None = None,
+        metric: str = "p50_ms",
     ) -> BenchRun:
+        """Record the environment and measure the matmul peak; ``program`` is how the command
+        line starts (default ``python -m bench.<bench>``)."""
         device = torch.device(device)
-        command = " ".join([f"python -m bench.{bench}", *map(shlex.quote, argv)])
+        command = " ".join([program or f"python -m bench.{bench}", *map(shlex.quote, argv)])
         return cls(bench, device, environment(device), matmul_peak(device, peak_dtype, peak_size), command,
-                   tuple(key_fields))
+                   tuple(key_fields), metric=metric)
 
     def add(self, **fields) -> dict:
         """Append a row: ``fields`` then the run's device, versions and git sha."""
@@ -508,6 +513,7 @@ class BenchRun:
             "bench": self.bench,
             "command": self.command,
             "key_fields": list(self.key_fields),
+            "metric": self.metric,
             "matmul_peak": asdict(self.peak),
             "memory_method": "cuda_allocator" if self.device.type == "cuda" else "rss_hwm",
             **self.env,
@@ -587,7 +593,7 @@ def compare(
     new_json: Path | str,
     threshold: float = 0.05,
     *,
-    metric: str = "p50_ms",
+    metric: str | None = None,
     key_fields: Sequence[str] | None = None,
     file=None,
 ) -> int:
@@ -595,12 +601,14 @@ def compare(
 
     Rows match on ``key_fields`` (default: the new file's ``metadata["key_fields"]``, else the
     old file's). Only rows with a number for ``metric`` in both files are compared; rows found in
-    one file only are listed. ``metric`` is a time (lower is better): a row regresses when
-    ``new > old * (1 + threshold)``. Returns 0 when nothing regressed, 1 otherwise.
+    one file only are listed. ``metric`` is a time (lower is better; default: the files'
+    ``metadata["metric"]``, else ``p50_ms``): a row regresses when ``new > old * (1 + threshold)``.
+    Returns 0 when nothing regressed, 1 otherwise.
     """
     out = file or sys.stdout
     old_meta, old_rows = read_results(old_json)
     new_meta, new_rows = read_results(new_json)
+    metric = metric or new_meta.get("metric") or old_meta.get("metric") or "p50_ms"
     keys = tuple(key_fields or new_meta.get("key_fields") or old_meta.get("key_fields") or ())
     if not keys:
         raise ValueError("key_fields: neither file names its key fields; pass key_fields=")
@@ -628,6 +636,21 @@ def compare(
             print(f"only in {name}: " + ", ".join(f"{k}={v}" for k, v in zip(keys, key, strict=True)), file=out)
     print(f"{len(table)} rows compared, {regressed} slower by more than {threshold:.0%}", file=out)
     return 1 if regressed else 0
+
+
+# -- plots -------------------------------------------------------------------------------
+def import_pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or None (with a message) when
+    matplotlib is not installed: plots are optional, the numbers are in the JSON and CSV."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
 
 
 # -- command-line helpers ----------------------------------------------------------------
@@ -717,7 +740,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_compare.add_argument("old", help="earlier result JSON")
     p_compare.add_argument("new", help="later result JSON")
     p_compare.add_argument("--threshold", type=float, default=0.05, help="relative slowdown that fails (0.05)")
-    p_compare.add_argument("--metric", default="p50_ms", help="row field to compare, lower is better (p50_ms)")
+    p_compare.add_argument("--metric", default=None,
+                           help="row field to compare, lower is better (default: the files' own, else p50_ms)")
     p_show = sub.add_parser("show", help="print the rows of a result file as a table")
     p_show.add_argument("file", help="result JSON")
     p_show.add_argument("--columns", default=None, help="comma-separated row fields (default: all)")
