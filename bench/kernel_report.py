@@ -1,4 +1,5 @@
-"""Static Hopper (sm_90) report of every Triton kernel in ``crossmae_kernels.varlen_attention``.
+"""Static Hopper (sm_90) report of every Triton kernel in ``crossmae_kernels``: the attention
+kernels of ``varlen_attention`` and the fused loss kernels of ``packed_mse``.
 
 No GPU is needed: Triton's compiler and the CUDA tools bundled with the triton package
 (``ptxas``, ``cuobjdump`` under ``triton/backends/nvidia/bin``) run on any x86 machine. Until a
@@ -35,6 +36,16 @@ Method
          - TTGIR: whether each dot became ``ttng.warp_group_dot`` (MMAv3) and its MMA layout's
            ``warpsPerCTA``.
 
+The fused loss kernels (``packed_mse``: ``loss_fwd``, ``loss_bwd``)
+    Elementwise and reduction kernels with no ``tl.dot``, so no HGMMA is expected: a
+    configuration is ok when it does not spill and fits shared memory. Jobs: pred in bf16, fp16
+    and fp32 (target, weight and the partial sums fp32; the gradient in pred's dtype; the
+    incoming scalar gradient fp32), each BLOCK_C the launcher can choose (16, 32, 64, 128:
+    ``_block_c`` of the column count) with the BLOCK_R it pairs with it (``block_rows``), with Triton's
+    default num_warps=4, num_stages=3 (the launchers pass neither). Specialisation: pointers
+    16-byte aligned, ``n_rows``, ``n_cols`` and the row strides plain i32 with no divisibility
+    hint (a row stride is the column count, rarely a multiple of 16).
+
 When HGMMA is expected (Triton's MMAv3 rule)
     Triton's ``AccelerateMatmul`` pass lowers a ``tl.dot`` to a warpgroup MMA on sm_90 when
     ``supportMMA(dot, 3)`` holds (lib/Analysis/Utility.cpp): A/B are fp16, bf16, fp8, int8 or
@@ -56,7 +67,8 @@ Run
     python bench/kernel_report.py                 # full matrix, writes bench/results/kernel_report.{md,json}
     python bench/kernel_report.py --head-dims 64 --dtypes bf16 --out-dir /tmp/report
     python bench/kernel_report.py --all-configs   # also the configurations prune_configs drops
-Exit status 1 when a configuration the autotuner may pick is not ok.
+    python bench/kernel_report.py --no-loss       # the attention kernels only
+Exit status 1 when a configuration the autotuner may pick, or a loss kernel job, is not ok.
 """
 
 from __future__ import annotations
@@ -97,6 +109,11 @@ _KERNEL_SOURCES = {
 }
 
 _ALIGNED = [["tt.divisibility", 16]]
+
+LOSS_KERNELS = ("loss_fwd", "loss_bwd")
+LOSS_DTYPES = ("bf16", "fp16", "fp32")
+LOSS_BLOCK_CS = (16, 32, 64, 128)  # what packed_mse._block_c can return
+_LOSS_SOURCES = {"loss_fwd": "_masked_sse_fwd_kernel", "loss_bwd": "_masked_sse_bwd_kernel"}
 
 
 class ToolMissingError(RuntimeError):
@@ -432,9 +449,9 @@ def find_problems(result: KernelResult) -> list[str]:
     return problems
 
 
-def run_jobs(jobs: Sequence[KernelJob], workers: int,
-             on_result: Callable[[int, KernelResult], None] | None = None) -> list[KernelResult]:
-    """Compile all jobs, ``workers`` processes at a time; results in job order.
+def run_jobs(jobs: Sequence, workers: int, on_result: Callable[[int, object], None] | None = None,
+             compile_fn: Callable = compile_and_inspect) -> list:
+    """Compile all jobs with ``compile_fn``, ``workers`` processes at a time; results in job order.
 
     ``on_result(index, result)`` is called as each result arrives (in order).
     """
@@ -442,11 +459,110 @@ def run_jobs(jobs: Sequence[KernelJob], workers: int,
 
     results = []
     with ProcessPoolExecutor(max_workers=max(workers, 1), mp_context=multiprocessing.get_context("spawn")) as pool:
-        for index, result in enumerate(pool.map(compile_and_inspect, jobs)):
+        for index, result in enumerate(pool.map(compile_fn, jobs)):
             results.append(result)
             if on_result is not None:
                 on_result(index, result)
     return results
+
+
+# --------------------------------------------------------------------------------------
+# The fused loss kernels (crossmae_kernels.packed_mse)
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LossJob:
+    """One loss-kernel compilation: a kernel at one pred dtype and column block."""
+
+    kernel: str
+    dtype: str
+    block_r: int
+    block_c: int
+    num_warps: int = 4  # Triton's defaults: the launchers pass neither
+    num_stages: int = 3
+
+
+def build_loss_jobs(kernels: Iterable[str] = LOSS_KERNELS, dtypes: Iterable[str] = LOSS_DTYPES,
+                    block_cs: Iterable[int] = LOSS_BLOCK_CS) -> list[LossJob]:
+    from crossmae_kernels import packed_mse
+
+    jobs = []
+    for kernel in kernels:
+        if kernel not in _LOSS_SOURCES:
+            raise ValueError(f"unknown loss kernel {kernel!r}, expected one of {LOSS_KERNELS}")
+        for dtype in dtypes:
+            if dtype not in LOSS_DTYPES:
+                raise ValueError(f"loss dtype must be one of {LOSS_DTYPES}, got {dtype!r}")
+            for block_c in block_cs:
+                if block_c not in LOSS_BLOCK_CS:
+                    raise ValueError(f"BLOCK_C must be one of {LOSS_BLOCK_CS}, got {block_c}")
+                jobs.append(LossJob(kernel, dtype, packed_mse.block_rows(block_c), block_c))
+    return jobs
+
+
+def make_loss_source(job: LossJob):
+    """The ASTSource the JIT would build for a loss-kernel job (see the module docstring)."""
+    from triton.compiler import ASTSource
+
+    from crossmae_kernels import packed_mse
+
+    fn = getattr(packed_mse, _LOSS_SOURCES[job.kernel])
+    pointer_types = {"Pred": f"*{job.dtype}", "Grad": f"*{job.dtype}", "Target": "*fp32", "Weight": "*fp32",
+                     "Partial": "*fp32", "GradOut": "*fp32"}
+    signature: dict[str, str] = {}
+    constexprs: dict[str, object] = {}
+    attrs: dict[tuple[int], list] = {}
+    for index, param in enumerate(fn.params):
+        name = param.name
+        if name in ("BLOCK_R", "BLOCK_C"):
+            signature[name] = "constexpr"
+            constexprs[name] = job.block_r if name == "BLOCK_R" else job.block_c
+        elif name in pointer_types:
+            signature[name] = pointer_types[name]
+            attrs[(index,)] = _ALIGNED
+        elif name in ("n_rows", "n_cols") or name.startswith("stride_"):
+            signature[name] = "i32"
+        else:
+            raise ValueError(f"{fn.__name__}: don't know how the launcher passes parameter {name!r}")
+    return ASTSource(fn, signature, constexprs, attrs)
+
+
+def compile_and_inspect_loss(job: LossJob) -> dict:
+    """Compile one loss-kernel job for sm_90; its report row (registers, spills, shared memory, ok)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    tools = find_tools()
+    options = {"num_warps": job.num_warps, "num_stages": job.num_stages,
+               "enable_fp_fusion": triton.knobs.language.default_fp_fusion}
+    start = time.perf_counter()
+    compiled = triton.compile(make_loss_source(job), target=GPUTarget("cuda", TARGET_ARCH, 32), options=options)
+    seconds = time.perf_counter() - start
+    usage, sass = cubin_resources(compiled.asm["cubin"], tools["cuobjdump"])
+    row = {
+        **dataclasses.asdict(job),
+        "registers": usage["registers"],
+        "spill_bytes": usage["stack"] + usage["local"],
+        "spill_instructions": len(re.findall(r"\b(?:LDL|STL)(?:\.\w+)*\s", sass)),
+        "shared_bytes": int(compiled.metadata.shared),
+        "dots": compiled.asm["ttir"].count("tt.dot "),
+        "compile_seconds": round(seconds, 2),
+    }
+    problems = []
+    if row["spill_bytes"] or row["spill_instructions"]:
+        problems.append(f"spills ({row['spill_bytes']} B stack per thread, {row['spill_instructions']} LDL/STL)")
+    if row["shared_bytes"] > SM90_MAX_SMEM_PER_BLOCK:
+        problems.append(f"shared memory {row['shared_bytes']} B > {SM90_MAX_SMEM_PER_BLOCK} B")
+    if row["dots"]:
+        problems.append(f"{row['dots']} tl.dot in a kernel this report treats as dot-free: extend the report")
+    row.update(ok=not problems, problems=problems)
+    return row
+
+
+LOSS_COLUMNS = [
+    ("kernel", "kernel"), ("dtype", "pred dtype"), ("block_r", "BLOCK_R"), ("block_c", "BLOCK_C"),
+    ("num_warps", "warps"), ("num_stages", "stages"), ("registers", "regs"), ("spill_bytes", "spill B"),
+    ("shared_bytes", "smem B"), ("ok", "ok"),
+]
 
 
 # --------------------------------------------------------------------------------------
@@ -546,24 +662,28 @@ def _cpu_name() -> str:
 
 
 def _git_sha() -> str:
-    """HEAD's short sha, marked when the kernel source differs from it."""
-    kernel_file = Path(_kernel_module().__file__).resolve()
+    """HEAD's short sha, marked when a kernel source of the report differs from it."""
+    from crossmae_kernels import packed_mse
+
+    kernel_files = [Path(m.__file__).resolve() for m in (_kernel_module(), packed_mse)]
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=kernel_file.parent).stdout.strip()
+                              cwd=kernel_files[0].parent).stdout.strip()
 
     try:
         sha = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", str(kernel_file))
+        dirty = [f.name for f in kernel_files if git("status", "--porcelain", "--", str(f))]
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return f"{sha} + uncommitted changes to {kernel_file.name}" if dirty else sha
+    return f"{sha} + uncommitted changes to {', '.join(dirty)}" if dirty else sha
 
 
-def render_markdown(env: dict, rows: Sequence[dict], pruned: Sequence[dict]) -> str:
+def render_markdown(env: dict, rows: Sequence[dict], pruned: Sequence[dict],
+                    loss_rows: Sequence[dict] = ()) -> str:
     autotuned = [r for r in rows if r["autotuned"]]
     bad = [r for r in autotuned if not r["ok"]]
+    loss_bad = [r for r in loss_rows if not r["ok"]]
     lines = [
         "# Static sm_90 kernel report (compile-only, no GPU)",
         "",
@@ -577,7 +697,8 @@ def render_markdown(env: dict, rows: Sequence[dict], pruned: Sequence[dict]) -> 
         f"{env['load_average_at_start']} at the start",
         "",
         "Every Triton kernel in `crossmae_kernels.varlen_attention`, compiled ahead of time for Hopper, for every",
-        "configuration the autotuner may pick (`prune_configs`), head dims 16/32/64/128, bf16 and fp16.",
+        "configuration the autotuner may pick (`prune_configs`), head dims 16/32/64/128, bf16 and fp16; and the",
+        "fused loss kernels of `crossmae_kernels.packed_mse` (no `tl.dot`: spills and shared memory only).",
         "Method and rules: the docstring of `bench/kernel_report.py`. In short:",
         "",
         "- Specialisation as at run time: last-dim strides are 1 (specialised to the constant 1, as Triton's JIT",
@@ -592,7 +713,8 @@ def render_markdown(env: dict, rows: Sequence[dict], pruned: Sequence[dict]) -> 
         "  than 16 x num_warps (Triton puts all warps of a chained dot along M, so extra warpgroups would repeat",
         "  the same rows).",
         "",
-        f"**{len(autotuned) - len(bad)} of {len(autotuned)} autotuner configurations are ok.**",
+        f"**{len(autotuned) - len(bad)} of {len(autotuned)} autotuner configurations are ok.**"
+        + (f" **{len(loss_rows) - len(loss_bad)} of {len(loss_rows)} loss kernel jobs are ok.**" if loss_rows else ""),
         "",
         "## Summary (autotuner configurations)",
         "",
@@ -606,6 +728,14 @@ def render_markdown(env: dict, rows: Sequence[dict], pruned: Sequence[dict]) -> 
     if bad:
         lines += ["", "## Problems", ""]
         lines += [f"- {_label(r)}: {'; '.join(r['problems'])}" for r in bad]
+    if loss_rows:
+        lines += ["", "## Fused loss kernels (`crossmae_kernels.packed_mse`)", "",
+                  "BLOCK_C columns per slice (the launcher picks the smallest power of two >= the column count, "
+                  "16 to 128) and BLOCK_R rows per program (`block_rows`: 1024-element tiles); no `tl.dot`, so no "
+                  "HGMMA.", "",
+                  format_table(loss_rows, markdown=True, columns=LOSS_COLUMNS)]
+        lines += [f"- {r['kernel']} {r['dtype']} BLOCK_C={r['block_c']}: {'; '.join(r['problems'])}"
+                  for r in loss_bad]
     lines += ["", "## All autotuner configurations", "", format_table(autotuned, markdown=True)]
     extra = [r for r in rows if not r["autotuned"]]
     if extra:
@@ -636,6 +766,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS))
     parser.add_argument("--all-configs", action="store_true",
                         help="also compile the configurations prune_configs drops (reported, never failing)")
+    parser.add_argument("--loss-dtypes", nargs="+", default=list(LOSS_DTYPES), choices=LOSS_DTYPES,
+                        help="pred dtypes of the loss-kernel jobs")
+    parser.add_argument("--loss-block-cs", nargs="+", type=int, default=list(LOSS_BLOCK_CS), choices=LOSS_BLOCK_CS,
+                        help="BLOCK_C values of the loss-kernel jobs")
+    parser.add_argument("--no-loss", action="store_true", help="leave out the fused loss kernels")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
                         help=f"where {REPORT_NAME}.md and {REPORT_NAME}.json go")
@@ -666,6 +801,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_average = os.getloadavg()[0]
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     results = run_jobs(jobs, args.jobs, progress)
+    loss_jobs = [] if args.no_loss else build_loss_jobs(dtypes=args.loss_dtypes, block_cs=args.loss_block_cs)
+    if loss_jobs:
+        print(f"compiling {len(loss_jobs)} loss kernels ...", flush=True)
+    loss_rows = run_jobs(loss_jobs, args.jobs, compile_fn=compile_and_inspect_loss) if loss_jobs else []
     seconds, cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu_start
     rows = [r.row() for r in results]
     pruned = pruned_configs(args.kernels, args.dtypes, args.head_dims)
@@ -675,15 +814,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [r for r in rows if r["autotuned"] and not r["ok"]]
     for row in bad:
         print(f"NOT OK {_label(row)}: {'; '.join(row['problems'])}")
-    print(f"{len(rows)} kernels in {seconds:.1f} s; {len(bad)} autotuner configurations not ok")
+    if loss_rows:
+        print(format_table(loss_rows, columns=LOSS_COLUMNS))
+    loss_bad = [r for r in loss_rows if not r["ok"]]
+    for row in loss_bad:
+        print(f"NOT OK {row['kernel']} {row['dtype']} BLOCK_C={row['block_c']}: {'; '.join(row['problems'])}")
+    print(f"{len(rows) + len(loss_rows)} kernels in {seconds:.1f} s; {len(bad)} autotuner configurations and "
+          f"{len(loss_bad)} loss kernel jobs not ok")
     if not args.no_write:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         json_path = args.out_dir / f"{REPORT_NAME}.json"
         md_path = args.out_dir / f"{REPORT_NAME}.md"
-        json_path.write_text(json.dumps({"environment": env, "rows": rows, "pruned": pruned}, indent=1) + "\n")
-        md_path.write_text(render_markdown(env, rows, pruned))
+        report = {"environment": env, "rows": rows, "pruned": pruned, "loss_rows": loss_rows}
+        json_path.write_text(json.dumps(report, indent=1) + "\n")
+        md_path.write_text(render_markdown(env, rows, pruned, loss_rows))
         print(f"wrote {md_path} and {json_path}")
-    return 1 if bad else 0
+    return 1 if bad or loss_bad else 0
 
 
 if __name__ == "__main__":

@@ -7,12 +7,15 @@ tensor-core MMA) where Triton's MMAv3 rule allows it, or has a tile with fewer r
 warps cover (warpgroups repeating the same rows).
 
 - ``test_representative_configs_are_clean`` (default): every kernel and every autotuner
-  configuration at the register-hungry head dims, bf16 at 128 and fp16 at 64 (24 compiles,
-  about 1-1.5 minutes on two cores with a cold Triton cache).
-- ``test_full_matrix_is_clean`` (``slow``): head dims 16/32/64/128 x bf16/fp16, the matrix of the
-  committed report (116 compiles, about 2.5-5 minutes on two cores with a cold cache).
+  configuration at the register-hungry head dims, bf16 at 128 and fp16 at 64, and the fused
+  loss kernels at bf16 for every column block (32 compiles, about 1-1.5 minutes on two cores
+  with a cold Triton cache).
+- ``test_full_matrix_is_clean`` (``slow``): head dims 16/32/64/128 x bf16/fp16 and the loss kernels at
+  bf16/fp16/fp32, the matrix of the committed report (140 compiles, about 3-5 minutes on two cores with a
+  cold cache).
 - ``test_committed_report_covers_the_autotune_space``: no compiling; the committed
-  bench/results/kernel_report.json lists exactly today's autotuner configurations, all ok.
+  bench/results/kernel_report.json lists exactly today's autotuner configurations and loss kernel
+  launch configurations, all ok.
 
 The compile tests skip when ptxas or cuobjdump cannot be found. They run the report script in
 a subprocess because the CPU suite sets ``TRITON_INTERPRET=1``, which replaces the kernels by
@@ -69,25 +72,38 @@ def _key(row: dict) -> tuple:
     return tuple(row[k] for k in ("kernel", "dtype", "head_dim", "block_m", "block_n", "num_warps", "num_stages"))
 
 
-def assert_clean(report: dict, expected_jobs) -> None:
+def _loss_key(row: dict) -> tuple:
+    return tuple(row[k] for k in ("kernel", "dtype", "block_r", "block_c", "num_warps", "num_stages"))
+
+
+def assert_clean(report: dict, expected_jobs, expected_loss_jobs=()) -> None:
     rows = [r for r in report["rows"] if r["autotuned"]]
     expected = {_key(vars(job)) for job in expected_jobs}
     assert {_key(r) for r in rows} == expected, "the report does not cover exactly the autotuner's configurations"
     bad = [f"{_key(r)}: {'; '.join(r['problems'])}" for r in rows if not r["ok"]]
     assert not bad, f"{len(bad)} autotuner configurations are not clean on sm_90:\n" + "\n".join(bad)
+    loss_rows = report.get("loss_rows", [])
+    expected_loss = {_loss_key(vars(job)) for job in expected_loss_jobs}
+    assert {_loss_key(r) for r in loss_rows} == expected_loss, \
+        "the report does not cover exactly the loss kernels' launch configurations"
+    bad = [f"{_loss_key(r)}: {'; '.join(r['problems'])}" for r in loss_rows if not r["ok"]]
+    assert not bad, f"{len(bad)} loss kernel configurations are not clean on sm_90:\n" + "\n".join(bad)
 
 
 def test_representative_configs_are_clean(tools, tmp_path):
-    for head_dim, dtype in ((128, "bf16"), (64, "fp16")):
-        out = tmp_path / f"{dtype}_{head_dim}"
-        report = run_report(out, "--head-dims", str(head_dim), "--dtypes", dtype)
-        assert_clean(report, kernel_report.build_jobs(dtypes=[dtype], head_dims=[head_dim]))
+    out = tmp_path / "bf16_128"
+    report = run_report(out, "--head-dims", "128", "--dtypes", "bf16", "--loss-dtypes", "bf16")
+    assert_clean(report, kernel_report.build_jobs(dtypes=["bf16"], head_dims=[128]),
+                 kernel_report.build_loss_jobs(dtypes=["bf16"]))
+    out = tmp_path / "fp16_64"
+    report = run_report(out, "--head-dims", "64", "--dtypes", "fp16", "--no-loss")
+    assert_clean(report, kernel_report.build_jobs(dtypes=["fp16"], head_dims=[64]))
 
 
 @pytest.mark.slow
 def test_full_matrix_is_clean(tools, tmp_path):
     report = run_report(tmp_path)
-    assert_clean(report, kernel_report.build_jobs())
+    assert_clean(report, kernel_report.build_jobs(), kernel_report.build_loss_jobs())
 
 
 def test_committed_report_covers_the_autotune_space():
@@ -95,6 +111,6 @@ def test_committed_report_covers_the_autotune_space():
         pytest.fail(f"{COMMITTED_REPORT.relative_to(REPO)} is missing: run python bench/kernel_report.py")
     report = json.loads(COMMITTED_REPORT.read_text())
     try:
-        assert_clean(report, kernel_report.build_jobs())
+        assert_clean(report, kernel_report.build_jobs(), kernel_report.build_loss_jobs())
     except AssertionError as err:
         raise AssertionError(f"{err}\nregenerate the report: python bench/kernel_report.py") from None
