@@ -62,7 +62,7 @@ from crossmae.data.readers import (
     read_mhm_gauge,
     resolve_path,
 )
-from crossmae.data.sample import DatasetSpec, ModalitySpec, Sample
+from crossmae.data.sample import DatasetSpec, ModalitySpec, Sample, window_key
 
 log = logging.getLogger(__name__)
 
@@ -413,14 +413,9 @@ class FilesDataset(Dataset):
         return len(self.starts)
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
-        index, noise_seed = key if isinstance(key, tuple) else (key, key)
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {key} out of range for {len(self)} windows")
+        index, noise_seed = window_key(key, len(self))
         b, start = self.starts[index]
-        sample = Sample(noise_seed=int(noise_seed), meta={
+        sample = Sample(noise_seed=noise_seed, meta={
             "basin": self.basins[b], "start": day_to_iso(start), "start_day": start, "split": self.split,
             "index": index,
         })

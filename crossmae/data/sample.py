@@ -75,3 +75,18 @@ class Sample:
     static: torch.Tensor | None = None
     noise_seed: int = 0
     meta: dict = field(default_factory=dict)
+
+
+def window_key(key: int | tuple[int, int], length: int) -> tuple[int, int]:
+    """A data set's ``__getitem__`` key as ``(window index, mask noise seed)``.
+
+    ``key`` is a window index (its own noise seed) or ``(index, noise_seed)``, as the training loader passes
+    it; negative indices count from the end. Raises IndexError outside ``[-length, length)``.
+    """
+    index, noise_seed = key if isinstance(key, tuple) else (key, key)
+    index = int(index)
+    if index < 0:
+        index += length
+    if not 0 <= index < length:
+        raise IndexError(f"index {key} out of range for {length} windows")
+    return index, int(noise_seed)

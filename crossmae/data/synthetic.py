@@ -79,7 +79,7 @@ import numpy as np
 import torch
 
 from crossmae.config import DataConfig
-from crossmae.data.sample import DatasetSpec, ModalitySpec, Sample
+from crossmae.data.sample import DatasetSpec, ModalitySpec, Sample, window_key
 
 GRID_NAMES = ("precip", "temperature", "soil_moisture")
 SERIES_NAMES = ("streamflow", "evaporation")
@@ -563,17 +563,12 @@ class SyntheticWaterDataset(torch.utils.data.Dataset):
         return len(self.starts)
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
-        index, noise_seed = key if isinstance(key, tuple) else (key, key)
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {key} out of range for {len(self)} windows")
+        index, noise_seed = window_key(key, len(self))
         basin, start = self.starts[index]
         fields = self.render_window(basin, start)
         outage = self._outage_days(basin, start)
         mask = self.basin_masks[basin]
-        sample = Sample(noise_seed=int(noise_seed),
+        sample = Sample(noise_seed=noise_seed,
                         meta={"basin": basin, "start": start, "split": self.split, "index": index})
         for name in self.grid_names:
             x = fields[name]
