@@ -69,6 +69,7 @@ from bench.harness import (
     parse_dtype,
     parse_list,
     print_table,
+    record_error,
     resolve_device,
 )
 from crossmae.ops import BACKENDS, backend_reasons, varlen_attention
@@ -209,9 +210,7 @@ def time_row(run: BenchRun, inputs: AttentionInputs, row: dict, grad: bool, args
         timing = measure(call, device=run.device, warmup=args.warmup, reps=args.reps, min_time=args.min_time)
         memory = measure_peak_memory(call, device=run.device) if with_memory else None
     except Exception as exc:  # a broken backend must not end the run: record it and go on
-        message = str(exc).splitlines()[0] if str(exc) else ""
-        row.update(status="error", reason=f"{type(exc).__name__}: {message}")
-        print(f"  {backend} {pass_}: {row['reason']}", file=sys.stderr)
+        record_error(row, exc, f"{backend} {pass_}")
         return None
     finally:
         del call  # frees the retained graph of the bwd pass

@@ -79,6 +79,7 @@ from bench.harness import (
     measure_peak_memory,
     parse_list,
     print_table,
+    record_error,
     resolve_device,
 )
 from crossmae.config import Config, ModelConfig, preset_config
@@ -360,9 +361,7 @@ def time_row(run: BenchRun, bench: DecoderBench, variant: Variant, row: dict, ar
         timing = measure(step, device=run.device, warmup=args.warmup, reps=args.reps, min_time=args.min_time)
         memory = measure_peak_memory(step, device=run.device) if first else None
     except Exception as exc:  # a broken backend must not end the run: record it and go on
-        message = str(exc).splitlines()[0] if str(exc) else ""
-        row.update(status="error", reason=f"{type(exc).__name__}: {message}")
-        print(f"  {variant.name}: {row['reason']}", file=sys.stderr)
+        record_error(row, exc, variant.name)
         return None
     finally:
         if run.device.type == "cuda":

@@ -525,6 +525,15 @@ class BenchRun:
         return write_results(self.rows, stem, self.metadata())
 
 
+def record_error(row: dict, exc: BaseException, label: str) -> None:
+    """Mark ``row`` as failed with the exception's type and first line, and say so on stderr.
+
+    A benchmark records a variant or backend that breaks and goes on with the rest of the run."""
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    row.update(status="error", reason=f"{type(exc).__name__}: {message}")
+    print(f"  {label}: {row['reason']}", file=sys.stderr)
+
+
 def write_results(rows: Sequence[dict], stem: Path | str, metadata: dict) -> tuple[Path, Path]:
     """Write rows to ``<stem>.json`` (with metadata) and ``<stem>.csv``; returns both paths."""
     stem = Path(stem)

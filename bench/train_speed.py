@@ -65,6 +65,7 @@ from bench.harness import (
     measure_peak_memory,
     parse_list,
     print_table,
+    record_error,
     resolve_device,
 )
 from crossmae.config import PRESETS, Config, preset_config
@@ -198,9 +199,7 @@ def plan_preset(run: BenchRun, preset: str, variants: Sequence[str], backend: st
                 model_gflop=(3.0 * linear + 3.5 * attention) / 1e9,
             )
         except Exception as exc:  # a variant that can't be built must not end the run: record it
-            message = str(exc).splitlines()[0] if str(exc) else ""
-            row.update(status="error", reason=f"{type(exc).__name__}: {message}")
-            print(f"  {variant}: {row['reason']}", file=sys.stderr)
+            record_error(row, exc, str(variant))
             trainer = None
         cases.append(TrainCase(run.add(**row), trainer, batch))
     return cases
@@ -219,9 +218,7 @@ def time_case(run: BenchRun, case: TrainCase, args: argparse.Namespace, *, first
         timing = measure(step, device=run.device, warmup=args.warmup, reps=args.reps, min_time=args.min_time)
         memory = measure_peak_memory(step, device=run.device) if first else None
     except Exception as exc:  # record it and go on
-        message = str(exc).splitlines()[0] if str(exc) else ""
-        row.update(status="error", reason=f"{type(exc).__name__}: {message}")
-        print(f"  {row['variant']}: {row['reason']}", file=sys.stderr)
+        record_error(row, exc, row["variant"])
         return None
     if memory is not None:
         row.update(peak_mb=memory.peak_mb, peak_total_mb=memory.peak_total_mb)
