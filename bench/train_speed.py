@@ -34,7 +34,7 @@ Usage (from the repository root)::
 
     python bench/train_speed.py                        # default and cpu presets on CPU; default, seed on GPU
     python bench/train_speed.py --preset cpu --rounds 3
-    python bench/train_speed.py --compare bench/results/train_speed_cpu.json
+    python bench/train_speed.py --compare bench/results/train_speed_default_cpu_cpu.json
 """
 
 from __future__ import annotations
