@@ -39,8 +39,7 @@ Usage (from the repository root)::
     python -m bench.attention_speed                      # cpu preset on CPU; seed,wide in bf16 on a GPU
     python -m bench.attention_speed --preset seed,cpu --backends loop,sdpa_padded --reps 3
     python -m bench.attention_speed --rounds 3 --threads 1       # interleaved rounds on a shared CPU
-    python -m bench.attention_speed --preset cpu --backends cpu,sdpa_padded,loop,math \
-        --compare bench/results/cpu_backend_speed.json          # run, then compare with the committed run
+    python -m bench.attention_speed --backends cpu,sdpa_padded,loop,math --compare bench/results/cpu_backend_speed.json
 """
 
 from __future__ import annotations
