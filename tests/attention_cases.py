@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crossmae.ops import math_attention
+from crossmae.ops import math_attention, varlen_attention
 from crossmae.packed import Packed
 
 
@@ -100,3 +100,19 @@ def assert_within_rule(actual, reference, baseline, *, factor: float, floor: flo
     assert err <= factor * base + floor, (
         f"{name}: error {err:.3e} exceeds {factor} x baseline {base:.3e} + {floor:g}; {worst(actual, reference)}"
     )
+
+
+class TinyCrossAttention(torch.nn.Module):
+    """x [total_q, d] attends to memory [total_k, d] through one backend: a module for torch.compile tests."""
+
+    def __init__(self, backend: str, dim: int = 32, heads: int = 2):
+        super().__init__()
+        self.backend, self.heads = backend, heads
+        self.to_q = torch.nn.Linear(dim, dim)
+        self.to_kv = torch.nn.Linear(dim, 2 * dim)
+
+    def forward(self, x, memory, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int):
+        q = self.to_q(x).view(x.shape[0], self.heads, -1)  # [total_q, H, D]
+        k, v = self.to_kv(memory).view(memory.shape[0], 2, self.heads, -1).unbind(1)  # [total_k, H, D] each
+        out = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend=self.backend)
+        return out.reshape(x.shape[0], -1)  # [total_q, d]

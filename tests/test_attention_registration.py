@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from attention_cases import assert_close, make_case
+from attention_cases import TinyCrossAttention, assert_close, make_case
 
-from crossmae.ops import varlen_attention
 from crossmae.ops.triton_attention import varlen_attn_triton_bwd, varlen_attn_triton_fwd
 from crossmae_kernels.varlen_attention import is_interpreting
 
@@ -26,27 +25,11 @@ def test_opcheck_backward_op():
     torch.library.opcheck(varlen_attn_triton_bwd, (dout, case.q, case.k, case.v, out, lse, *case.args[3:], 0.25))
 
 
-class TinyCrossAttention(torch.nn.Module):
-    """x [total_q, d] attends to memory [total_k, d]."""
-
-    def __init__(self, dim: int = 32, heads: int = 2):
-        super().__init__()
-        self.heads = heads
-        self.to_q = torch.nn.Linear(dim, dim)
-        self.to_kv = torch.nn.Linear(dim, 2 * dim)
-
-    def forward(self, x, memory, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int):
-        q = self.to_q(x).view(x.shape[0], self.heads, -1)  # [total_q, H, D]
-        k, v = self.to_kv(memory).view(memory.shape[0], 2, self.heads, -1).unbind(1)  # [total_k, H, D] each
-        out = varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend="triton")
-        return out.reshape(x.shape[0], -1)  # [total_q, d]
-
-
 def test_torch_compile_traces_a_module_using_the_op():
     torch.manual_seed(0)
     case = make_case([5, 0, 7], [3, 4, 1], heads=1, head_dim=32, device=DEVICE, requires_grad=False)
     x, memory = case.q[:, 0], case.k[:, 0]  # [total, 32]
-    model = TinyCrossAttention().to(DEVICE)
+    model = TinyCrossAttention("triton").to(DEVICE)
     eager = model(x, memory, *case.args[3:])
     eager_grads = torch.autograd.grad(eager.square().sum(), list(model.parameters()))
     compiled = torch.compile(model, fullgraph=True)
