@@ -419,11 +419,14 @@ def _varlen_attn_bwd_dq_kernel(
     vt_ptrs = V + (k_start + offs_n[None, :]) * stride_vt + head * stride_vh + offs_d[:, None] * stride_vd
     for n0 in range(0, k_len, BLOCK_N):
         # -- load K^T and V^T of one key block; rows past the segment load as zeros --
-        nd_mask = ((n0 + offs_n) < k_len)[None, :] & d_mask[:, None]
+        n_mask = (n0 + offs_n) < k_len
+        nd_mask = n_mask[None, :] & d_mask[:, None]
         kt = tl.load(kt_ptrs, mask=nd_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
         vt = tl.load(vt_ptrs, mask=nd_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
-        # -- recompute P; a zero key row contributes dS * 0 to dQ, so no score mask --
+        # -- recompute P; keys past the segment get P = 0 (a zero score minus a very negative
+        #    lse would overflow exp2 and turn dS * 0 into NaN) --
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+        s = tl.where(n_mask[None, :], s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
