@@ -7,6 +7,13 @@ All three take the packed contract of :func:`crossmae.ops.varlen_attention` and 
 - :func:`loop_attention`   one SDPA call per sample in a Python loop (the seed's way).
 - :func:`sdpa_padded_attention`  pad to ``max_seqlen``, one SDPA call with a key-padding mask,
   unpad (the naive batched way).
+
+The SDPA-based two pass ``q * softmax_scale`` and ``scale=1``: given a ``scale``, PyTorch's fused
+CPU kernel does not round the scaled scores the same way in its forward and in its backward's
+recomputation, so the recomputed probabilities carry a relative error of about
+``|logit| * 2**-24``, and at logits near ±120 the gradients came out 10-100 times further from
+float64 than plain fp32 math (``tests/test_attention_numerics.py``). With the scale folded into q
+both passes compute the same ``q' . k``.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ def loop_attention(
     max_seqlen_k: int,
     softmax_scale: float,
 ) -> torch.Tensor:
-    """One ``scaled_dot_product_attention`` call per sample (reads cu_seqlens on the host)."""
+    """One ``scaled_dot_product_attention`` call per sample (reads cu_seqlens on the host); q pre-scaled."""
     bounds_q = cu_seqlens_q.tolist()
     bounds_k = cu_seqlens_k.tolist()
     outs = []
@@ -73,7 +80,7 @@ def loop_attention(
             continue
         # 4-D inputs: SDPA's fused CPU/GPU kernels refuse 3-D ones and fall back to the math path
         ob = F.scaled_dot_product_attention(
-            qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None], scale=softmax_scale
+            (qb * softmax_scale).transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None], scale=1.0
         )  # [1, H, Lq_b, D]
         outs.append(ob[0].transpose(0, 1))  # [Lq_b, H, D]
     if not outs:
@@ -91,14 +98,14 @@ def sdpa_padded_attention(
     max_seqlen_k: int,
     softmax_scale: float,
 ) -> torch.Tensor:
-    """Pad to the longest sample, one SDPA call with a key-padding mask, unpad."""
-    qp = pad_packed(q, cu_seqlens_q, max_seqlen_q).transpose(1, 2)  # [B, H, Lq, D]
+    """Pad to the longest sample, one SDPA call with a key-padding mask, unpad; q pre-scaled."""
+    qp = pad_packed(q * softmax_scale, cu_seqlens_q, max_seqlen_q).transpose(1, 2)  # [B, H, Lq, D]
     kp = pad_packed(k, cu_seqlens_k, max_seqlen_k).transpose(1, 2)  # [B, H, Lk, D]
     vp = pad_packed(v, cu_seqlens_k, max_seqlen_k).transpose(1, 2)  # [B, H, Lk, D]
     key_ok = key_padding_mask(cu_seqlens_k, max_seqlen_k)  # [B, Lk]
     has_keys = key_ok.any(dim=1)  # [B]
     # a sample without keys would softmax over nothing (NaN): let it see its padding, then zero it
     mask = (key_ok | ~has_keys[:, None])[:, None, None, :]  # [B, 1, 1, Lk]
-    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=softmax_scale)  # [B, H, Lq, D]
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=1.0)  # [B, H, Lq, D]
     out = out * has_keys[:, None, None, None].to(out.dtype)
     return unpad(out.transpose(1, 2), cu_seqlens_q, q.shape[0])  # [total_q, H, D]
