@@ -21,8 +21,9 @@ Passes, i.e. what one timed call does:
 FLOPs count the real lengths (DESIGN §8, ``crossmae.presets.attention_flops``): forward
 ``4·Σ_b Lq_b·Lk_b·H·D``, backward 2.5× forward, fwd+bwd 3.5×. TFLOP/s is at the median time;
 ``peak_frac`` divides it by a large ``torch.matmul`` timed in the same run (bf16 on a GPU, the
-run's dtype on a CPU). ``vs_loop`` is the speedup over the ``loop`` backend (one SDPA call per
-sample, the seed's way) at the same preset and pass, measured in the same process.
+run's dtype on a CPU). ``speedup_vs_loop`` is the speedup over the ``loop`` backend (one SDPA call
+per sample, the seed's way) at the same preset and pass, measured in the same process.
+``first_call_ms`` is a row's first call alone: a Triton row's compile and autotuning.
 Peak memory: see :mod:`bench.harness` (CUDA allocator on a GPU, resident set on a CPU), taken
 in the first round. With ``--rounds N`` the whole sweep runs N times, one measurement of each
 (backend, pass) per round, and each row's quantiles are over the samples of all rounds: on a
@@ -34,7 +35,7 @@ measurement. Backends that can't run here get a row with ``status = "skipped"`` 
 So do runs that would not fit in memory: ``math`` holds ``B·H·max_q·max_k`` scores per tensor,
 FlexAttention on CPU ``H·total_q·total_k`` (an eager dense fallback), estimated before the call.
 
-Usage (from the repository root)::
+Usage (from the repository root; ``python bench/attention_speed.py`` works as well)::
 
     python -m bench.attention_speed                      # cpu preset on CPU; seed,wide in bf16 on a GPU
     python -m bench.attention_speed --preset seed,cpu --backends loop,sdpa_padded --reps 3
@@ -51,26 +52,30 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+if not __package__:  # run as `python bench/attention_speed.py`: find the `bench` package by this file's place
+    import _package  # noqa: F401
+
 import torch
 
 from bench.harness import (
     RESULTS_DIR,
     BenchRun,
+    Measurement,
     Timing,
     add_common_args,
+    add_speedups,
     apply_common_args,
     available_memory_bytes,
     compare,
     device_label,
     dtype_name,
     format_value,
-    measure,
-    measure_peak_memory,
     parse_dtype,
     parse_list,
     print_table,
-    record_error,
     resolve_device,
+    run_rounds,
+    time_row,
 )
 from crossmae.ops import BACKENDS, backend_reasons, varlen_attention
 from crossmae.packed import Packed
@@ -79,9 +84,9 @@ from crossmae.presets import PRESETS, WorkloadPreset, attention_flops, attention
 PASSES = ("fwd", "bwd", "fwd+bwd")
 KEY_FIELDS = ("op", "backend", "pass", "preset", "B", "total_q", "total_k", "H", "D", "dtype")
 ROW_FIELDS = (
-    *KEY_FIELDS, "max_q", "max_k", "status", "reason", "reps", "p20_ms", "p50_ms", "p80_ms", "gflop", "tflops",
-    "peak_frac", "peak_tflops", "peak_dtype", "peak_mb", "peak_total_mb", "vs_loop", "joules", "power_w",
-    "sm_clock_mhz",
+    *KEY_FIELDS, "max_q", "max_k", "status", "reason", "reps", "ms_p20", "ms_p50", "ms_p80", "first_call_ms", "gflop",
+    "tflops", "peak_frac", "peak_tflops", "peak_dtype", "peak_mb", "peak_total_mb", "speedup_vs_loop", "joules",
+    "power_w", "sm_clock_mhz",
 )
 
 # How many score-sized tensors a pass needs at its peak, for the backends that materialise
@@ -200,43 +205,26 @@ def plan_row(run: BenchRun, inputs: AttentionInputs, backend: str, pass_: str) -
     return row, grad
 
 
-def time_row(run: BenchRun, inputs: AttentionInputs, row: dict, grad: bool, args: argparse.Namespace, *,
-             with_memory: bool) -> Timing | None:
-    """Time the row's call (and put its peak memory into the row); on failure mark the row an error."""
-    backend, pass_ = row["backend"], row["pass"]
-    call = None
-    try:
-        call = timed_call(backend, pass_, inputs, grad=grad)
-        timing = measure(call, device=run.device, warmup=args.warmup, reps=args.reps, min_time=args.min_time)
-        memory = measure_peak_memory(call, device=run.device) if with_memory else None
-    except Exception as exc:  # a broken backend must not end the run: record it and go on
-        record_error(row, exc, f"{backend} {pass_}")
-        return None
-    finally:
-        del call  # frees the retained graph of the bwd pass
-        if run.device.type == "cuda":
-            torch.cuda.empty_cache()
-    if memory is not None:
-        row.update(peak_mb=memory.peak_mb, peak_total_mb=memory.peak_total_mb)
-    return timing
+def measurement(run: BenchRun, inputs: AttentionInputs, row: dict, grad: bool,
+                args: argparse.Namespace) -> Measurement:
+    """How :func:`bench.harness.run_rounds` times one row (its peak memory in the first round)."""
+    def time(first: bool) -> Timing | None:
+        call = timed_call(row["backend"], row["pass"], inputs, grad=grad)  # the bwd pass retains a graph
+        return time_row(run, row, call, args, first=first, label=f"{row['backend']} {row['pass']}")
+
+    return Measurement(row, time, f"{row['backend']} {row['preset']} {row['pass']}")
 
 
-def add_speedups(rows: Sequence[dict]) -> None:
-    """Set ``vs_loop`` = loop's median / this row's median, for rows of the same preset, shape, pass, dtype."""
-    def key(row):
-        return tuple(row[k] for k in KEY_FIELDS if k not in ("op", "backend"))
-
-    timed = [r for r in rows if r["status"] == "ok" and r["p50_ms"] is not None]
-    loop = {key(r): r["p50_ms"] for r in timed if r["backend"] == "loop"}
-    for row in timed:
-        if key(row) in loop:
-            row["vs_loop"] = loop[key(row)] / row["p50_ms"]
+def add_speedups_vs_loop(rows: Sequence[dict]) -> None:
+    """``speedup_vs_loop`` = loop's median / this row's median, for rows of the same preset, shape, pass, dtype."""
+    add_speedups(rows, "backend", ["loop"], [k for k in KEY_FIELDS if k not in ("op", "backend")])
 
 
 TABLE_COLUMNS = [
-    "backend", "pass", "preset", "B", "total_q", "total_k", "H", "D", "dtype", ("p20 ms", "p20_ms"),
-    ("p50 ms", "p50_ms"), ("p80 ms", "p80_ms"), ("TFLOP/s", "tflops"), ("% peak", "peak_pct"),
-    ("peak MB", "peak_mb"), ("vs loop", "vs_loop"), ("note", "reason"),
+    "backend", "pass", "preset", "B", "total_q", "total_k", "H", "D", "dtype", ("p20 ms", "ms_p20"),
+    ("p50 ms", "ms_p50"), ("p80 ms", "ms_p80"), ("first call ms", "first_call_ms"), ("TFLOP/s", "tflops"),
+    ("% peak", "peak_pct"), ("peak MB", "peak_mb"), ("vs loop", "speedup_vs_loop"), ("J/call", "joules"),
+    ("note", "reason"),
 ]
 
 
@@ -336,23 +324,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for pass_ in plan.passes:
                 row, grad = plan_row(run, inputs, backend, pass_)
                 planned.append((run.add(**row), grad, inputs))
-    timings: list[list[Timing]] = [[] for _ in planned]
-    for round_ in range(args.rounds):
-        for (row, grad, inputs), done in zip(planned, timings, strict=True):
-            if row["status"] != "ok":
-                continue
-            timing = time_row(run, inputs, row, grad, args, with_memory=round_ == 0)
-            if timing is None:
-                continue
-            done.append(timing)
-            merged = Timing.merge(done)
-            row.update(**merged.as_row(), **run.throughput(inputs.flops(row["pass"]), merged))
-            tflops = run.throughput(inputs.flops(row["pass"]), timing)["tflops"]
-            where = f"{row['backend']:<13} {row['preset']:<7} {row['pass']:<8}"
-            print(f"  {where} p50 {format_value(timing.p50_ms):>8} ms  {format_value(tflops):>6} TFLOP/s"
-                  + (f"  (round {round_ + 1} of {args.rounds})" if args.rounds > 1 else ""), flush=True)
-            add_speedups(run.rows)
-            run.save(plan.out)  # after every measurement, so a run cut short keeps what it measured
+
+    def fill(row: dict, timing: Timing) -> None:
+        row.update(**timing.as_row(), **run.throughput(row["gflop"] * 1e9, timing))
+
+    measurements = [measurement(run, inputs, row, grad, args) for row, grad, inputs in planned]
+    run_rounds(run, measurements, rounds=args.rounds, out=plan.out, fill=fill, derive=add_speedups_vs_loop)
     json_path, csv_path = run.save(plan.out)
     print_results(run)
     print(f"\nwrote {json_path} and {csv_path}")

@@ -41,7 +41,7 @@ grows with its tokens, so its time per sample stays flat.
 Outputs: a table; ``--json PATH`` (default ``bench/results/decoder_speed_<preset>_<device>.json``)
 holds ``{"metadata", "rows"}``, with a CSV of the rows and a PNG plot beside it.
 
-Usage (from the repository root)::
+Usage (from the repository root; ``python -m bench.decoder_speed`` works as well)::
 
     python bench/decoder_speed.py                           # cpu preset on CPU, seed on a GPU
     python bench/decoder_speed.py --preset ragged --rounds 3
@@ -60,15 +60,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `bench` is not installed
+if not __package__:  # run as `python bench/decoder_speed.py`: find the `bench` package by this file's place
+    import _package  # noqa: F401
 
 import torch
 
 from bench.harness import (
     RESULTS_DIR,
     BenchRun,
+    Measurement,
     Timing,
     add_common_args,
+    add_speedups,
     apply_common_args,
     compare,
     device_label,
@@ -76,11 +79,11 @@ from bench.harness import (
     format_value,
     import_pyplot,
     measure,
-    measure_peak_memory,
     parse_list,
     print_table,
-    record_error,
     resolve_device,
+    run_rounds,
+    time_row,
 )
 from crossmae.config import Config, ModelConfig, preset_config
 from crossmae.data.collate import MaskingCollator, PackedBatch
@@ -98,7 +101,8 @@ SWEEP_BATCHES = {"cuda": (1, 2, 4, 8, 16, 32, 64), "cpu": (1, 2, 4, 8)}
 KEY_FIELDS = ("variant", "preset", "B", "steps", "dtype")
 ROW_FIELDS = (
     *KEY_FIELDS, "backend", "decoder", "path", "status", "reason", "total_q", "total_k", "max_q", "max_k",
-    "dec_dim", "dec_depth", "dec_heads", "head_dim", "reps", "ms_p20", "ms_p50", "ms_p80", "ms_per_sample",
+    "dec_dim", "dec_depth", "dec_heads", "head_dim", "reps", "ms_p20", "ms_p50", "ms_p80", "first_call_ms",
+    "ms_per_sample",
     "peak_mb", "peak_total_mb", "attn_gflop", "attn_tflops", "attn_peak_frac", "peak_tflops", "peak_dtype",
     "speedup_vs_self_attn", "speedup_vs_loop", "speedup_vs_padded", "loss", "loss_rel_err", "joules_per_step",
     "power_w", "sm_clock_mhz",
@@ -350,33 +354,28 @@ def plan_row(run: BenchRun, bench: DecoderBench, variant: Variant, size: int | N
     return row
 
 
-def time_row(run: BenchRun, bench: DecoderBench, variant: Variant, row: dict, args: argparse.Namespace, *,
-             first: bool) -> Timing | None:
-    """Time one variant; in the first round also its loss and peak memory. Errors mark the row."""
+def measurement(run: BenchRun, bench: DecoderBench, variant: Variant, row: dict,
+                args: argparse.Namespace) -> Measurement:
+    """How :func:`bench.harness.run_rounds` times one variant: in the first round also its loss and peak memory."""
     step = bench.step(variant, row["B"])
-    try:
-        if first:
-            loss, _ = step()
-            row["loss"] = float(loss)
-        timing = measure(step, device=run.device, warmup=args.warmup, reps=args.reps, min_time=args.min_time)
-        memory = measure_peak_memory(step, device=run.device) if first else None
-    except Exception as exc:  # a broken backend must not end the run: record it and go on
-        record_error(row, exc, variant.name)
-        return None
-    finally:
-        if run.device.type == "cuda":
-            torch.cuda.empty_cache()
-    if memory is not None:
-        row.update(peak_mb=memory.peak_mb, peak_total_mb=memory.peak_total_mb)
-    return timing
+
+    def first_loss() -> None:
+        loss, _ = step()
+        row["loss"] = float(loss)
+
+    def time(first: bool) -> Timing | None:
+        return time_row(run, row, step, args, first=first, label=variant.name, before=first_loss)
+
+    return Measurement(row, time, f"{row['variant']} {row['preset']} B={row['B']}")
 
 
 def fill_timing(run: BenchRun, row: dict, timing: Timing) -> None:
     """Put a (merged) timing and what follows from it into the row."""
-    attn_tflops = row["attn_gflop"] * 1e9 / (timing.p50_ms * 1e-3) / 1e12
+    attn_tflops = row["attn_gflop"] * 1e9 / (timing.ms_p50 * 1e-3) / 1e12
     row.update(
-        reps=timing.reps, ms_p20=timing.p20_ms, ms_p50=timing.p50_ms, ms_p80=timing.p80_ms,
-        ms_per_sample=timing.p50_ms / row["B"], attn_tflops=attn_tflops, attn_peak_frac=attn_tflops / run.peak.tflops,
+        reps=timing.reps, ms_p20=timing.ms_p20, ms_p50=timing.ms_p50, ms_p80=timing.ms_p80,
+        first_call_ms=timing.first_call_ms, ms_per_sample=timing.ms_p50 / row["B"], attn_tflops=attn_tflops,
+        attn_peak_frac=attn_tflops / run.peak.tflops,
         joules_per_step=timing.joules, power_w=timing.power_w, sm_clock_mhz=timing.sm_clock_mhz,
     )
 
@@ -386,11 +385,7 @@ def add_comparisons(rows: Sequence[dict]) -> None:
     def key(row):
         return row["preset"], row["B"], row["steps"], row["dtype"]
 
-    timed = [r for r in rows if r["status"] == "ok" and r["ms_p50"] is not None]
-    for baseline in BASELINES:
-        ref = {key(r): r["ms_p50"] for r in timed if r["variant"] == baseline}
-        for row in timed:
-            row[f"speedup_vs_{baseline}"] = ref[key(row)] / row["ms_p50"] if key(row) in ref else None
+    add_speedups(rows, "variant", BASELINES, ["preset", "B", "steps", "dtype"])
     loop_loss = {key(r): r["loss"] for r in rows if r["variant"] == "loop" and r["loss"] is not None}
     for row in rows:
         if row["decoder"] == "crossmae" and row["loss"] is not None and key(row) in loop_loss:
@@ -633,7 +628,7 @@ def fastest_packed_backend(run: BenchRun, bench: DecoderBench, args: argparse.Na
     for backend in candidates:
         try:
             medians[backend] = measure(bench.step(Variant.parse(f"packed/{backend}")), device=run.device,
-                                       warmup=max(args.warmup, 1), reps=3).p50_ms
+                                       warmup=max(args.warmup, 1), reps=3, energy_time=0).ms_p50
         except Exception as exc:  # a broken backend is not the fastest
             print(f"  packed/{backend}: {type(exc).__name__}: {exc}", file=sys.stderr)
     best = min(medians, key=medians.get)
@@ -653,22 +648,10 @@ def run_rows(run: BenchRun, planned: list[tuple[dict, DecoderBench, Variant]], a
 
     Rows keep their planned order in the results; they are measured in :func:`measure_order`.
     """
-    timings: list[list[Timing]] = [[] for _ in planned]
     order = sorted(range(len(planned)), key=lambda i: measure_order(planned[i][0], planned[i][2]))
-    for round_ in range(args.rounds):
-        for i in order:
-            (row, bench, variant), done = planned[i], timings[i]
-            if row["status"] != "ok":
-                continue
-            timing = time_row(run, bench, variant, row, args, first=round_ == 0)
-            if timing is None:
-                continue
-            done.append(timing)
-            fill_timing(run, row, Timing.merge(done))
-            add_comparisons(run.rows)
-            print(f"  {row['variant']:<22} {row['preset']:<7} B={row['B']:<3} p50 {format_value(timing.p50_ms):>8} ms"
-                  + (f"  (round {round_ + 1} of {args.rounds})" if args.rounds > 1 else ""), flush=True)
-            run.save(out)  # after every measurement, so a run cut short keeps what it measured
+    measurements = [measurement(run, planned[i][1], planned[i][2], planned[i][0], args) for i in order]
+    run_rounds(run, measurements, rounds=args.rounds, out=out, fill=lambda row, timing: fill_timing(run, row, timing),
+               derive=add_comparisons)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

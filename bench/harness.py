@@ -4,11 +4,18 @@ What it gives a benchmark script:
 
 - :func:`measure` times a callable: CUDA events around each call on a GPU (after a
   synchronisation, warm-up excluded, L2 cache cleared between calls), ``time.perf_counter`` on a
-  CPU; returns ms quantiles p20/p50/p80 (and, with NVML, joules per call).
+  CPU; returns ms quantiles ``ms_p20``/``ms_p50``/``ms_p80``, the first call alone
+  (``first_call_ms``: compilation and autotuning) and, with NVML, energy per call from
+  :func:`measure_energy`: its own loop of ≥ 1 s of back-to-back calls, no L2 flushes between them.
+- :func:`run_rounds` the one rounds loop of every benchmark: each row timed once per round
+  (:class:`Measurement`, usually through :func:`time_row`), samples pooled over rounds, rows saved
+  after each measurement; :func:`add_speedups` the ``speedup_vs_<baseline>`` columns.
 - :func:`measure_peak_memory` the peak memory one call of the callable adds, in MB.
 - :func:`matmul_peak` the machine's own matmul throughput, measured in the same run, so rows can
   report the fraction of it they reach.
-- :func:`environment` device, versions, git sha, host, date, and NVML telemetry when available.
+- :func:`environment` the environment record: device, versions, git sha, host, date, and NVML
+  telemetry when available; :func:`machine_summary` it in one line, :func:`command_line` the
+  command that reproduces a run. Every report in ``bench/`` records these.
 - :class:`BenchRun` the rows of one run plus its metadata, written to JSON and CSV (same stem);
   :func:`print_table` an aligned table; :func:`compare` the change of every matching row between
   two result files, non-zero past a threshold.
@@ -31,7 +38,7 @@ Peak memory, precisely
 Command line (compare two result files, or print one)::
 
     python -m bench.harness compare OLD.json NEW.json --threshold 0.05
-    python -m bench.harness show RESULTS.json --columns backend,pass,preset,p50_ms
+    python -m bench.harness show RESULTS.json --columns backend,pass,preset,ms_p50
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import datetime as dt
 import gc
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import shlex
@@ -81,41 +89,57 @@ def dtype_name(dtype: torch.dtype) -> str:
 class Timing:
     """Quantiles of the per-call times of :func:`measure`, in milliseconds.
 
-    ``joules`` (energy per call), ``power_w`` (mean power over the timed calls) and
-    ``sm_clock_mhz`` (SM clock right after them) come from NVML on a GPU, else None. NVML's
-    energy counter ticks in mJ and updates every few ms: trust it for timed loops of ≳1 s.
-    ``samples_ms`` keeps every per-call time, so timings of several rounds can be merged.
+    ``first_call_ms`` is the first warm-up call alone: compilation and autotuning included, timed
+    on its own. ``joules`` (energy per call), ``power_w`` (mean power) and ``sm_clock_mhz`` (SM
+    clock right after) come from NVML on a GPU, measured in their own loop of back-to-back calls
+    (see :func:`measure_energy`), else None. ``samples_ms`` keeps every per-call time, so timings
+    of several rounds can be merged.
     """
 
-    p20_ms: float
-    p50_ms: float
-    p80_ms: float
+    ms_p20: float
+    ms_p50: float
+    ms_p80: float
     reps: int
+    first_call_ms: float | None = None
     joules: float | None = None
     power_w: float | None = None
     sm_clock_mhz: int | None = None
     samples_ms: tuple[float, ...] = field(default=(), repr=False)
 
     @classmethod
-    def from_samples(cls, times_ms: Sequence[float], **telemetry) -> Timing:
+    def from_samples(cls, times_ms: Sequence[float], **extra) -> Timing:
         q = torch.tensor(times_ms, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
-        return cls(float(q[0]), float(q[1]), float(q[2]), len(times_ms), samples_ms=tuple(times_ms), **telemetry)
+        return cls(float(q[0]), float(q[1]), float(q[2]), len(times_ms), samples_ms=tuple(times_ms), **extra)
 
     @classmethod
     def merge(cls, timings: Sequence[Timing]) -> Timing:
-        """One timing from the samples of several (e.g. interleaved rounds); telemetry averaged."""
+        """One timing from the samples of several (e.g. interleaved rounds); telemetry averaged,
+        ``first_call_ms`` the first round's."""
         def mean(name):
             values = [getattr(t, name) for t in timings if getattr(t, name) is not None]
             return sum(values) / len(values) if values else None
 
         clock = mean("sm_clock_mhz")
-        return cls.from_samples([s for t in timings for s in t.samples_ms], joules=mean("joules"),
-                                power_w=mean("power_w"), sm_clock_mhz=round(clock) if clock is not None else None)
+        return cls.from_samples([s for t in timings for s in t.samples_ms], first_call_ms=timings[0].first_call_ms,
+                                joules=mean("joules"), power_w=mean("power_w"),
+                                sm_clock_mhz=round(clock) if clock is not None else None)
 
     def as_row(self) -> dict:
         """The fields a result row carries (the samples stay out)."""
-        return {"reps": self.reps, "p20_ms": self.p20_ms, "p50_ms": self.p50_ms, "p80_ms": self.p80_ms,
-                "joules": self.joules, "power_w": self.power_w, "sm_clock_mhz": self.sm_clock_mhz}
+        return {"reps": self.reps, "ms_p20": self.ms_p20, "ms_p50": self.ms_p50, "ms_p80": self.ms_p80,
+                "first_call_ms": self.first_call_ms, "joules": self.joules, "power_w": self.power_w,
+                "sm_clock_mhz": self.sm_clock_mhz}
+
+
+@dataclass(frozen=True)
+class Energy:
+    """NVML energy over a loop of back-to-back calls: per call, mean power, and the loop itself."""
+
+    joules: float
+    power_w: float
+    sm_clock_mhz: int | None
+    calls: int
+    seconds: float
 
 
 def _synchronize(device: torch.device) -> None:
@@ -132,6 +156,7 @@ def measure(
     min_time: float = 1.0,
     max_reps: int = 1000,
     clear_l2: bool = True,
+    energy_time: float = 1.0,
 ) -> Timing:
     """Time ``fn()`` and return p20/p50/p80 in ms.
 
@@ -142,22 +167,28 @@ def measure(
             event intervals (launch overhead included, host gaps between calls not). CPU:
             ``time.perf_counter`` around each call.
         warmup: untimed calls first (compilation, autotuning, allocator growth); at least one is
-            always made, to estimate the time of a call.
+            always made: it gives ``first_call_ms`` and the estimate of a call's time.
         reps: exact number of timed calls; None: as many as fit in ``min_time`` seconds
             (estimated from the last warm-up call), at least ``MIN_REPS``, at most ``max_reps``.
         min_time: seconds of timed calls to aim for when ``reps`` is None.
         clear_l2: on CUDA, overwrite a buffer twice the L2 size before each call (outside the
             events) so no call finds its inputs in the cache left by the previous one.
+        energy_time: on CUDA with NVML, after the timed calls, seconds of back-to-back calls over
+            which :func:`measure_energy` reads the energy counter (0: none).
     """
     device = torch.device(device)
     if reps is not None and reps < 1:
         raise ValueError(f"reps must be at least 1, got {reps}")
-    last = 0.0
-    for _ in range(max(warmup, 1)):
+    if energy_time < 0:
+        raise ValueError(f"energy_time must be non-negative, got {energy_time}")
+    first = last = 0.0
+    for i in range(max(warmup, 1)):
         start = time.perf_counter()
         fn()
         _synchronize(device)
         last = time.perf_counter() - start
+        if i == 0:
+            first = last
     if reps is None:
         reps = int(min(max_reps, max(MIN_REPS, min_time / max(last, 1e-6))))
 
@@ -167,7 +198,7 @@ def measure(
             start = time.perf_counter()
             fn()
             times.append((time.perf_counter() - start) * 1e3)
-        return Timing.from_samples(times)
+        return Timing.from_samples(times, first_call_ms=first * 1e3)
 
     scratch = None
     if clear_l2:
@@ -175,9 +206,7 @@ def measure(
         scratch = torch.empty(2 * l2_bytes, dtype=torch.int8, device=device)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    nvml = Nvml.open(device)
     torch.cuda.synchronize(device)
-    energy_start, wall_start = (nvml.energy_mj() if nvml else None), time.perf_counter()
     for i in range(reps):
         if scratch is not None:
             scratch.zero_()
@@ -185,13 +214,49 @@ def measure(
         fn()
         ends[i].record()
     torch.cuda.synchronize(device)
-    wall = time.perf_counter() - wall_start
+    del scratch
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
     telemetry = {}
-    energy_end = nvml.energy_mj() if nvml else None
-    if energy_start is not None and energy_end is not None:
-        joules = (energy_end - energy_start) / 1e3
-        telemetry = {"joules": joules / reps, "power_w": joules / wall, "sm_clock_mhz": nvml.sm_clock_mhz()}
-    return Timing.from_samples([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)], **telemetry)
+    energy = measure_energy(fn, device=device, seconds=energy_time, call_ms=sorted(times)[len(times) // 2])
+    if energy is not None:
+        telemetry = {"joules": energy.joules, "power_w": energy.power_w, "sm_clock_mhz": energy.sm_clock_mhz}
+    return Timing.from_samples(times, first_call_ms=first * 1e3, **telemetry)
+
+
+def measure_energy(fn: Callable[[], object], *, device: torch.device | str, seconds: float = 1.0,
+                   call_ms: float | None = None) -> Energy | None:
+    """Energy per call of ``fn()`` from NVML's counter, over at least ``seconds`` of back-to-back calls.
+
+    The calls are queued without L2 flushes or host synchronisation between them, so the window
+    holds the calls alone; NVML's counter ticks in mJ and updates every few ms, so the loop runs
+    at least ``seconds`` (1 s by default) for a reading within a few percent. ``call_ms`` (a
+    call's time) sizes the loop; without it one call is timed first. None on a CPU, without NVML,
+    or with ``seconds`` = 0.
+    """
+    device = torch.device(device)
+    nvml = Nvml.open(device)
+    if nvml is None or seconds <= 0 or nvml.energy_mj() is None:
+        return None
+    if call_ms is None:
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        call_ms = (time.perf_counter() - start) * 1e3
+    calls = max(1, math.ceil(seconds * 1e3 / max(call_ms, 1e-3)))
+    done, wall = 0, 0.0
+    _synchronize(device)
+    energy_start, wall_start = nvml.energy_mj(), time.perf_counter()
+    while wall < seconds:  # the estimate can be short: queue more until the window is long enough
+        for _ in range(calls):
+            fn()
+        done += calls
+        _synchronize(device)
+        wall = time.perf_counter() - wall_start
+    energy_end = nvml.energy_mj()
+    if energy_start is None or energy_end is None:
+        return None
+    joules = (energy_end - energy_start) / 1e3
+    return Energy(joules / done, joules / wall, nvml.sm_clock_mhz(), done, wall)
 
 
 # -- memory ------------------------------------------------------------------------------
@@ -289,7 +354,7 @@ class MatmulPeak:
     tflops: float
     dtype: str
     n: int
-    p50_ms: float
+    ms_p50: float
 
 
 def matmul_peak(
@@ -309,8 +374,9 @@ def matmul_peak(
     gen = torch.Generator(device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)  # [n, n]
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)  # [n, n]
-    timing = measure(lambda: torch.matmul(a, b), device=device, warmup=2, min_time=min_time, clear_l2=False)
-    return MatmulPeak(2.0 * n**3 / (timing.p50_ms * 1e-3) / 1e12, dtype_name(dtype), n, timing.p50_ms)
+    timing = measure(lambda: torch.matmul(a, b), device=device, warmup=2, min_time=min_time, clear_l2=False,
+                     energy_time=0)
+    return MatmulPeak(2.0 * n**3 / (timing.ms_p50 * 1e-3) / 1e12, dtype_name(dtype), n, timing.ms_p50)
 
 
 # -- environment -------------------------------------------------------------------------
@@ -456,6 +522,19 @@ def environment(device: torch.device | str) -> dict:
     return env
 
 
+def command_line(program: str, argv: Sequence[str]) -> str:
+    """The command that reproduces a run: ``program`` then the arguments, quoted for a shell."""
+    return " ".join([program, *map(shlex.quote, argv)])
+
+
+def machine_summary(env: dict) -> str:
+    """One line for a report: device, CPUs, versions and git state of an :func:`environment` record."""
+    gpu = env["device_name"] if env["device"] == "cuda" else "no GPU"
+    dirty = " (modified)" if env.get("git_dirty") else ""
+    return (f"{env['cpu_model']}, {env['cpu_count']} CPUs, {gpu}; Python {env['python']}, torch {env['torch']}, "
+            f"triton {env['triton']}; git {str(env['git_sha'])[:12]}{dirty}; {env['date']}")
+
+
 # -- rows and result files ---------------------------------------------------------------
 ROW_CONTEXT_KEYS = ("device", "device_name", "torch", "triton", "python", "git_sha", "git_dirty")
 
@@ -482,18 +561,18 @@ class BenchRun:
     command: str
     key_fields: tuple[str, ...]
     rows: list[dict] = field(default_factory=list)
-    metric: str = "p50_ms"
+    metric: str = "ms_p50"
 
     @classmethod
     def start(
         cls, bench: str, device: torch.device | str, *, key_fields: Sequence[str], argv: Sequence[str],
         peak_dtype: torch.dtype | None = None, peak_size: int | None = None, program: str | None = None,
-        metric: str = "p50_ms",
+        metric: str = "ms_p50",
     ) -> BenchRun:
         """Record the environment and measure the matmul peak; ``program`` is how the command
         line starts (default ``python -m bench.<bench>``)."""
         device = torch.device(device)
-        command = " ".join([program or f"python -m bench.{bench}", *map(shlex.quote, argv)])
+        command = command_line(program or f"python -m bench.{bench}", argv)
         return cls(bench, device, environment(device), matmul_peak(device, peak_dtype, peak_size), command,
                    tuple(key_fields), metric=metric)
 
@@ -505,7 +584,7 @@ class BenchRun:
 
     def throughput(self, flops: float, timing: Timing) -> dict:
         """TFLOP/s at the median time and its fraction of this run's matmul peak."""
-        tflops = flops / (timing.p50_ms * 1e-3) / 1e12
+        tflops = flops / (timing.ms_p50 * 1e-3) / 1e12
         return {"tflops": tflops, "peak_frac": tflops / self.peak.tflops}
 
     def metadata(self) -> dict:
@@ -532,6 +611,99 @@ def record_error(row: dict, exc: BaseException, label: str) -> None:
     message = str(exc).splitlines()[0] if str(exc) else ""
     row.update(status="error", reason=f"{type(exc).__name__}: {message}")
     print(f"  {label}: {row['reason']}", file=sys.stderr)
+
+
+# -- timing rows: one call per row, rounds interleaved -----------------------------------
+def timing_kwargs(args: argparse.Namespace) -> dict:
+    """The :func:`measure` settings of :func:`add_common_args`' flags."""
+    return {"warmup": args.warmup, "reps": args.reps, "min_time": args.min_time, "energy_time": args.energy_time}
+
+
+def time_row(run: BenchRun, row: dict, call: Callable[[], object], args: argparse.Namespace, *, first: bool,
+             label: str, before: Callable[[], None] | None = None) -> Timing | None:
+    """Time ``call`` for one row; in the first round also its peak memory (``peak_mb``, ``peak_total_mb``).
+
+    ``before`` runs first in the first round (e.g. a first step whose loss the row keeps). An
+    exception marks the row an error (:func:`record_error`) and returns None: a broken backend must
+    not end the run.
+    """
+    try:
+        if first and before is not None:
+            before()
+        timing = measure(call, device=run.device, **timing_kwargs(args))
+        memory = measure_peak_memory(call, device=run.device) if first else None
+    except Exception as exc:
+        record_error(row, exc, label)
+        return None
+    finally:
+        if run.device.type == "cuda":
+            torch.cuda.empty_cache()
+    if memory is not None:
+        row.update(peak_mb=memory.peak_mb, peak_total_mb=memory.peak_total_mb)
+    return timing
+
+
+@dataclass
+class Measurement:
+    """One row of a run and how to time it.
+
+    Attributes:
+        row: the row in ``BenchRun.rows``; only rows with ``status == "ok"`` are timed.
+        time: ``time(first_round)`` → a :class:`Timing`, or None when it failed (the row marked).
+        label: how the progress line names the row.
+    """
+
+    row: dict
+    time: Callable[[bool], Timing | None]
+    label: str
+
+
+def run_rounds(run: BenchRun, measurements: Sequence[Measurement], *, rounds: int, out: Path | str,
+               fill: Callable[[dict, Timing], None] | None = None,
+               derive: Callable[[Sequence[dict]], None] | None = None) -> None:
+    """Time every measurement ``rounds`` times, interleaved, and keep the rows up to date.
+
+    Each round measures every row once, in the given order, so on a shared machine every row sees
+    the same conditions. After each measurement the row gets the merged timing of its rounds so
+    far (``fill(row, timing)``; default: :meth:`Timing.as_row`), ``derive(run.rows)`` recomputes
+    what rows derive from each other (speedups), a progress line is printed, and the run is saved
+    to ``out``: a run cut short keeps what it measured.
+    """
+    done: list[list[Timing]] = [[] for _ in measurements]
+    for round_ in range(rounds):
+        for m, timings in zip(measurements, done, strict=True):
+            if m.row.get("status", "ok") != "ok":
+                continue
+            timing = m.time(round_ == 0)
+            if timing is None:
+                continue
+            timings.append(timing)
+            merged = Timing.merge(timings)
+            if fill is None:
+                m.row.update(merged.as_row())
+            else:
+                fill(m.row, merged)
+            if derive is not None:
+                derive(run.rows)
+            compiled = (f"  first call {format_value(timing.first_call_ms)} ms"
+                        if round_ == 0 and timing.first_call_ms is not None else "")
+            print(f"  {m.label:<36} p50 {format_value(timing.ms_p50):>8} ms{compiled}"
+                  + (f"  (round {round_ + 1} of {rounds})" if rounds > 1 else ""), flush=True)
+            run.save(out)
+
+
+def add_speedups(rows: Sequence[dict], field: str, baselines: Sequence[str], same: Sequence[str]) -> None:
+    """Set ``speedup_vs_<baseline>`` = the baseline row's ``ms_p50`` / this row's, on every timed row.
+
+    The baseline row of a row is the one whose ``field`` is ``baseline`` and that agrees with it on
+    every field of ``same`` (preset, shape, dtype ...); None where there is none.
+    """
+    timed = [r for r in rows if r.get("status", "ok") == "ok" and r.get("ms_p50") is not None]
+    for baseline in baselines:
+        ref = {tuple(r.get(k) for k in same): r["ms_p50"] for r in timed if r.get(field) == baseline}
+        for row in timed:
+            key = tuple(row.get(k) for k in same)
+            row[f"speedup_vs_{baseline}"] = ref[key] / row["ms_p50"] if key in ref else None
 
 
 def write_results(rows: Sequence[dict], stem: Path | str, metadata: dict) -> tuple[Path, Path]:
@@ -611,13 +783,13 @@ def compare(
     Rows match on ``key_fields`` (default: the new file's ``metadata["key_fields"]``, else the
     old file's). Only rows with a number for ``metric`` in both files are compared; rows found in
     one file only are listed. ``metric`` is a time (lower is better; default: the files'
-    ``metadata["metric"]``, else ``p50_ms``): a row regresses when ``new > old * (1 + threshold)``.
+    ``metadata["metric"]``, else ``ms_p50``): a row regresses when ``new > old * (1 + threshold)``.
     Returns 0 when nothing regressed, 1 otherwise.
     """
     out = file or sys.stdout
     old_meta, old_rows = read_results(old_json)
     new_meta, new_rows = read_results(new_json)
-    metric = metric or new_meta.get("metric") or old_meta.get("metric") or "p50_ms"
+    metric = metric or new_meta.get("metric") or old_meta.get("metric") or "ms_p50"
     keys = tuple(key_fields or new_meta.get("key_fields") or old_meta.get("key_fields") or ())
     if not keys:
         raise ValueError("key_fields: neither file names its key fields; pass key_fields=")
@@ -705,6 +877,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-time", type=float, default=1.0,
                         help="seconds of timed calls per measurement when --reps is not given (default 1.0)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each measurement (default 3)")
+    parser.add_argument("--energy-time", type=float, default=1.0,
+                        help="seconds of back-to-back calls over which NVML's energy is read, on a GPU, after each "
+                             "measurement (0: none; default 1.0)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the sweep N times, interleaving the measurements, and pool each row's samples "
                              "(steadier ratios on a shared machine; default 1)")
@@ -730,6 +905,8 @@ def apply_common_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--min-time must be positive, got {args.min_time}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be non-negative, got {args.warmup}")
+    if args.energy_time < 0:
+        raise ValueError(f"--energy-time must be non-negative, got {args.energy_time}")
     if args.peak_size is not None and args.peak_size < 16:
         raise ValueError(f"--peak-size must be at least 16, got {args.peak_size}")
     if args.threshold < 0:
@@ -750,7 +927,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_compare.add_argument("new", help="later result JSON")
     p_compare.add_argument("--threshold", type=float, default=0.05, help="relative slowdown that fails (0.05)")
     p_compare.add_argument("--metric", default=None,
-                           help="row field to compare, lower is better (default: the files' own, else p50_ms)")
+                           help="row field to compare, lower is better (default: the files' own, else ms_p50)")
     p_show = sub.add_parser("show", help="print the rows of a result file as a table")
     p_show.add_argument("file", help="result JSON")
     p_show.add_argument("--columns", default=None, help="comma-separated row fields (default: all)")

@@ -46,7 +46,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: `bench` is not installed
+if not __package__:  # run as `python bench/train_speed.py`: find the `bench` package by this file's place
+    import _package  # noqa: F401
 
 import torch
 from torch import nn
@@ -54,19 +55,21 @@ from torch import nn
 from bench.harness import (
     RESULTS_DIR,
     BenchRun,
+    Measurement,
     Timing,
     add_common_args,
+    add_speedups,
     apply_common_args,
     compare,
     device_label,
     dtype_name,
     format_value,
-    measure,
-    measure_peak_memory,
     parse_list,
     print_table,
     record_error,
     resolve_device,
+    run_rounds,
+    time_row,
 )
 from crossmae.config import PRESETS, Config, preset_config
 from crossmae.data.collate import MaskingCollator, PackedBatch
@@ -205,41 +208,36 @@ def plan_preset(run: BenchRun, preset: str, variants: Sequence[str], backend: st
     return cases
 
 
-def time_case(run: BenchRun, case: TrainCase, args: argparse.Namespace, *, first: bool) -> Timing | None:
-    """Time one variant's training step; in the first round also its first loss and peak memory."""
+def measurement(run: BenchRun, case: TrainCase, args: argparse.Namespace) -> Measurement:
+    """How :func:`bench.harness.run_rounds` times one variant's training step (first loss and peak memory
+    in the first round)."""
     row, trainer, batch = case.row, case.trainer, case.batch
 
     def step():
         return trainer.train_step(batch)
 
-    try:
-        if first:
-            row["loss_first_step"] = step()["loss"]
-        timing = measure(step, device=run.device, warmup=args.warmup, reps=args.reps, min_time=args.min_time)
-        memory = measure_peak_memory(step, device=run.device) if first else None
-    except Exception as exc:  # record it and go on
-        record_error(row, exc, row["variant"])
-        return None
-    if memory is not None:
-        row.update(peak_mb=memory.peak_mb, peak_total_mb=memory.peak_total_mb)
-    return timing
+    def first_loss() -> None:
+        row["loss_first_step"] = step()["loss"]
+
+    def time(first: bool) -> Timing | None:
+        return time_row(run, row, step, args, first=first, label=row["variant"], before=first_loss)
+
+    return Measurement(row, time, f"{row['variant']} {row['preset']}")
 
 
 def fill_timing(run: BenchRun, row: dict, timing: Timing) -> None:
-    seconds = timing.p50_ms * 1e-3
+    seconds = timing.ms_p50 * 1e-3
     model_tflops = row["model_gflop"] * 1e9 / seconds / 1e12
-    row.update(reps=timing.reps, ms_p20=timing.p20_ms, ms_p50=timing.p50_ms, ms_p80=timing.p80_ms,
+    row.update(reps=timing.reps, ms_p20=timing.ms_p20, ms_p50=timing.ms_p50, ms_p80=timing.ms_p80,
+               first_call_ms=timing.first_call_ms,
                samples_per_s=row["B"] / seconds, tokens_per_s=row["tokens"] / seconds, model_tflops=model_tflops,
                mfu=model_tflops / run.peak.tflops, joules_per_step=timing.joules, power_w=timing.power_w,
                sm_clock_mhz=timing.sm_clock_mhz)
 
 
-def add_speedups(rows: Sequence[dict]) -> None:
-    timed = [r for r in rows if r["status"] == "ok" and r["ms_p50"] is not None]
-    for baseline in ("seed", "standard_mae"):
-        ref = {r["preset"]: r["ms_p50"] for r in timed if r["variant"] == baseline}
-        for row in timed:
-            row[f"speedup_vs_{baseline}"] = ref[row["preset"]] / row["ms_p50"] if row["preset"] in ref else None
+def add_baseline_speedups(rows: Sequence[dict]) -> None:
+    """``speedup_vs_seed`` and ``speedup_vs_standard_mae`` of every timed row of the same preset."""
+    add_speedups(rows, "variant", ("seed", "standard_mae"), ["preset"])
 
 
 TABLE_COLUMNS = [
@@ -315,20 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if batch is not None:
                 print(f"{preset}: B={batch.batch_size} T={batch.steps} modalities={len(batch.modalities)} "
                       f"tokens={batch.num_tokens}")
-        timings: list[list[Timing]] = [[] for _ in cases]
-        for round_ in range(args.rounds):
-            for case, done in zip(cases, timings, strict=True):
-                if case.row["status"] != "ok":
-                    continue
-                timing = time_case(run, case, args, first=round_ == 0)
-                if timing is None:
-                    continue
-                done.append(timing)
-                fill_timing(run, case.row, Timing.merge(done))
-                add_speedups(run.rows)
-                print(f"  {case.row['variant']:<13} {case.row['preset']:<8} p50 {format_value(timing.p50_ms):>8} ms"
-                      + (f"  (round {round_ + 1} of {args.rounds})" if args.rounds > 1 else ""), flush=True)
-                run.save(out)
+        run_rounds(run, [measurement(run, case, args) for case in cases], rounds=args.rounds, out=out,
+                   fill=lambda row, timing: fill_timing(run, row, timing), derive=add_baseline_speedups)
     json_path, csv_path = run.save(out)
     print_results(run)
     print(f"\nwrote {json_path} and {csv_path}")

@@ -63,15 +63,37 @@ class GridSource:
     Attributes:
         name: the modality's name (``pre``, ``tavg`` ...).
         format: ``netcdf`` or ``zarr``.
-        path: the file (a Zarr store: its folder); ``{basin}`` is replaced by the basin id.
+        path: the file (a Zarr store: its folder), a glob matching several (``era5/tp_*.nc``) or a list of
+            either: one series along time, split over files (by year, say); ``{basin}`` is replaced by the
+            basin id. Files that overlap in time are an error; a gap between two is logged, recorded with
+            the run's statistics, and its days are missing.
         variables: the variables read as channels, each with dims (time, y, x) in some order;
             empty = ``[name]``.
-        time_dim: the time dimension (its coordinate must decode to dates; days are what count).
-        mask_path: file holding the basin mask (``{basin}`` allowed); empty = ``path``.
-        mask_variable: the mask variable: cells that are finite and non-zero lie inside the basin; its
-            spatial shape must match the grid (extra length-1 dims such as time are dropped). Empty: no
-            mask, every cell of the grid is inside.
+        time_dim: the time dimension: CF times in a standard, ``noleap``/``365_day``,
+            ``all_leap``/``366_day`` or ``360_day`` calendar (``noleap``: 29 February is a missing day;
+            ``all_leap``: 29 February of other years is dropped), at daily or sub-daily steps.
+        calendar_360: how a ``360_day`` calendar maps to real days: ``refuse`` (an error), ``rescale_year``
+            (day k of the model year becomes day floor((k + 0.5) * N / 360) of the real year of N days;
+            5 or 6 real days a year are missing) or ``keep_date`` (month and day kept; every 31st is
+            missing, 30 February is dropped).
+        aggregate: how sub-daily steps (hourly, 3-hourly …) become days: ``sum``, ``mean``, ``min`` or
+            ``max``, for every variable, or a mapping per variable (``{tp: sum, t2m: mean}``).
+        day_start_hour: hours after 00:00 UTC at which a day of sub-daily steps starts; a step stamped t
+            belongs to the day of t - day_start_hour (``1`` for steps stamped at the end of their hour).
+        max_missing_steps: steps a cell may lack in a day (absent or missing) and still get a value that
+            day (``sum``: the mean of the present steps times the steps per day); more, and it is missing.
+        units_to: the unit to convert to from each variable's CF ``units`` attribute, for every variable or
+            per variable (``{tp: mm/day, t2m: degC}``); empty = as stored.
+        mask_path: file holding the basin mask (``{basin}`` allowed); empty = the first file of ``path``.
+        mask_variable: the mask variable: cells that are finite and non-zero lie inside the basin. With 1-D
+            coordinates on both, each grid cell takes the nearest mask cell within ``coord_tolerance``
+            (latitude in either order, longitudes modulo 360); else its spatial shape must match the grid
+            (extra length-1 dims such as time are dropped). Empty: no mask, every cell is inside.
         crop: ``[y0, y1, x0, x1]`` cell index ranges (half-open, in file order) to keep; empty = all.
+        crop_bounds: ``[lat_min, lat_max, lon_min, lon_max]`` (the coordinate values of the y and x dims)
+            of the cells to keep, inclusive; instead of ``crop``.
+        coord_tolerance: largest coordinate difference, in cells, at which two files or a file and its
+            mask count as the same grid.
         missing_values: values that mean "missing" besides NaN and the file's ``_FillValue``.
         transform: ``none`` or ``log1p`` (applied before standardisation) for every variable.
         transforms: per-variable overrides of ``transform``, e.g. ``{pre: log1p}``.
@@ -79,15 +101,29 @@ class GridSource:
 
     name: str = ""
     format: str = "netcdf"
-    path: str = ""
+    path: str | list[str] = ""
     variables: list[str] = field(default_factory=list)
     time_dim: str = "time"
+    calendar_360: str = "refuse"
+    aggregate: str | dict[str, str] = ""
+    day_start_hour: float = 0.0
+    max_missing_steps: int = 0
+    units_to: str | dict[str, str] = ""
     mask_path: str = ""
     mask_variable: str = ""
     crop: list[int] = field(default_factory=list)
+    crop_bounds: list[float] = field(default_factory=list)
+    coord_tolerance: float = 0.01
     missing_values: list[float] = field(default_factory=lambda: [-9999.0, -999.0])
     transform: str = "none"
     transforms: dict[str, str] = field(default_factory=dict)
+
+    def per_variable(self, setting: str) -> dict[str, str]:
+        """``aggregate`` or ``units_to`` as a mapping variable → value (a single value applies to all)."""
+        value = getattr(self, setting)
+        if isinstance(value, dict):
+            return dict(value)
+        return {v: value for v in self.variables or [self.name]} if value else {}
 
 
 @dataclass
@@ -598,6 +634,7 @@ def _validate_files(f: FilesConfig) -> None:
                 need(len(src.crop) in (0, 4) and (not src.crop or (0 <= src.crop[0] < src.crop[1]
                                                                    and 0 <= src.crop[2] < src.crop[3])),
                      f"{key}.crop must be [y0, y1, x0, x1] with 0 <= y0 < y1 and 0 <= x0 < x1, got {src.crop}")
+                _validate_grid_reading(key, src, variables)
             elif src.format in ("camels_forcing", "csv"):
                 need(bool(src.columns), f"{key}.columns must name the value columns of its {src.format} files")
             elif src.format in ("camels_streamflow", "mhm_gauge"):
@@ -629,6 +666,35 @@ def _validate_files(f: FilesConfig) -> None:
         need(bool(sp.val), "data.files.split.val must list the validation basins when split.by is 'basin'")
         overlap = set(sp.train) & set(sp.val) | set(sp.train) & set(sp.test) | set(sp.val) & set(sp.test)
         need(not overlap, f"data.files.split: basins {sorted(overlap)} are in more than one split")
+
+
+def _validate_grid_reading(key: str, src: GridSource, variables: list[str]) -> None:
+    """The checks of a grid source's paths, calendar, sub-daily, units and coordinate settings."""
+    from crossmae.data.readers import AGGREGATES, CALENDAR_360_RULES
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    paths = [src.path] if isinstance(src.path, str) else src.path
+    need(all(paths), f"{key}.path must name files, got {src.path!r}")
+    need(src.calendar_360 in CALENDAR_360_RULES, f"{key}.calendar_360 must be one of {list(CALENDAR_360_RULES)}, "
+         f"got {src.calendar_360!r}")
+    for setting in ("aggregate", "units_to"):
+        for var, value in src.per_variable(setting).items():
+            need(var in variables, f"{key}.{setting} names {var!r}, which is not one of its variables {variables}")
+            need(bool(value), f"{key}.{setting}.{var} is empty")
+    for var, how in src.per_variable("aggregate").items():
+        need(how in AGGREGATES, f"{key}.aggregate ({var}) must be one of {list(AGGREGATES)}, got {how!r}")
+    need(-24.0 < src.day_start_hour < 24.0, f"{key}.day_start_hour must be in (-24, 24) hours, got "
+         f"{src.day_start_hour}")
+    need(src.max_missing_steps >= 0, f"{key}.max_missing_steps must be non-negative, got {src.max_missing_steps}")
+    need(0.0 <= src.coord_tolerance <= 0.5, f"{key}.coord_tolerance must be in [0, 0.5] cells, got "
+         f"{src.coord_tolerance}")
+    need(not (src.crop and src.crop_bounds), f"{key}: set crop (cell indices) or crop_bounds (coordinates), not both")
+    b = src.crop_bounds
+    need(len(b) in (0, 4) and (not b or b[0] <= b[1]),
+         f"{key}.crop_bounds must be [lat_min, lat_max, lon_min, lon_max] with lat_min <= lat_max, got {b}")
 
 
 def config_to_dict(config: Config) -> dict:

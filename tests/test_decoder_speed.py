@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `bench` is not installed: import it from the repo
+from bench import decoder_speed
+from crossmae.ops import BACKENDS
 
-from bench import decoder_speed  # noqa: E402
-from crossmae.ops import BACKENDS  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--preset", "cpu", "--batch", "2", "--steps", "1", "--reps", "2", "--warmup", "1", "--peak-size", "64",
         "--threads", "1"]

@@ -50,7 +50,8 @@ from torch.utils.data import Dataset
 from crossmae.config import DataConfig, FilesConfig, GridSource, SeriesSource
 from crossmae.data.readers import (
     DataFileError,
-    GridFile,
+    GridOptions,
+    GridReader,
     SeriesTable,
     day_to_iso,
     iso_to_day,
@@ -60,6 +61,7 @@ from crossmae.data.readers import (
     read_camels_streamflow,
     read_csv_series,
     read_mhm_gauge,
+    resolve_grid_paths,
     resolve_path,
 )
 from crossmae.data.sample import DatasetSpec, ModalitySpec, Sample, window_key
@@ -120,7 +122,7 @@ class FilesDataset(Dataset):
 
         self.channel_names: dict[str, list[str]] = {}
         self.flow_modalities = [s.name for s in files.series if s.flow]
-        self._grids: dict[str, list[GridFile]] = {}
+        self._grids: dict[str, list[GridReader]] = {}
         self._masks: dict[str, list[np.ndarray]] = {}
         self._grid_shape: dict[str, tuple[int, int]] = {}
         coverage: list[list[tuple[int, int, str]]] = [[] for _ in self.basins]  # (first, last, path)
@@ -194,22 +196,28 @@ class FilesDataset(Dataset):
     def _load_grid(self, index: int, src: GridSource, coverage) -> None:
         what = f"data.files.grids[{index}] {src.name!r}"
         variables = src.variables or [src.name]
-        crop = tuple(src.crop) if src.crop else None
-        shared: dict[str, GridFile] = {}
+        options = GridOptions(
+            variables=list(variables), time_dim=src.time_dim, crop=tuple(src.crop) if src.crop else None,
+            crop_bounds=tuple(src.crop_bounds) if src.crop_bounds else None, markers=list(src.missing_values),
+            units_to=src.per_variable("units_to"), aggregate=src.per_variable("aggregate"),
+            day_start_hour=src.day_start_hour, max_missing_steps=src.max_missing_steps,
+            calendar_360=src.calendar_360, coord_tolerance=src.coord_tolerance)
+        templates = [src.path] if isinstance(src.path, str) else src.path
+        shared: dict[tuple[str, ...], GridReader] = {}
         files, masks = [], []
         for b, basin in enumerate(self.basins):
-            path = resolve_path(self._path(src.path, basin), what)
-            if path not in shared:
-                shared[path] = GridFile(path, src.format, variables, src.time_dim, crop, src.missing_values, what)
-            grid = shared[path]
+            paths = tuple(resolve_grid_paths([self._path(t, basin) for t in templates], what))
+            if paths not in shared:
+                shared[paths] = GridReader(list(paths), src.format, options, what)
+            grid = shared[paths]
             if src.mask_variable:
-                mask_path = resolve_path(self._path(src.mask_path, basin), what) if src.mask_path else path
+                mask_path = resolve_path(self._path(src.mask_path, basin), what) if src.mask_path else grid.paths[0]
                 mask = read_basin_mask(mask_path, src.format, src.mask_variable, grid, what)
             else:
                 mask = np.ones(grid.shape, dtype=bool)
             files.append(grid)
             masks.append(mask)
-            coverage[b].append((int(grid.days[0]), int(grid.days[-1]), path))
+            coverage[b].append((int(grid.days[0]), int(grid.days[-1]), grid.path))
         height = max(g.shape[0] for g in files)
         width = max(g.shape[1] for g in files)
         padded = []
@@ -325,14 +333,16 @@ class FilesDataset(Dataset):
             for b, (d0, d1) in ranges.items():
                 grid, inside = self._grids[src.name][b], self._masks[src.name][b]
                 h, w = grid.shape
-                for block in range(d0, d1 + 1, STATS_BLOCK_DAYS):
-                    x = grid.read(block, min(block + STATS_BLOCK_DAYS, d1 + 1))  # [L, C, h, w]
+                block_days = min(STATS_BLOCK_DAYS, grid.block_days)
+                for block in range(d0, d1 + 1, block_days):
+                    x = grid.read(block, min(block + block_days, d1 + 1))  # [L, C, h, w]
                     for c, tr in enumerate(transforms):
                         v = _transform(x[:, c][:, inside[:h, :w]].astype(np.float64), tr)  # [L, cells]
                         v = v[np.isfinite(v)]
                         sums[:, c] += (v.size, v.sum(), (v * v).sum())
             stats["modalities"][src.name] = self._channel_stats(f"data.files.grids[{i}] {src.name!r}", src.name,
                                                                 "grid", transforms, sums, ranges)
+            stats["modalities"][src.name]["reading"] = self._reading_facts(src.name)
         for i, src in enumerate(files.series):
             transforms = self._transforms(src.name, src)
             sums = np.zeros((3, len(transforms)))
@@ -347,6 +357,13 @@ class FilesDataset(Dataset):
                                                                 "series", transforms, sums, ranges)
         stats["static"] = self._static_stats(files, static_raw, train_basins)
         return stats
+
+    def _reading_facts(self, name: str) -> dict:
+        """What reading did to a grid modality's files (calendar and its rule, steps a day and their aggregate,
+        units, gaps between files): one record when every basin's files agree, else one per basin."""
+        facts = {self.basins[b]: grid.facts() for b, grid in enumerate(self._grids[name])}
+        first = next(iter(facts.values()))
+        return first if all(f == first for f in facts.values()) else facts
 
     def _channel_stats(self, what: str, name: str, kind: str, transforms: list[str], sums: np.ndarray,
                        ranges) -> dict:

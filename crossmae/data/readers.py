@@ -6,11 +6,15 @@ or ``FileNotFoundError`` with a message naming the file, the variable or column,
 
 File formats
     NetCDF / Zarr grid (``netcdf``, ``zarr``), read lazily through xarray (NetCDF by whichever engine is
-        installed: h5netcdf for NetCDF-4/HDF5 files). Each variable has dims ``(time, y, x)`` in any order;
-        the time coordinate decodes to dates (only the day counts; gaps in time are missing days); values
-        equal to ``_FillValue`` or a configured marker are missing. The basin mask is a variable of the same
-        file or of its own file: cells that are finite and non-zero are inside (mHM: 1 inside, NaN outside);
-        length-1 dims (e.g. ``time``) are dropped and its remaining 2-D shape must be the grid's.
+        installed: h5netcdf for NetCDF-4/HDF5 files), one file or a series split over many (by year, say):
+        :class:`GridReader`. Each variable has dims ``(time, y, x)`` in any order; the time coordinate holds
+        CF times in a standard or model calendar (``noleap``, ``all_leap``, ``360_day``: :func:`calendar_rule`)
+        at daily steps (gaps are missing days) or sub-daily steps (aggregated to days); values equal to
+        ``_FillValue`` or a configured marker are missing; CF ``units`` convert on request
+        (:func:`unit_conversion`). The basin mask is a variable of the same file or of its own file: cells
+        that are finite and non-zero are inside (mHM: 1 inside, NaN outside); length-1 dims (e.g. ``time``)
+        are dropped; it is matched to the grid by coordinates when both have them, else by shape
+        (:func:`read_basin_mask`).
     CAMELS-US basin-mean forcing (``camels_forcing``): three header lines (latitude, elevation, area in m²),
         then a whitespace table whose header is ``Year Mnth Day Hr dayl(s) prcp(mm/day) srad(W/m2) swe(mm)
         tmax(C) tmin(C) vp(Pa)`` (case varies between data sets; columns match case-insensitively, with or
@@ -32,14 +36,14 @@ import difflib
 import glob
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 EPOCH = np.datetime64("1970-01-01", "D")
-CACHE_BYTES = 256 * 2**20  # a grid variable up to this size (per basin, after the crop) is loaded whole
+CACHE_BYTES = 256 * 2**20  # a grid record up to this size (days, per basin, after the crop) is read once and kept
 
 
 class DataFileError(ValueError):
@@ -299,126 +303,617 @@ def read_attribute_tables(paths: list[str], id_column: str, delimiter: str, colu
 
 
 # -- grids --------------------------------------------------------------------------------------------------
+STANDARD_CALENDARS = ("standard", "gregorian", "proleptic_gregorian")
+NOLEAP_CALENDARS = ("noleap", "365_day")
+ALL_LEAP_CALENDARS = ("all_leap", "366_day")
+CALENDARS = (*STANDARD_CALENDARS, *NOLEAP_CALENDARS, *ALL_LEAP_CALENDARS, "360_day")
+CALENDAR_360_RULES = ("refuse", "rescale_year", "keep_date")
+AGGREGATES = ("sum", "mean", "min", "max")
+READ_BLOCK_BYTES = 64 * 2**20  # raw steps read at once (float64, after the crop), whatever the window or block
+
+
 def _open_xarray(path: str, fmt: str, what: str):
+    """``path`` opened lazily (no array is read), times left as numbers: :func:`decode_time` decodes them."""
     import xarray as xr
 
     try:
         if fmt == "zarr":
-            return xr.open_dataset(path, engine="zarr", chunks=None)
-        return xr.open_dataset(path, chunks=None)
+            return xr.open_dataset(path, engine="zarr", chunks=None, decode_times=False)
+        return xr.open_dataset(path, chunks=None, decode_times=False)
     except (OSError, ValueError, TypeError) as exc:
         raise DataFileError(f"{what}: can't open {path!r} as {fmt}: {exc}") from None
 
 
-class GridFile:
-    """One grid source of one basin, opened on first use in each process (the handle is not pickled).
+def resolve_grid_paths(path: str | list[str], what: str) -> list[str]:
+    """The files of a grid source: ``path`` (one file, or a glob matching one or more, sorted) or a list of
+    such; FileNotFoundError naming the pattern that matches nothing."""
+    paths = []
+    for pattern in [path] if isinstance(path, str) else path:
+        if any(c in pattern for c in "*?["):
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise FileNotFoundError(f"{what}: the pattern {pattern!r} matches no file")
+            paths += matches
+        elif not os.path.exists(pattern):
+            raise FileNotFoundError(f"{what}: file {pattern!r} does not exist")
+        else:
+            paths.append(pattern)
+    repeated = sorted({p for p in paths if paths.count(p) > 1})
+    if repeated:
+        raise DataFileError(f"{what}: {repeated} listed more than once; expected each file once")
+    return paths
 
-    Args:
-        path: the NetCDF file or Zarr store.
-        fmt: ``netcdf`` or ``zarr``.
-        variables: the variables read as channels (same dims and shape).
-        time_dim: the time dimension.
-        crop: ``(y0, y1, x0, x1)`` or None.
-        markers: missing-value markers besides NaN and ``_FillValue``.
-        what: how messages name this source (``data.files.grids[0] 'pre'``).
 
-    Attributes set by :meth:`describe`: ``days [N]`` int64 of the time coordinate, ``shape`` (H, W) after the
-    crop, ``dims`` (y, x) names and ``full_shape`` before the crop.
+# -- time axes: model calendars, sub-daily steps --
+def _days_from_civil(year: np.ndarray, month: np.ndarray, day: np.ndarray) -> np.ndarray:
+    """Proleptic Gregorian (year, month, day) → days since 1970-01-01 (int64), without validating the day."""
+    y = year - (month <= 2)
+    era = np.floor_divide(y, 400)
+    yoe = y - era * 400
+    mp = (month + 9) % 12
+    doy = (153 * mp + 2) // 5 + day - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def _is_leap(year: np.ndarray) -> np.ndarray:
+    return (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+
+
+def _month_length(year: np.ndarray, month: np.ndarray) -> np.ndarray:
+    lengths = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])
+    return lengths[month - 1] + ((month == 2) & _is_leap(year))
+
+
+def calendar_rule(calendar: str, rule_360: str) -> str:
+    """How dates of ``calendar`` become real (Gregorian) days, in words; recorded with a run's statistics."""
+    if calendar in STANDARD_CALENDARS:
+        return "dates are real dates"
+    if calendar in NOLEAP_CALENDARS:
+        return "model dates are real dates; 29 February of leap years has no field and is a missing day"
+    if calendar in ALL_LEAP_CALENDARS:
+        return "model dates are real dates; 29 February of other years has no real day and is dropped"
+    if rule_360 == "rescale_year":
+        return ("day k (0-based) of a 360-day model year becomes day floor((k + 0.5) * N / 360) of the real year "
+                "of N days: no field is dropped, the 5 (leap years: 6) real days no model day reaches are missing")
+    return ("keep_date: model month and day kept; the 31st of each month is a missing day, 30 February (and 29 "
+            "February of non-leap years) is dropped")
+
+
+@dataclass
+class TimeAxis:
+    """The time steps of one grid file placed on real days.
+
+    Attributes:
+        native: ``[S]`` float64, seconds since 1970-01-01 counted in the file's own calendar (order, steps,
+            gaps and overlaps are judged on it, so 29 February of a ``noleap`` file is no gap).
+        instant: ``[S]`` int64, the real time of each step in seconds since 1970-01-01 (UTC).
+        keep: ``[S]`` bool, False for a model date that has no real day (dropped, never read).
+        labels: ``[S]`` the model dates as ISO text (for messages).
+        calendar: the file's calendar, lower case.
     """
 
-    def __init__(self, path: str, fmt: str, variables: list[str], time_dim: str, crop: tuple[int, int, int, int] | None,
-                 markers: list[float], what: str):
-        self.path, self.fmt, self.variables, self.time_dim = path, fmt, variables, time_dim
-        self.crop, self.markers, self.what = crop, markers, what
-        self._ds = None
+    native: np.ndarray
+    instant: np.ndarray
+    keep: np.ndarray
+    labels: list[str]
+    calendar: str
+
+
+def decode_time(values: np.ndarray, units: str, calendar: str, rule_360: str, path: str, what: str,
+                time_dim: str) -> TimeAxis:
+    """CF time numbers (``units`` like ``hours since 1950-01-01``, any calendar of :data:`CALENDARS`) → a
+    :class:`TimeAxis`; model dates become real dates by :func:`calendar_rule`."""
+    import cftime
+
+    calendar = (calendar or "standard").lower()
+    if calendar not in CALENDARS:
+        raise DataFileError(f"{what}: the {time_dim!r} coordinate of {path!r} uses the calendar {calendar!r}; "
+                            f"expected one of {list(CALENDARS)}")
+    if calendar == "360_day" and rule_360 not in ("rescale_year", "keep_date"):
+        raise DataFileError(f"{what}: {path!r} uses the 360_day calendar (12 months of 30 days), which has no "
+                            "one-to-one map to real days; set calendar_360: rescale_year (" +
+                            calendar_rule("360_day", "rescale_year") + ") or calendar_360: keep_date (" +
+                            calendar_rule("360_day", "keep_date")[len("keep_date: "):] + ")")
+    if not units or " since " not in units:
+        raise DataFileError(f"{what}: the {time_dim!r} coordinate of {path!r} has units {units!r}; expected CF "
+                            "time units such as 'days since 1989-01-01'")
+    try:
+        dates = cftime.num2date(np.asarray(values, dtype=np.float64), units, calendar=calendar,
+                                only_use_cftime_datetimes=True)
+        native = np.asarray(cftime.date2num(dates, "seconds since 1970-01-01", calendar=calendar), dtype=np.float64)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise DataFileError(f"{what}: the {time_dim!r} coordinate of {path!r} does not decode to dates (units "
+                            f"{units!r}, calendar {calendar!r}: {exc}); expected CF time units such as 'days since "
+                            "1989-01-01'") from None
+    dates = np.atleast_1d(dates)
+    native = np.atleast_1d(native)
+    fields = np.array([(d.year, d.month, d.day, d.hour * 3600 + d.minute * 60 + d.second) for d in dates],
+                      dtype=np.int64).reshape(-1, 4)
+    year, month, mday, seconds = fields.T
+    keep = np.ones(len(dates), dtype=bool)
+    if calendar == "360_day" and rule_360 == "rescale_year":
+        k = (month - 1) * 30 + (mday - 1)
+        length = 365 + _is_leap(year)
+        day = _days_from_civil(year, np.ones_like(year), np.ones_like(year)) + ((2 * k + 1) * length) // 720
+    else:
+        keep = mday <= _month_length(year, month)
+        day = _days_from_civil(year, month, mday)
+    labels = [d.isoformat() for d in dates]
+    return TimeAxis(native, (day * 86400 + seconds).astype(np.int64), keep, labels, calendar)
+
+
+# -- units --
+_TEMPERATURES = {
+    "k": ("K", 273.15), "kelvin": ("K", 273.15), "degk": ("K", 273.15), "deg_k": ("K", 273.15),
+    **{name: ("degC", 0.0) for name in ("degc", "°c", "c", "celsius", "deg_c", "degrees_c", "degree_c",
+                                        "degrees_celsius", "degree_celsius", "degreec", "degreesc")},
+}
+# symbol → (length exponent, time exponent, size in mm and days); kg is water: 1 kg m-2 = 1 mm
+_UNIT_SYMBOLS = {
+    "kg": (3, 0, 1e6), "g": (3, 0, 1e3), "m": (1, 0, 1e3), "cm": (1, 0, 10.0), "mm": (1, 0, 1.0),
+    "s": (0, 1, 1 / 86400), "sec": (0, 1, 1 / 86400), "h": (0, 1, 1 / 24), "hr": (0, 1, 1 / 24),
+    "hour": (0, 1, 1 / 24), "d": (0, 1, 1.0), "day": (0, 1, 1.0),
+}
+UNIT_HELP = ("known conversions: water depths per step (m, mm, kg m-2) and rates (kg m-2 s-1, mm/s, mm/h, "
+             "mm/day, m/day) into each other (a depth becomes a daily rate when the day's steps are summed), "
+             "and temperatures K <-> degC")
+
+
+def _parse_water_unit(text: str) -> tuple[int, int, float] | None:
+    """``kg m-2 s-1``, ``mm/day``, ``m`` … → (length exponent, time exponent, size in mm and days); None when
+    the text is not a water depth or rate."""
+    import re
+
+    text = text.strip().lower().replace("**", "").replace("^", "")
+    parts = text.split("/")
+    length, time, size = 0, 0, 1.0
+    for i, part in enumerate(parts):
+        tokens = [t for t in re.split(r"[\s.*]+", part) if t]
+        if not tokens:
+            return None
+        for token in tokens:
+            match = re.fullmatch(r"([a-z]+)(-?\d+)?", token)
+            if match is None or match.group(1) not in _UNIT_SYMBOLS:
+                return None
+            power = int(match.group(2) or 1) * (-1 if i > 0 else 1)
+            dl, dt, s = _UNIT_SYMBOLS[match.group(1)]
+            length, time, size = length + dl * power, time + dt * power, size * s**power
+    return (length, time, size) if (length, time) in ((1, 0), (1, -1)) else None
+
+
+@dataclass
+class UnitConversion:
+    """``converted = raw * scale + offset``, applied to every step before the daily aggregation."""
+
+    scale: float = 1.0
+    offset: float = 0.0
+    text: str = ""
+
+
+def unit_conversion(source: str, target: str, steps_per_day: int, aggregate: str, variable: str, path: str,
+                    what: str) -> UnitConversion:
+    """How variable ``variable`` in ``source`` units becomes ``target`` units; DataFileError naming both units
+    when no conversion is known or the day's aggregation would make it wrong."""
+    if source.strip() == target.strip():
+        return UnitConversion(text=f"{source} (unchanged)")
+    name = f"variable {variable!r} of {path!r}"
+    src_t, dst_t = _TEMPERATURES.get(source.strip().lower()), _TEMPERATURES.get(target.strip().lower())
+    if src_t and dst_t:
+        return UnitConversion(1.0, dst_t[1] - src_t[1] if src_t[0] != dst_t[0] else 0.0, f"{source} -> {target}")
+    src, dst = _parse_water_unit(source), _parse_water_unit(target)
+    if src is None or dst is None or (src_t or dst_t):
+        raise DataFileError(f"{what}: can't convert {name} from {source!r} to {target!r} (units_to); {UNIT_HELP}")
+    subdaily = steps_per_day > 1
+    if src[1] == -1 and dst[1] == 0 and subdaily:
+        raise DataFileError(f"{what}: can't convert {name} from the rate {source!r} to the depth {target!r} with "
+                            f"{steps_per_day} steps a day; expected a rate as target, such as 'mm/day'")
+    if src[1] == 0 and dst[1] == -1 and subdaily and aggregate != "sum":
+        raise DataFileError(f"{what}: {name} is a depth per step ({source!r}); it becomes {target!r} only when the "
+                            f"day's {steps_per_day} steps are summed: expected aggregate 'sum', got {aggregate!r}")
+    if src[1] == -1 and subdaily and aggregate == "sum":
+        raise DataFileError(f"{what}: {name} is a rate ({source!r}); summing its {steps_per_day} steps a day gives "
+                            "no rate: expected aggregate 'mean' (or 'min', 'max')")
+    return UnitConversion(src[2] / dst[2], 0.0, f"{source} -> {target}")
+
+
+# -- coordinates --
+def _is_longitude(coord) -> bool:
+    units = str(coord.attrs.get("units", "")).lower()
+    return (coord.attrs.get("standard_name") == "longitude" or units.startswith(("degrees_east", "degree_east"))
+            or str(coord.name).lower() in ("lon", "longitude", "long", "nav_lon"))
+
+
+def _wrap(delta: np.ndarray) -> np.ndarray:
+    """Longitude differences brought into [-180, 180)."""
+    return (np.asarray(delta) + 180.0) % 360.0 - 180.0
+
+
+def _spacing(coord: np.ndarray) -> float:
+    return float(np.median(np.abs(np.diff(coord)))) if coord.size > 1 else 0.0
+
+
+def _describe_axis(name: str, coord: np.ndarray) -> str:
+    if coord.size == 0:
+        return f"{name}: no cell"
+    return f"{name} {coord[0]:g}..{coord[-1]:g} ({coord.size} cells, spacing {_spacing(coord):g})"
+
+
+def _align_axis(grid: np.ndarray, other: np.ndarray, longitude: bool, tolerance: float) -> np.ndarray | None:
+    """For each grid coordinate the position of the nearest ``other`` coordinate, or None when one is farther
+    than ``tolerance`` cells (longitudes compared modulo 360)."""
+    delta = other[None, :] - grid[:, None]  # [n_grid, n_other]
+    delta = np.abs(_wrap(delta) if longitude else delta)
+    nearest = np.argmin(delta, axis=1)
+    step = _spacing(grid) or _spacing(other)
+    limit = tolerance * step if step else 1e-9
+    if np.any(delta[np.arange(len(grid)), nearest] > limit + 1e-9 * max(1.0, float(np.abs(grid).max()))):
+        return None
+    return nearest
+
+
+@dataclass
+class GridOptions:
+    """How a grid source is read (everything of ``data.files.grids[i]`` but where it is and what it is called).
+
+    Attributes:
+        variables: the variables read as channels (same dims and shape).
+        time_dim: the time dimension.
+        crop: ``(y0, y1, x0, x1)`` cell index ranges, or None.
+        crop_bounds: ``(y_min, y_max, x_min, x_max)`` coordinate values (lat, lon) of the cells to keep, or None.
+        markers: missing-value markers besides NaN and ``_FillValue``.
+        units_to: variable → the unit to convert it to (from its ``units`` attribute).
+        aggregate: variable → ``sum``, ``mean``, ``min`` or ``max`` of a day's sub-daily steps.
+        day_start_hour: hours after 00:00 UTC at which a day of sub-daily steps starts.
+        max_missing_steps: sub-daily steps a cell may lack in a day and still have a value that day.
+        calendar_360: ``refuse``, ``rescale_year`` or ``keep_date`` for files in the 360_day calendar.
+        coord_tolerance: largest coordinate difference, in cells, at which files and masks count as one grid.
+    """
+
+    variables: list[str]
+    time_dim: str = "time"
+    crop: tuple[int, int, int, int] | None = None
+    crop_bounds: tuple[float, float, float, float] | None = None
+    markers: list[float] = field(default_factory=lambda: [-9999.0, -999.0])
+    units_to: dict[str, str] = field(default_factory=dict)
+    aggregate: dict[str, str] = field(default_factory=dict)
+    day_start_hour: float = 0.0
+    max_missing_steps: int = 0
+    calendar_360: str = "refuse"
+    coord_tolerance: float = 0.01
+
+
+class GridReader:
+    """One grid source of one basin: one file or a time series split over many, opened on first use in each
+    process (no handle or array is pickled) and read a window at a time.
+
+    Time: every file's time coordinate is decoded in its own calendar (:func:`decode_time`); files are
+    ordered by their first step, must not overlap, and a gap between two of them is logged and recorded
+    (its days are missing). Daily steps give one field a day (gaps are missing days); sub-daily steps
+    (hourly, 3-hourly …) are reduced to days by each variable's ``aggregate``: a cell of a day holds a value
+    when it lacks at most ``max_missing_steps`` of the day's steps (absent or missing), ``sum`` then being the
+    mean of the present steps times the steps per day; otherwise the cell is missing that day.
+
+    Space: every file must have the same dims, sizes and (within ``coord_tolerance`` cells, longitudes modulo
+    360) coordinates. ``crop`` keeps index ranges, ``crop_bounds`` the cells whose coordinate values lie
+    within the bounds (either order of latitude; longitudes in 0..360 or -180..180 alike).
+
+    Args:
+        paths: the NetCDF files or Zarr stores.
+        fmt: ``netcdf`` or ``zarr``.
+        options: :class:`GridOptions`.
+        what: how messages name this source (``data.files.grids[0] 'pre'``).
+
+    Attributes set at construction: ``days [N]`` int64, the real days with at least one step; ``shape``
+    (H, W) after the crop; ``dims`` (y, x) names; ``full_shape`` before the crop; ``crop`` (index ranges,
+    also when given as bounds); ``coords`` the y and x coordinates before the crop (None where a dim has no
+    1-D coordinate); ``longitude`` whether each is a longitude; ``steps_per_day``; ``calendar``; ``gaps``
+    between files; ``conversions`` per variable.
+    """
+
+    def __init__(self, paths: list[str], fmt: str, options: GridOptions, what: str):
+        self.paths, self.fmt, self.options, self.what = list(paths), fmt, options, what
+        self.path = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more files)"
+        self.variables, self.time_dim, self.markers = options.variables, options.time_dim, options.markers
+        self._open: dict[int, object] = {}
         self._cache: np.ndarray | None = None
         self.describe()
         self.close()
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_ds"] = None
+        state["_open"] = {}
         state["_cache"] = None
         return state
 
     def close(self) -> None:
-        if self._ds is not None:
-            self._ds.close()
-        self._ds, self._cache = None, None
+        for ds in self._open.values():
+            ds.close()
+        self._open, self._cache = {}, None
 
-    def _dataset(self):
-        if self._ds is None:
-            self._ds = _open_xarray(self.path, self.fmt, self.what)
-        return self._ds
+    def _dataset(self, index: int):
+        if index not in self._open:
+            self._open[index] = _open_xarray(self.paths[index], self.fmt, self.what)
+        return self._open[index]
 
-    def describe(self) -> None:
-        """Check the variables and read the time coordinate (fills ``days``, ``shape``, ``dims``)."""
-        ds = self._dataset()
+    # -- construction --
+    def _check_variables(self, ds, path: str) -> tuple[str, str]:
         dims = None
         for name in self.variables:
             if name not in ds.variables:
-                raise DataFileError(f"{self.what}: variable {name!r} is not in {self.path!r} (variables there: "
+                raise DataFileError(f"{self.what}: variable {name!r} is not in {path!r} (variables there: "
                                     f"{sorted(str(v) for v in ds.data_vars)})")
             var = ds[name]
             if self.time_dim not in var.dims or var.ndim != 3:
-                raise DataFileError(f"{self.what}: variable {name!r} in {self.path!r} has dims {var.dims}; expected "
+                raise DataFileError(f"{self.what}: variable {name!r} in {path!r} has dims {var.dims}; expected "
                                     f"3 dims: {self.time_dim!r} and two spatial dims (y, x)")
             space = tuple(d for d in var.dims if d != self.time_dim)
             if dims is not None and (space != dims or var.shape != ds[self.variables[0]].shape):
-                raise DataFileError(f"{self.what}: variables {self.variables[0]!r} and {name!r} in {self.path!r} "
+                raise DataFileError(f"{self.what}: variables {self.variables[0]!r} and {name!r} in {path!r} "
                                     "differ in dims or shape; expected one grid")
             dims = space
-        self.dims = dims
-        self.full_shape = (ds.sizes[dims[0]], ds.sizes[dims[1]])
-        times = ds[self.time_dim].values
-        if not np.issubdtype(times.dtype, np.datetime64):
-            raise DataFileError(f"{self.what}: the {self.time_dim!r} coordinate of {self.path!r} does not decode to "
-                                f"dates (dtype {times.dtype}); expected CF time units such as 'days since 1989-01-01' "
-                                "in a standard calendar")
-        days = to_days(times)
-        if np.any(np.diff(days) <= 0):
+        return dims
+
+    def describe(self) -> None:
+        """Check every file, decode and order their times, resolve the crop (fills the attributes)."""
+        opt = self.options
+        axes, units = [], None
+        for i, path in enumerate(self.paths):
+            ds = self._dataset(i)
+            dims = self._check_variables(ds, path)
+            sizes = (ds.sizes[dims[0]], ds.sizes[dims[1]])
+            coords = tuple(np.asarray(ds[d].values, dtype=np.float64) if d in ds.variables and ds[d].ndim == 1
+                           else None for d in dims)
+            longitude = tuple(d in ds.variables and _is_longitude(ds[d]) for d in dims)
+            file_units = {v: str(ds[v].attrs.get("units", "")) for v in self.variables}
+            if i == 0:
+                self.dims, self.full_shape, self.coords, self.longitude = dims, sizes, coords, longitude
+                units = file_units
+            else:
+                self._check_same_grid(path, dims, sizes, coords)
+                differ = {v: (units[v], u) for v, u in file_units.items() if u != units[v]}
+                if differ:
+                    raise DataFileError(f"{self.what}: {path!r} and {self.paths[0]!r} give variables different "
+                                        f"units {differ}; expected the same units in every file")
+            if self.time_dim not in ds.variables:
+                raise DataFileError(f"{self.what}: {path!r} has no {self.time_dim!r} coordinate; expected CF time "
+                                    "values such as 'days since 1989-01-01'")
+            time = ds[self.time_dim]
+            axis = decode_time(time.values, str(time.attrs.get("units", "")), str(time.attrs.get("calendar", "")),
+                               opt.calendar_360, path, self.what, self.time_dim)
+            if np.any(np.diff(axis.native) <= 0):
+                raise DataFileError(f"{self.what}: the {self.time_dim!r} coordinate of {path!r} is not strictly "
+                                    "increasing; expected one field per time step, in order")
+            axes.append(axis)
+        self.units = units
+        self._order_files(axes)
+        self._resolve_crop()
+        self.shape = (self.crop[1] - self.crop[0], self.crop[3] - self.crop[2]) if self.crop else self.full_shape
+        self._conversions()
+
+    def _check_same_grid(self, path: str, dims, sizes, coords) -> None:
+        if dims != self.dims or sizes != self.full_shape:
+            raise DataFileError(f"{self.what}: {path!r} has a {sizes[0]}x{sizes[1]} grid ({dims[0]} x {dims[1]}) but "
+                                f"{self.paths[0]!r} a {self.full_shape[0]}x{self.full_shape[1]} one ({self.dims[0]} "
+                                f"x {self.dims[1]}); expected every file of a source on one grid")
+        for axis in range(2):
+            mine, theirs = self.coords[axis], coords[axis]
+            if mine is None or theirs is None:
+                continue
+            aligned = _align_axis(mine, theirs, self.longitude[axis], self.options.coord_tolerance)
+            if aligned is None or np.any(aligned != np.arange(len(mine))):
+                raise DataFileError(f"{self.what}: {path!r} has {_describe_axis(dims[axis], theirs)}, but "
+                                    f"{self.paths[0]!r} has {_describe_axis(self.dims[axis], mine)}; expected every "
+                                    f"file of a source on one grid (within {self.options.coord_tolerance} cell)")
+
+    def _order_files(self, axes: list[TimeAxis]) -> None:
+        """Sort files by time, refuse overlaps, record gaps, detect the step; fills the step index."""
+        order = sorted(range(len(axes)), key=lambda i: axes[i].native[0] if axes[i].native.size else np.inf)
+        self.paths = [self.paths[i] for i in order]
+        axes = [axes[i] for i in order]
+        self.close()
+        calendars = {a.calendar for a in axes}
+        if len(calendars) > 1:
+            raise DataFileError(f"{self.what}: the files use different calendars {sorted(calendars)} "
+                                f"({', '.join(f'{p!r}: {a.calendar}' for p, a in zip(self.paths, axes))}); "
+                                "expected one calendar")
+        self.calendar = axes[0].calendar
+        steps = sorted({float(np.median(np.diff(a.native))) for a in axes if a.native.size > 1})
+        step = steps[0] if steps else 86400.0
+        if len(steps) > 1 and steps[-1] - steps[0] > 1e-6 * steps[0]:
+            raise DataFileError(f"{self.what}: the files have different time steps ({[s / 3600 for s in steps]} "
+                                "hours); expected one step in every file")
+        if step > 86400 * 1.01:
+            raise DataFileError(f"{self.what}: {self.path!r} has a time step of {step / 86400:g} days; expected "
+                                "daily or sub-daily steps")
+        self.steps_per_day = 1 if step >= 86400 * 0.99 else round(86400 / step)
+        if self.steps_per_day > 1 and abs(86400 / self.steps_per_day - step) > 1e-3:
+            raise DataFileError(f"{self.what}: {self.path!r} has a time step of {step / 3600:g} hours, which does "
+                                "not divide a day; expected a step such as 1, 3 or 6 hours")
+        self.gaps = []
+        for (pa, a), (pb, b) in zip(zip(self.paths, axes), zip(self.paths[1:], axes[1:])):
+            if not a.native.size or not b.native.size:
+                continue
+            if b.native[0] <= a.native[-1]:
+                raise DataFileError(f"{self.what}: {pa!r} ({a.labels[0]}..{a.labels[-1]}) and {pb!r} "
+                                    f"({b.labels[0]}..{b.labels[-1]}) overlap; expected files that follow each "
+                                    "other in time, each time step in one file")
+            if b.native[0] - a.native[-1] > 1.5 * step:
+                gap = {"after": pa, "before": pb, "last": a.labels[-1], "next": b.labels[0]}
+                self.gaps.append(gap)
+                log.warning("%s: no time step between %s (end of %s) and %s (start of %s): those days are missing",
+                            self.what, gap["last"], pa, gap["next"], pb)
+        file_of = np.concatenate([np.full(a.native.size, i, dtype=np.int64) for i, a in enumerate(axes)])
+        position = np.concatenate([np.arange(a.native.size, dtype=np.int64) for a in axes])
+        instant = np.concatenate([a.instant for a in axes])
+        if self.steps_per_day > 1:  # a step stamped t belongs to the day of t - day_start_hour
+            instant = instant - round(self.options.day_start_hour * 3600)
+        day = np.floor_divide(instant, 86400)
+        keep = np.concatenate([a.keep for a in axes])
+        self.dropped_steps = int((~keep).sum())
+        self._step_file, self._step_position, self._step_day = file_of[keep], position[keep], day[keep]
+        if self._step_day.size == 0:
+            raise DataFileError(f"{self.what}: {self.path!r} holds no time step; expected at least one day")
+        if self.steps_per_day == 1 and np.any(np.diff(self._step_day) <= 0):
+            i = int(np.flatnonzero(np.diff(self._step_day) <= 0)[0])
             raise DataFileError(f"{self.what}: the {self.time_dim!r} coordinate of {self.path!r} is not strictly "
-                                "increasing day by day; expected one field per day")
-        self.days = days
+                                f"increasing day by day (two steps on day {day_to_iso(self._step_day[i + 1])}); "
+                                "expected one field per day")
+        self.days = np.unique(self._step_day)
+
+    def _resolve_crop(self) -> None:
+        opt = self.options
         h, w = self.full_shape
+        self.crop = tuple(opt.crop) if opt.crop else None
+        if opt.crop_bounds:
+            ranges = []
+            for axis, (lo, hi) in enumerate((opt.crop_bounds[:2], opt.crop_bounds[2:])):
+                coord = self.coords[axis]
+                if coord is None:
+                    raise DataFileError(f"{self.what}: crop_bounds needs coordinate values along {self.dims[axis]!r}, "
+                                        f"but {self.path!r} has no 1-D {self.dims[axis]!r} coordinate; expected "
+                                        "crop: [y0, y1, x0, x1] (cell indices) instead")
+                if self.longitude[axis]:
+                    inside = (coord - lo) % 360.0 <= (hi - lo) % 360.0 + 1e-9
+                else:
+                    inside = (coord >= lo - 1e-9) & (coord <= hi + 1e-9)
+                cells = np.flatnonzero(inside)
+                if cells.size == 0 or cells[-1] - cells[0] + 1 != cells.size:
+                    where = "no cell" if cells.size == 0 else "cells that are not contiguous (the bounds cross the " \
+                                                              "file's longitude seam)"
+                    raise DataFileError(f"{self.what}: crop_bounds [{lo:g}, {hi:g}] along {self.dims[axis]!r} select "
+                                        f"{where} of {self.path!r}, whose {_describe_axis(self.dims[axis], coord)}; "
+                                        "expected bounds that select a contiguous run of cells")
+                ranges += [int(cells[0]), int(cells[-1]) + 1]
+            self.crop = tuple(ranges)
         if self.crop is not None:
             y0, y1, x0, x1 = self.crop
             if y1 > h or x1 > w:
-                raise DataFileError(f"{self.what}: crop {list(self.crop)} exceeds the {h}x{w} grid ({dims[0]} x "
-                                    f"{dims[1]}) of {self.path!r}")
-            h, w = y1 - y0, x1 - x0
-        self.shape = (h, w)
+                raise DataFileError(f"{self.what}: crop {list(self.crop)} exceeds the {h}x{w} grid ({self.dims[0]} x "
+                                    f"{self.dims[1]}) of {self.path!r}")
 
-    def _select(self, var, time: slice):
-        """``var`` → ``[L, H, W]`` float64 (time, y, x), cropped."""
-        index = {self.time_dim: time}
-        if self.crop is not None:
-            y0, y1, x0, x1 = self.crop
-            index.update({self.dims[0]: slice(y0, y1), self.dims[1]: slice(x0, x1)})
-        return var.isel(index).transpose(self.time_dim, *self.dims).values.astype(np.float64)
+    def _conversions(self) -> None:
+        opt = self.options
+        self.aggregate = []
+        self.conversions = []
+        for v in self.variables:
+            how = opt.aggregate.get(v, "")
+            if self.steps_per_day > 1 and how not in AGGREGATES:
+                raise DataFileError(f"{self.what}: {self.path!r} holds {self.steps_per_day} steps a day; set the "
+                                    f"daily aggregate of variable {v!r}: aggregate: one of {list(AGGREGATES)}")
+            self.aggregate.append(how)
+            target = opt.units_to.get(v, "")
+            if not target:
+                self.conversions.append(UnitConversion(text=self.units[v]))
+                continue
+            if not self.units[v]:
+                raise DataFileError(f"{self.what}: variable {v!r} of {self.path!r} has no 'units' attribute, so it "
+                                    f"can't be converted to {target!r}; expected CF units such as 'kg m-2 s-1' or 'K'")
+            self.conversions.append(unit_conversion(self.units[v], target, self.steps_per_day, how, v, self.path,
+                                                    self.what))
 
-    def _read_positions(self, p0: int, p1: int) -> np.ndarray:
-        """Time positions ``[p0, p1)`` of the file → ``[L, C, H, W]`` float32, missing as NaN."""
-        ds = self._dataset()
-        out = np.stack([mark_missing(self._select(ds[v], slice(p0, p1)), self.markers) for v in self.variables], 1)
-        return out.astype(np.float32)
+    def facts(self) -> dict:
+        """What reading did to the files (calendar, steps, units, gaps), JSON-serialisable."""
+        out = {"files": len(self.paths), "calendar": self.calendar,
+               "calendar_rule": calendar_rule(self.calendar, self.options.calendar_360),
+               "steps_per_day": self.steps_per_day,
+               "units": {v: c.text for v, c in zip(self.variables, self.conversions)}}
+        if self.steps_per_day > 1:
+            out.update(aggregate=dict(zip(self.variables, self.aggregate)), day_start_hour=self.options.day_start_hour,
+                       max_missing_steps=self.options.max_missing_steps)
+        if self.dropped_steps:
+            out["dropped_steps"] = self.dropped_steps
+        if self.gaps:
+            out["gaps"] = self.gaps
+        return out
+
+    # -- reading --
+    @property
+    def block_days(self) -> int:
+        """Days read at once so that the raw steps of a block stay within :data:`READ_BLOCK_BYTES`."""
+        per_day = self.steps_per_day * len(self.variables) * self.shape[0] * self.shape[1] * 8
+        return max(1, READ_BLOCK_BYTES // per_day)
+
+    def _read_steps(self, k0: int, k1: int) -> np.ndarray:
+        """Kept steps ``[k0, k1)`` → ``[L, C, H, W]`` float64 in target units, missing as NaN."""
+        pieces = []
+        files, positions = self._step_file[k0:k1], self._step_position[k0:k1]
+        for f in np.unique(files):
+            pos = positions[files == f]
+            p0, p1 = int(pos[0]), int(pos[-1]) + 1
+            index = {self.time_dim: slice(p0, p1)}
+            if self.crop is not None:
+                y0, y1, x0, x1 = self.crop
+                index.update({self.dims[0]: slice(y0, y1), self.dims[1]: slice(x0, x1)})
+            ds = self._dataset(int(f))
+            block = np.stack([ds[v].isel(index).transpose(self.time_dim, *self.dims).values.astype(np.float64)
+                              for v in self.variables], 1)  # [p1 - p0, C, H, W]
+            if pos.size != p1 - p0:
+                block = block[pos - p0]
+            pieces.append(block)
+        out = mark_missing(np.concatenate(pieces), self.markers)
+        for c, conv in enumerate(self.conversions):
+            if conv.scale != 1.0 or conv.offset != 0.0:
+                out[:, c] = out[:, c] * conv.scale + conv.offset
+        return out
+
+    def _aggregate(self, steps: np.ndarray, step_day: np.ndarray, out: np.ndarray, day0: int) -> None:
+        """Sub-daily ``steps [L, C, H, W]`` of days ``step_day [L]`` → their days in ``out [D, C, H, W]``."""
+        starts = np.flatnonzero(np.r_[True, np.diff(step_day) != 0])
+        days = step_day[starts] - day0
+        finite = np.isfinite(steps)
+        count = np.add.reduceat(finite, starts, axis=0)  # [days, C, H, W]
+        total = np.add.reduceat(np.where(finite, steps, 0.0), starts, axis=0)
+        lacking = self.steps_per_day - count > self.options.max_missing_steps
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for c, how in enumerate(self.aggregate):
+                if how == "min":
+                    value = np.fmin.reduceat(steps[:, c], starts, axis=0)
+                elif how == "max":
+                    value = np.fmax.reduceat(steps[:, c], starts, axis=0)
+                else:
+                    value = total[:, c] / count[:, c] * (self.steps_per_day if how == "sum" else 1)
+                value[lacking[:, c]] = np.nan
+                out[days, c] = value
+
+    def _read_days(self, day0: int, day1: int) -> np.ndarray:
+        out = np.full((day1 - day0, len(self.variables), *self.shape), np.nan, dtype=np.float32)
+        for block in range(day0, day1, self.block_days):
+            end = min(block + self.block_days, day1)
+            k0, k1 = (int(k) for k in np.searchsorted(self._step_day, [block, end]))
+            if k1 <= k0:
+                continue
+            steps = self._read_steps(k0, k1)
+            if self.steps_per_day == 1:
+                out[self._step_day[k0:k1] - day0] = steps
+            else:
+                self._aggregate(steps, self._step_day[k0:k1], out, day0)
+        return out
 
     def read(self, day0: int, day1: int) -> np.ndarray:
-        """Days ``[day0, day1)`` → ``[day1 - day0, C, H, W]`` float32; days the file lacks are NaN."""
+        """Days ``[day0, day1)`` → ``[day1 - day0, C, H, W]`` float32; days the files lack are NaN. Reads only
+        the steps of those days, unless the whole record (as days, after the crop) fits in
+        :data:`CACHE_BYTES`: then it is read once and kept."""
+        first, last = int(self.days[0]), int(self.days[-1])
+        if self._cache is None and (last - first + 1) * len(self.variables) * self.shape[0] * self.shape[1] * 4 \
+                <= CACHE_BYTES:
+            self._cache = self._read_days(first, last + 1)
         if self._cache is None:
-            size = len(self.days) * len(self.variables) * self.shape[0] * self.shape[1] * 4
-            if size <= CACHE_BYTES:
-                self._cache = self._read_positions(0, len(self.days))
-        p0, p1 = np.searchsorted(self.days, [day0, day1])
+            return self._read_days(day0, day1)
         out = np.full((day1 - day0, len(self.variables), *self.shape), np.nan, dtype=np.float32)
-        if p1 > p0:
-            block = self._cache[p0:p1] if self._cache is not None else self._read_positions(int(p0), int(p1))
-            out[self.days[p0:p1] - day0] = block
+        lo, hi = max(day0, first), min(day1, last + 1)
+        if hi > lo:
+            out[lo - day0:hi - day0] = self._cache[lo - first:hi - first]
         return out
 
 
-def read_basin_mask(path: str, fmt: str, variable: str, grid: GridFile, what: str) -> np.ndarray:
-    """The basin mask ``[H, W]`` bool of ``grid`` (cropped like it) from ``variable`` in ``path``."""
+def read_basin_mask(path: str, fmt: str, variable: str, grid: GridReader, what: str) -> np.ndarray:
+    """The basin mask ``[H, W]`` bool of ``grid`` (cropped like it) from ``variable`` in ``path``.
+
+    When the mask's dims and the grid's dims both have 1-D coordinates, each grid cell takes the mask cell
+    nearest to it (within ``coord_tolerance`` cells; longitudes modulo 360; either latitude order), so the
+    mask may cover a larger area or be stored the other way up. Otherwise the mask must have the grid's
+    shape, in file order."""
     ds = _open_xarray(path, fmt, what)
     try:
         if variable not in ds.variables:
@@ -426,22 +921,38 @@ def read_basin_mask(path: str, fmt: str, variable: str, grid: GridFile, what: st
                                 f"{sorted(str(v) for v in ds.data_vars)})")
         var = ds[variable]
         var = var.squeeze([d for d, n in var.sizes.items() if n == 1])
-        values = var.values.astype(np.float64)
         if var.ndim == 2 and all(d in grid.dims for d in var.dims):
-            values = var.transpose(*grid.dims).values.astype(np.float64)
+            var = var.transpose(*grid.dims)
+        values = var.values.astype(np.float64)
+        mask_coords = [np.asarray(ds[d].values, dtype=np.float64) if d in ds.variables and ds[d].ndim == 1 else None
+                       for d in var.dims]
     finally:
         ds.close()
-    if values.shape != tuple(grid.full_shape):
-        raise DataFileError(f"{what}: mask {variable!r} in {path!r} has shape {values.shape} (dims {var.dims}), but "
-                            f"the grid in {grid.path!r} is {grid.full_shape[0]}x{grid.full_shape[1]} ({grid.dims[0]} x "
-                            f"{grid.dims[1]}); expected a mask on the same grid")
     inside = np.isfinite(values) & (values != 0)
-    if grid.crop is not None:
-        y0, y1, x0, x1 = grid.crop
-        inside = inside[y0:y1, x0:x1]
+    if var.ndim == 2 and all(c is not None for c in [*mask_coords, *grid.coords]):
+        y0, y1, x0, x1 = grid.crop if grid.crop is not None else (0, grid.full_shape[0], 0, grid.full_shape[1])
+        picks = []
+        for axis, (lo, hi) in enumerate(((y0, y1), (x0, x1))):
+            cells = grid.coords[axis][lo:hi]
+            pick = _align_axis(cells, mask_coords[axis], grid.longitude[axis], grid.options.coord_tolerance)
+            if pick is None:
+                raise DataFileError(
+                    f"{what}: mask {variable!r} in {path!r} is on another grid: its "
+                    f"{_describe_axis(var.dims[axis], mask_coords[axis])}, the grid's in {grid.path!r} "
+                    f"{_describe_axis(grid.dims[axis], cells)}; expected a mask cell within "
+                    f"{grid.options.coord_tolerance} cell of every grid cell")
+            picks.append(pick)
+        inside = inside[np.ix_(*picks)]
+    else:
+        if values.shape != tuple(grid.full_shape):
+            raise DataFileError(f"{what}: mask {variable!r} in {path!r} has shape {values.shape} (dims {var.dims}), "
+                                f"but the grid in {grid.path!r} is {grid.full_shape[0]}x{grid.full_shape[1]} "
+                                f"({grid.dims[0]} x {grid.dims[1]}); expected a mask on the same grid")
+        if grid.crop is not None:
+            y0, y1, x0, x1 = grid.crop
+            inside = inside[y0:y1, x0:x1]
     if not inside.any():
         raise DataFileError(f"{what}: mask {variable!r} in {path!r} has no cell inside the basin"
                             + (f" within crop {list(grid.crop)}" if grid.crop is not None else "")
                             + "; expected finite non-zero cells inside")
     return inside
-

@@ -23,18 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `bench` is not installed: import it from the repo
-
-from bench.attention_speed import make_inputs, timed_call  # noqa: E402
-from bench.decoder_speed import DecoderBench, Variant, bench_reasons, packed_backends  # noqa: E402
-from crossmae.ops import BACKENDS  # noqa: E402
-from crossmae.presets import PRESETS  # noqa: E402
+from bench.attention_speed import make_inputs, timed_call
+from bench.decoder_speed import DecoderBench, Variant, bench_reasons, packed_backends
+from crossmae.ops import BACKENDS
+from crossmae.presets import PRESETS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32

@@ -1,0 +1,397 @@
+"""Gridded climate data in the shapes it comes in: model calendars, many files, CF units, sub-daily steps,
+coordinates that differ between files and masks, and files larger than what a window needs. Every file is
+written by the test into tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crossmae.config import Config, ConfigError, DataConfig, FilesConfig, GridSource, SplitConfig, validate_config
+from crossmae.data.files import FilesDataset
+from crossmae.data.readers import DataFileError, GridOptions, GridReader, iso_to_day, read_basin_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_grid(path: Path, values: np.ndarray, times, units: str = "days since 1999-01-01", calendar: str | None =
+               "standard", variable: str = "v", var_units: str | None = None, lat=None, lon=None,
+               dims=("time", "lat", "lon"), extra: dict | None = None) -> Path:
+    """``values [S, H, W]`` at CF ``times`` (numbers in ``units``) as a NetCDF file; ``lat``/``lon`` become
+    1-D coordinates of the y/x dims when given."""
+    import xarray as xr
+
+    time_attrs = {"units": units, **({"calendar": calendar} if calendar else {})}
+    coords = {dims[0]: (dims[0], np.asarray(times, dtype=np.float64), time_attrs)}
+    if lat is not None:
+        coords[dims[1]] = (dims[1], np.asarray(lat, dtype=np.float64), {"units": "degrees_north"})
+    if lon is not None:
+        coords[dims[2]] = (dims[2], np.asarray(lon, dtype=np.float64), {"units": "degrees_east"})
+    data = {variable: (dims, np.asarray(values, dtype=np.float32), {"units": var_units} if var_units else {})}
+    for name, array in (extra or {}).items():
+        data[name] = (dims, np.asarray(array, dtype=np.float32), {})
+    xr.Dataset(data, coords=coords).to_netcdf(path, engine="h5netcdf")
+    return path
+
+
+def reader(paths, **options) -> GridReader:
+    paths = [str(p) for p in (paths if isinstance(paths, list) else [paths])]
+    options.setdefault("variables", ["v"])
+    return GridReader(paths, "netcdf", GridOptions(**options), "grid 'v'")
+
+
+def day(text: str) -> int:
+    return iso_to_day(text)
+
+
+def steps(n: int, h: int = 2, w: int = 3) -> np.ndarray:
+    """``[n, h, w]`` whose cell (i, j) of step s holds s + 0.01 * (i * w + j)."""
+    return np.arange(n)[:, None, None] + 0.01 * np.arange(h * w).reshape(1, h, w)
+
+
+# -- model calendars ------------------------------------------------------------------------------------------
+def test_noleap_calendar_leaves_29_february_missing(tmp_path):
+    grid = reader(write_grid(tmp_path / "g.nc", steps(730), np.arange(730), calendar="noleap"))
+    assert grid.calendar == "noleap" and grid.steps_per_day == 1
+    assert grid.days[0] == day("1999-01-01") and grid.days[-1] == day("2000-12-31") and len(grid.days) == 730
+    assert day("2000-02-29") not in grid.days
+    x = grid.read(day("2000-02-27"), day("2000-03-03"))[:, 0, 0, 0]  # [5]
+    # model day 365 + 57 is 2000-02-27; 29 February has no field; 1 March is model day 365 + 59
+    np.testing.assert_array_equal(x, [365 + 57, 365 + 58, np.nan, 365 + 59, 365 + 60])
+    assert "29 February of leap years has no field" in grid.facts()["calendar_rule"]
+    same = reader(write_grid(tmp_path / "h.nc", steps(730), np.arange(730), calendar="365_day"))
+    np.testing.assert_array_equal(same.days, grid.days)
+
+
+def test_all_leap_calendar_drops_29_february_of_other_years(tmp_path):
+    grid = reader(write_grid(tmp_path / "g.nc", steps(732), np.arange(732), calendar="all_leap"))
+    assert grid.dropped_steps == 1 and grid.facts()["dropped_steps"] == 1  # 1999-02-29
+    assert len(grid.days) == 731 and grid.days[-1] == day("2000-12-31")
+    x = grid.read(day("1999-02-28"), day("1999-03-02"))[:, 0, 0, 0]
+    np.testing.assert_array_equal(x, [58, 60])  # model day 59 is 1999-02-29: no real day
+    assert grid.read(day("2000-02-29"), day("2000-03-01"))[0, 0, 0, 0] == 366 + 59
+
+
+def test_360_day_calendar_is_refused_unless_a_rule_is_chosen(tmp_path):
+    path = write_grid(tmp_path / "g.nc", steps(720), np.arange(720), calendar="360_day")
+    with pytest.raises(DataFileError, match=r"grid 'v': '.*g.nc' uses the 360_day calendar .* set calendar_360: "
+                                            r"rescale_year .* or calendar_360: keep_date"):
+        reader(path)
+    grid = reader(path, calendar_360="rescale_year")
+    assert len(grid.days) == 720 and grid.dropped_steps == 0
+    first_year = grid.days[grid.days < day("2000-01-01")] - day("1999-01-01")
+    assert first_year[0] == 0 and first_year[-1] == 364  # 1 January .. 31 December
+    missing = sorted(set(range(365)) - set(first_year.tolist()))
+    assert len(missing) == 5 and np.all(np.diff(missing) > 60)  # spread over the year
+    assert len(set(range(366)) - set((grid.days[grid.days >= day("2000-01-01")] - day("2000-01-01")).tolist())) == 6
+    x = grid.read(day("1999-01-01"), day("2000-01-01"))[:, 0, 0, 0]
+    np.testing.assert_array_equal(x[np.isfinite(x)], np.arange(360))  # every model day kept, in order
+    dated = reader(path, calendar_360="keep_date")
+    assert day("1999-01-31") not in dated.days and day("1999-03-30") in dated.days
+    assert dated.dropped_steps == 3  # 29 and 30 February of 1999, 30 February of 2000
+    assert dated.read(day("2000-02-29"), day("2000-03-02"))[:, 0, 0, 0].tolist() == [360 + 58, 360 + 60]
+    assert "keep_date" in dated.facts()["calendar_rule"]
+
+
+def test_unknown_calendar_and_undecodable_times_are_named(tmp_path):
+    with pytest.raises(DataFileError, match=r"uses the calendar 'julian'; expected one of \['standard'"):
+        reader(write_grid(tmp_path / "j.nc", steps(3), np.arange(3), calendar="julian"))
+    with pytest.raises(DataFileError, match=r"has units 'days'; expected CF time units such as 'days since"):
+        reader(write_grid(tmp_path / "u.nc", steps(3), np.arange(3), units="days"))
+    with pytest.raises(DataFileError, match=r"has a time step of 30 days; expected daily or sub-daily steps"):
+        reader(write_grid(tmp_path / "m.nc", steps(3), [0, 30, 60]))
+
+
+# -- many files -----------------------------------------------------------------------------------------------
+def yearly_files(folder: Path, years, calendar="standard", gap_year=None, stem="v") -> list[Path]:
+    folder.mkdir(exist_ok=True)
+    paths = []
+    start = 0
+    for year in years:
+        n = 365 + (calendar == "standard" and year % 4 == 0)
+        if year != gap_year:
+            paths.append(write_grid(folder / f"{stem}_{year}.nc", steps(n) + start, start + np.arange(n),
+                                    units="days since 1999-01-01", calendar=calendar))
+        start += n
+    return paths
+
+
+def test_yearly_files_by_glob_read_as_one_series(tmp_path):
+    yearly_files(tmp_path / "era", [1999, 2000, 2001])
+    from crossmae.data.readers import resolve_grid_paths
+
+    paths = resolve_grid_paths(str(tmp_path / "era" / "v_*.nc"), "grid 'v'")
+    assert [Path(p).name for p in paths] == ["v_1999.nc", "v_2000.nc", "v_2001.nc"]
+    grid = reader(paths[::-1])  # a list in any order is ordered by time
+    assert [Path(p).name for p in grid.paths] == ["v_1999.nc", "v_2000.nc", "v_2001.nc"]
+    assert len(grid.days) == 365 + 366 + 365 and grid.facts()["files"] == 3 and "gaps" not in grid.facts()
+    x = grid.read(day("1999-12-30"), day("2000-01-03"))[:, 0, 1, 2]  # across the file boundary
+    np.testing.assert_allclose(x, np.arange(363, 367) + 0.05, rtol=1e-6)
+    grid.close()
+    import crossmae.data.readers as readers
+
+    old = readers.CACHE_BYTES
+    readers.CACHE_BYTES = 0  # read only the window's steps, from the two files it spans
+    try:
+        np.testing.assert_allclose(grid.read(day("2000-12-30"), day("2001-01-02"))[:, 0, 0, 0], [729, 730, 731])
+        assert sorted(grid._open) == [1, 2]
+    finally:
+        readers.CACHE_BYTES = old
+    noleap = reader(yearly_files(tmp_path / "cmip", [2000, 2001], calendar="noleap"))
+    assert "gaps" not in noleap.facts() and day("2000-02-29") not in noleap.days  # 29 February is no gap
+
+
+def test_overlapping_files_are_refused_and_gaps_reported(tmp_path, caplog):
+    paths = yearly_files(tmp_path / "era", [1999, 2000, 2001], gap_year=2000)
+    with caplog.at_level("WARNING"):
+        grid = reader(paths)
+    gap = grid.facts()["gaps"]
+    assert len(gap) == 1 and gap[0]["last"].startswith("1999-12-31") and gap[0]["next"].startswith("2001-01-01")
+    assert "no time step between 1999-12-31" in caplog.text and "v_2001.nc" in caplog.text
+    assert np.isnan(grid.read(day("2000-01-01"), day("2001-01-01"))).all()
+    write_grid(tmp_path / "era" / "v_extra.nc", steps(10), 360 + np.arange(10))  # 1999-12-27 .. 2000-01-05
+    with pytest.raises(DataFileError, match=r"'.*v_1999.nc' \(1999-01-01.*1999-12-31.*\) and '.*v_extra.nc' "
+                                            r"\(1999-12-27.*2000-01-05.*\) overlap; expected files that follow"):
+        reader([*paths, tmp_path / "era" / "v_extra.nc"])
+    write_grid(tmp_path / "era" / "v_noleap.nc", steps(3), 800 + np.arange(3), calendar="noleap")
+    with pytest.raises(DataFileError, match=r"different calendars \['noleap', 'standard'\]"):
+        reader([*paths, tmp_path / "era" / "v_noleap.nc"])
+    write_grid(tmp_path / "other.nc", steps(3, 2, 4), 900 + np.arange(3))
+    with pytest.raises(DataFileError, match=r"'.*other.nc' has a 2x4 grid \(lat x lon\) but '.*v_1999.nc' a 2x3"):
+        reader([*paths, tmp_path / "other.nc"])
+
+
+# -- CF units -------------------------------------------------------------------------------------------------
+def test_units_convert_precipitation_and_temperature(tmp_path):
+    flux = write_grid(tmp_path / "pr.nc", np.full((4, 2, 3), 2e-5), np.arange(4), variable="pr",
+                      var_units="kg m-2 s-1", extra={"tas": np.full((4, 2, 3), 280.0)})
+    import xarray as xr
+
+    ds = xr.open_dataset(flux, engine="h5netcdf", decode_times=False).load()
+    ds["tas"].attrs["units"] = "K"
+    ds.to_netcdf(tmp_path / "both.nc", engine="h5netcdf")
+    grid = reader(tmp_path / "both.nc", variables=["pr", "tas"], units_to={"pr": "mm/day", "tas": "degC"})
+    x = grid.read(day("1999-01-01"), day("1999-01-05"))
+    np.testing.assert_allclose(x[:, 0], 2e-5 * 86400, rtol=1e-5)
+    np.testing.assert_allclose(x[:, 1], 280.0 - 273.15, rtol=1e-5)
+    assert grid.facts()["units"] == {"pr": "kg m-2 s-1 -> mm/day", "tas": "K -> degC"}
+    daily_m = reader(write_grid(tmp_path / "tp.nc", np.full((3, 2, 3), 0.004), np.arange(3), var_units="m"),
+                     units_to={"v": "mm/day"})
+    np.testing.assert_allclose(daily_m.read(day("1999-01-01"), day("1999-01-02")), 4.0, rtol=1e-5)
+    with pytest.raises(DataFileError, match=r"can't convert variable 'v' of '.*w.nc' from 'W m-2' to 'mm/day' "
+                                            r"\(units_to\); known conversions"):
+        reader(write_grid(tmp_path / "w.nc", steps(3), np.arange(3), var_units="W m-2"), units_to={"v": "mm/day"})
+    with pytest.raises(DataFileError, match=r"from 'K' to 'mm/day'"):
+        reader(write_grid(tmp_path / "k.nc", steps(3), np.arange(3), var_units="K"), units_to={"v": "mm/day"})
+    with pytest.raises(DataFileError, match=r"variable 'v' of '.*n.nc' has no 'units' attribute"):
+        reader(write_grid(tmp_path / "n.nc", steps(3), np.arange(3)), units_to={"v": "degC"})
+
+
+# -- sub-daily steps ------------------------------------------------------------------------------------------
+def test_hourly_steps_aggregate_to_days(tmp_path):
+    hours = np.arange(72)  # 1999-01-01T00 .. 1999-01-03T23
+    values = np.broadcast_to(hours[:, None, None] % 24 + 1.0, (72, 2, 3)).copy()
+    values[30, 1, 2] = np.nan  # one hour of 1999-01-02 missing at one cell
+    path = write_grid(tmp_path / "h.nc", values, hours, units="hours since 1999-01-01 00:00:00", var_units="m")
+    with pytest.raises(DataFileError, match=r"holds 24 steps a day; set the daily aggregate of variable 'v': "
+                                            r"aggregate: one of \['sum', 'mean', 'min', 'max'\]"):
+        reader(path)
+    total = sum(range(1, 25))
+    for how, want in (("sum", total), ("mean", total / 24), ("min", 1.0), ("max", 24.0)):
+        grid = reader(path, aggregate={"v": how})
+        assert grid.steps_per_day == 24 and list(grid.days) == [day("1999-01-01") + i for i in range(3)]
+        x = grid.read(day("1999-01-01"), day("1999-01-04"))[:, 0]  # [3, 2, 3]
+        np.testing.assert_allclose(x[[0, 2]], want, rtol=1e-6)
+        assert np.isnan(x[1, 1, 2]) and np.allclose(x[1, 0, 0], want)  # a missing hour: missing day (default)
+    lenient = reader(path, aggregate={"v": "sum"}, max_missing_steps=1)
+    # the present 23 hours of 1999-01-02 at (1, 2) lack hour 6 (value 7): the sum is their mean times 24
+    assert lenient.read(day("1999-01-02"), day("1999-01-03"))[0, 0, 1, 2] == pytest.approx((total - 7) / 23 * 24)
+    # steps stamped at the end of their hour: the day runs 01:00 .. 00:00 of the next
+    shifted = reader(path, aggregate={"v": "sum"}, day_start_hour=1)
+    x = shifted.read(day("1998-12-31"), day("1999-01-04"))[:, 0, 0, 0]
+    assert np.isnan(x[0]) and np.isnan(x[3])  # 1998-12-31 and 1999-01-03 have 1 and 23 of 24 hours
+    assert x[1] == pytest.approx(total - 1 + 1)  # hours 01..23 of 1 January (2..24) and 00 of 2 January (1)
+    mm = reader(path, aggregate={"v": "sum"}, units_to={"v": "mm/day"})
+    assert mm.read(day("1999-01-01"), day("1999-01-02"))[0, 0, 0, 0] == pytest.approx(1000 * total)
+    assert mm.facts()["aggregate"] == {"v": "sum"} and mm.facts()["steps_per_day"] == 24
+    with pytest.raises(DataFileError, match=r"depth per step \('m'\); it becomes 'mm/day' only when the day's 24 "
+                                            r"steps are summed: expected aggregate 'sum', got 'mean'"):
+        reader(path, aggregate={"v": "mean"}, units_to={"v": "mm/day"})
+
+
+def test_three_hourly_noleap_steps(tmp_path):
+    stamps = np.arange(0, 2 * 365 * 24, 3)  # 1999-2000, noleap, every 3 hours
+    values = np.broadcast_to((stamps // 24)[:, None, None].astype(float), (len(stamps), 2, 3))
+    grid = reader(write_grid(tmp_path / "g.nc", values, stamps, units="hours since 1999-01-01", calendar="noleap"),
+                  aggregate={"v": "mean"})
+    assert grid.steps_per_day == 8 and len(grid.days) == 730 and day("2000-02-29") not in grid.days
+    np.testing.assert_array_equal(grid.read(day("2000-02-28"), day("2000-03-02"))[:, 0, 0, 0], [423, np.nan, 424])
+
+
+# -- coordinates ----------------------------------------------------------------------------------------------
+LAT_DESC = [50.75, 50.25, 49.75, 49.25]
+LON_360 = [354.25, 354.75, 355.25, 355.75, 356.25]  # -5.75 .. -3.75
+
+
+def write_mask(path: Path, inside: np.ndarray, lat, lon, dims=("lat", "lon")) -> Path:
+    import xarray as xr
+
+    values = np.where(inside, 1.0, np.nan)
+    xr.Dataset({"mask": (dims, values)}, coords={dims[0]: (dims[0], np.asarray(lat), {"units": "degrees_north"}),
+                                                 dims[1]: (dims[1], np.asarray(lon), {"units": "degrees_east"})}
+               ).to_netcdf(path, engine="h5netcdf")
+    return path
+
+
+def test_mask_on_the_other_latitude_order_and_longitude_convention(tmp_path):
+    grid = reader(write_grid(tmp_path / "g.nc", steps(3, 4, 5), np.arange(3), lat=LAT_DESC, lon=LON_360))
+    inside = np.zeros((4, 5), dtype=bool)
+    inside[0, 1:3] = True  # the northernmost row (lat 50.75), lon -5.25 and -4.75
+    lat_up = LAT_DESC[::-1]
+    lon_180 = (np.asarray(LON_360) - 360 + 1e-4).tolist()  # -180..180 and a rounding difference
+    mask = write_mask(tmp_path / "m.nc", inside[::-1], lat_up, lon_180)
+    got = read_basin_mask(str(mask), "netcdf", "mask", grid, "grid 'v'")
+    np.testing.assert_array_equal(got, inside)
+    larger = np.zeros((6, 7), dtype=bool)
+    larger[1:5, 1:6] = inside[::-1]
+    wide = write_mask(tmp_path / "wide.nc", larger, [48.75, *lat_up, 51.25], [-6.25, *lon_180, -3.25])
+    np.testing.assert_array_equal(read_basin_mask(str(wide), "netcdf", "mask", grid, "grid 'v'"), inside)
+    shifted = write_mask(tmp_path / "s.nc", inside, LAT_DESC, (np.asarray(LON_360) + 0.2).tolist())
+    with pytest.raises(DataFileError, match=r"mask 'mask' in '.*s.nc' is on another grid: its lon 354.45..356.45 "
+                                            r"\(5 cells, spacing 0.5\), the grid's in '.*g.nc' lon 354.25..356.25 "
+                                            r"\(5 cells, spacing 0.5\); expected a mask cell within 0.01 cell"):
+        read_basin_mask(str(shifted), "netcdf", "mask", grid, "grid 'v'")
+    loose = reader(tmp_path / "g.nc", coord_tolerance=0.5)
+    np.testing.assert_array_equal(read_basin_mask(str(shifted), "netcdf", "mask", loose, "grid 'v'"), inside)
+
+
+def test_crop_by_coordinate_bounds(tmp_path):
+    path = write_grid(tmp_path / "g.nc", steps(3, 4, 5), np.arange(3), lat=LAT_DESC, lon=LON_360)
+    grid = reader(path, crop_bounds=(49.5, 51.0, -5.3, -4.2))  # lon given in -180..180, file in 0..360
+    assert grid.crop == (0, 3, 1, 4) and grid.shape == (3, 3)
+    full = reader(path).read(day("1999-01-01"), day("1999-01-02"))
+    np.testing.assert_array_equal(grid.read(day("1999-01-01"), day("1999-01-02")), full[:, :, 0:3, 1:4])
+    inside = np.ones((4, 5), dtype=bool)
+    mask = write_mask(tmp_path / "m.nc", inside, LAT_DESC, LON_360)
+    assert read_basin_mask(str(mask), "netcdf", "mask", grid, "grid 'v'").shape == (3, 3)
+    with pytest.raises(DataFileError, match=r"crop_bounds \[10, 20\] along 'lat' select no cell of '.*g.nc', whose "
+                                            r"lat 50.75..49.25 \(4 cells, spacing 0.5\)"):
+        reader(path, crop_bounds=(10, 20, 0, 360))
+    seam = write_grid(tmp_path / "seam.nc", steps(3, 4, 5), np.arange(3), lat=LAT_DESC, lon=[0.5, 1, 1.5, 359, 359.5])
+    with pytest.raises(DataFileError, match=r"not contiguous \(the bounds cross the file's longitude seam\)"):
+        reader(seam, crop_bounds=(49, 51, -1.2, 1.2))
+    plain = write_grid(tmp_path / "plain.nc", steps(3), np.arange(3))
+    with pytest.raises(DataFileError, match=r"crop_bounds needs coordinate values along 'lat'"):
+        reader(plain, crop_bounds=(0, 1, 0, 1))
+
+
+# -- through the data set and the config ----------------------------------------------------------------------
+def grid_config(root: Path, **source) -> DataConfig:
+    src = GridSource(name="v", format="netcdf", **source)
+    return DataConfig(source="files", steps=8, stride=4, patch_size=1, files=FilesConfig(
+        root=str(root), basins=["b1"], grids=[src],
+        split=SplitConfig(by="period", train=["1999-01-01", "2000-06-30"], val=["2000-07-01", "2000-12-31"])))
+
+
+def test_data_set_records_the_calendar_and_keeps_29_february_out_of_every_sample(tmp_path):
+    yearly_files(tmp_path, [1999, 2000], calendar="noleap")
+    data = grid_config(tmp_path, path="v_*.nc")
+    run = Config(data=data)
+    validate_config(run)
+    train = FilesDataset(data, "train")
+    reading = train.norm_stats["modalities"]["v"]["reading"]
+    assert reading["calendar"] == "noleap" and reading["files"] == 2 and "29 February" in reading["calendar_rule"]
+    json.dumps(train.norm_stats)
+    leap = [i for i, (_, s) in enumerate(train.starts) if s <= day("2000-02-29") < s + 8]
+    assert leap
+    for i in leap:
+        sample = train[i]
+        t = day("2000-02-29") - sample.meta["start_day"]
+        assert np.isnan(sample.grids["v"][t].numpy()).all()  # an invalid day: no token, never in a loss
+        others = np.delete(sample.grids["v"].numpy(), t, axis=0)
+        assert np.isfinite(others).all()
+
+
+def test_grid_config_errors_name_the_key():
+    def check(message: str, **source):
+        run = Config(data=grid_config(Path("/"), path="g.nc", **source))
+        with pytest.raises(ConfigError, match=message):
+            validate_config(run)
+
+    check(r"data.files.grids\[0\].calendar_360 must be one of \['refuse', 'rescale_year', 'keep_date'\], got 'x'",
+          calendar_360="x")
+    check(r"data.files.grids\[0\].aggregate \(v\) must be one of \['sum', 'mean', 'min', 'max'\], got 'median'",
+          aggregate="median")
+    check(r"data.files.grids\[0\].units_to names 'tp', which is not one of its variables \['v'\]",
+          units_to={"tp": "mm/day"})
+    check(r"data.files.grids\[0\]: set crop \(cell indices\) or crop_bounds \(coordinates\), not both",
+          crop=[0, 1, 0, 1], crop_bounds=[0, 1, 0, 1])
+    check(r"data.files.grids\[0\].crop_bounds must be \[lat_min, lat_max, lon_min, lon_max\]", crop_bounds=[1, 0])
+    check(r"data.files.grids\[0\].day_start_hour must be in \(-24, 24\)", day_start_hour=30.0)
+
+
+# -- scale ----------------------------------------------------------------------------------------------------
+MEASURE = """
+import resource, sys, time
+import numpy as np
+import crossmae.data.readers as readers
+from crossmae.data.readers import GridOptions, GridReader, iso_to_day
+readers.CACHE_BYTES = int(sys.argv[2])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+grid = GridReader([sys.argv[1]], "netcdf", GridOptions(variables=["v"]), "grid")
+x = grid.read(iso_to_day("2000-01-10"), iso_to_day("2000-01-10") + int(sys.argv[3]))
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) / 1024, x.nbytes / 2**20, time.perf_counter() - start)
+"""
+
+
+def measure_window_read(path: Path, window_days: int, cache_bytes: int) -> tuple[float, float, float]:
+    """Peak memory growth (MiB) of a fresh process that opens ``path`` and reads a window of ``window_days``
+    (keeping a record of at most ``cache_bytes`` whole), the window's size (MiB) and the seconds it took."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(path), str(cache_bytes), str(window_days)],
+                         capture_output=True, text=True, env=env, check=True, cwd=ROOT)
+    grown, window, seconds = (float(v) for v in out.stdout.split())
+    return grown, window, seconds
+
+
+def write_large_grid(path: Path, days: int, side: int) -> Path:
+    """A daily float32 grid of ``days x side x side`` written a year at a time (never held whole)."""
+    import h5netcdf
+
+    with h5netcdf.File(path, "w") as f:
+        f.dimensions = {"time": days, "lat": side, "lon": side}
+        time = f.create_variable("time", ("time",), "f8")
+        time.attrs.update(units="days since 2000-01-01", calendar="standard")
+        time[:] = np.arange(days)
+        v = f.create_variable("v", ("time", "lat", "lon"), "f4", chunks=(1, side, side))
+        rng = np.random.default_rng(0)
+        for t0 in range(0, days, 365):
+            t1 = min(days, t0 + 365)
+            v[t0:t1] = rng.random((t1 - t0, side, side), dtype=np.float32)
+    return path
+
+
+def test_window_reads_stay_small_for_a_grid_larger_than_the_cache(tmp_path):
+    side = 400  # 0.61 MiB a day; the record (120 days, 73 MiB) is larger than the 8 MiB cache allowed here
+    path = write_large_grid(tmp_path / "big.nc", 120, side)
+    grown, window, _ = measure_window_read(path, 4, 8 * 2**20)
+    assert window == pytest.approx(4 * side * side * 4 / 2**20)
+    assert grown < 20, f"reading a {window:.1f} MiB window of a 73 MiB file grew the process by {grown:.0f} MiB"
+
+
+if __name__ == "__main__":  # python tests/test_climate_grids.py DAYS SIDE FOLDER: one 32-day window read
+    from crossmae.data.readers import CACHE_BYTES
+
+    days, side, folder = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    big = write_large_grid(folder / f"grid_{days}x{side}x{side}.nc", days, side)
+    grown, window, seconds = measure_window_read(big, 32, CACHE_BYTES)
+    print(f"file {big.stat().st_size / 2**20:.0f} MiB ({days} days of {side}x{side} float32); 32-day window "
+          f"{window:.1f} MiB; peak memory growth {grown:.1f} MiB; {seconds:.2f} s")
