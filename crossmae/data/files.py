@@ -18,7 +18,10 @@ Normalisation (``norm_stats``, JSON, saved with the run)
     windows' days (grids: cells inside the basin), of the training basins. A (nearly) constant channel
     gets std 1. Static attributes: mean and std over the training basins (NaN ignored); a column with no
     value or one value for all training basins is dropped (its name is not in ``norm_stats['static']['names']``).
-    Validation and test data sets receive the training statistics.
+    Validation and test data sets receive the training statistics. Each grid modality's entry also holds
+    ``reading``: what reading did to its files (:meth:`crossmae.data.readers.GridReader.facts`: calendar
+    and the rule that placed it on real days, steps a day and their aggregate, unit conversions, gaps
+    between files), one record, or one per basin when basins differ.
 
 Samples (DESIGN §4)
     grid ``[T, C, H, W]`` float32 (normalised; NaN = missing; cells outside the basin hold 0.0) with its basin
@@ -31,9 +34,12 @@ Samples (DESIGN §4)
 Lazy reading
     Construction reads the grids' time coordinates and the training data for the statistics, then closes
     every file. The data set pickles without open handles or arrays: each DataLoader worker opens the grid
-    files on its first ``__getitem__`` and keeps each variable in memory when it is at most
-    :data:`crossmae.data.readers.CACHE_BYTES` (else it reads each window's slice). Series and static
-    attributes are small and are read once, at construction.
+    files on its first ``__getitem__`` and keeps a grid's whole record (as days, after the crop) in memory
+    when it is at most :data:`crossmae.data.readers.CACHE_BYTES`; else each window reads only the time
+    steps of its own days, from the files that hold them (a grid split over many files opens only those).
+    The statistics read the training days in blocks of at most a year and
+    :data:`crossmae.data.readers.READ_BLOCK_BYTES` of raw steps. Series and static attributes are small
+    and are read once, at construction.
 """
 
 from __future__ import annotations
