@@ -8,6 +8,11 @@
 
 Configuration: the preset, then the YAML file, then ``--section.key=value`` overrides (checked
 against the field types); the resolved config is written to the run folder and every checkpoint.
+
+Exit status: 0 done; 2 bad arguments, config or data, or no intact checkpoint to resume; 3 the run
+stopped (the loss stayed non-finite, or a checkpoint could not be written); 75 (``EX_TEMPFAIL``)
+a SIGTERM or SIGINT stopped the run after the step in progress and its checkpoint is written:
+requeue with ``--resume``. A second signal aborts at once (no checkpoint).
 """
 
 from __future__ import annotations
@@ -17,15 +22,19 @@ import logging
 import sys
 import time
 
+from crossmae.checkpoint import CheckpointError
 from crossmae.config import ConfigError, resolve_config, validate_config
-from crossmae.engine import Trainer, TrainingStopped, load_run_config
+from crossmae.engine import EXIT_PREEMPTED, Preempted, Trainer, TrainingStopped, load_run_config
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         description="Pretrain the multimodal CrossMAE on water data.",
         epilog="Any other option of the form --section.key=value overrides a config field, "
-        "e.g. --model.dec_depth=4 --mask.kept_mask_ratio=0.5.",
+        "e.g. --model.dec_depth=4 --mask.kept_mask_ratio=0.5. "
+        "Exit status: 0 done; 2 bad arguments, config or data, or no intact checkpoint to resume; 3 the run "
+        f"stopped (non-finite loss, checkpoint not writable); {EXIT_PREEMPTED} stopped by SIGTERM/SIGINT after "
+        "finishing the step and writing a checkpoint: requeue with --resume (a second signal aborts at once).",
     )
     parser.add_argument("--fused", action="store_true", help="packed path: varlen attention kernels (attn_backend)")
     parser.add_argument("--preset", help="named preset: default, seed, wide, ragged, cpu")
@@ -33,7 +42,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
     parser.add_argument("--out-dir", help="run folder (default runs/<preset>-<time>)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out-dir from its latest checkpoint")
+                        help="continue the run in --out-dir from its newest intact checkpoint")
     parser.add_argument("--seed", type=int, help="seed of weights, batch order and masks (train.seed)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
     args, rest = parser.parse_known_args(argv)
@@ -73,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(args, overrides)
         trainer = Trainer(config, resume=args.resume)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if trainer.dist.is_main:
@@ -86,6 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as exc:
         print(f"stopped: {exc}", file=sys.stderr)
         return 3
+    except Preempted as exc:
+        if trainer.dist.is_main:
+            print(f"{exc}; exit {EXIT_PREEMPTED}: continue with --resume --out-dir {config.train.out_dir}",
+                  file=sys.stderr)
+        return EXIT_PREEMPTED
     if trainer.dist.is_main and last:
         print(f"done: step {last['step']}, loss {last['loss']:.4f}; metrics in {config.train.out_dir}/metrics.csv")
     return 0

@@ -76,12 +76,14 @@ class GridSource:
             (day k of the model year becomes day floor((k + 0.5) * N / 360) of the real year of N days;
             5 or 6 real days a year are missing) or ``keep_date`` (month and day kept; every 31st is
             missing, 30 February is dropped).
-        aggregate: how sub-daily steps (hourly, 3-hourly …) become days: ``sum``, ``mean``, ``min`` or
-            ``max``, for every variable, or a mapping per variable (``{tp: sum, t2m: mean}``).
+        aggregate: how sub-daily steps (hourly, 3-hourly …) become days: ``sum``, ``mean``, ``min``,
+            ``max`` or ``last`` (the day's final step: a field accumulated since the start of the day, as
+            ERA5-Land's ``tp``), for every variable, or a mapping per variable (``{tp: sum, t2m: mean}``).
         day_start_hour: hours after 00:00 UTC at which a day of sub-daily steps starts; a step stamped t
             belongs to the day of t - day_start_hour (``1`` for steps stamped at the end of their hour).
         max_missing_steps: steps a cell may lack in a day (absent or missing) and still get a value that
-            day (``sum``: the mean of the present steps times the steps per day); more, and it is missing.
+            day (``sum``: the mean of the present steps times the steps per day); more, and it is missing
+            (``last``: missing when the final step is).
         units_to: the unit to convert to from each variable's CF ``units`` attribute, for every variable or
             per variable (``{tp: mm/day, t2m: degC}``); empty = as stored.
         mask_path: file holding the basin mask (``{basin}`` allowed); empty = the first file of ``path``.
