@@ -22,13 +22,17 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+if not __package__:  # run as `python bench/memory_experiment.py`: find the `bench` package by this file's place
+    import _package  # noqa: F401
+
+from bench.harness import command_line, environment, machine_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = {
@@ -127,10 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                     })
     finished = datetime.datetime.now(datetime.timezone.utc)
     meta = {
-        "command": " ".join(["python bench/memory_experiment.py", *map(shlex.quote, argv or sys.argv[1:])]),
+        "command": command_line("python bench/memory_experiment.py", argv or sys.argv[1:]),
         "started": started.isoformat(timespec="seconds"), "finished": finished.isoformat(timespec="seconds"),
-        "host": platform.node(), "cpu": _cpu_name(), "threads": os.cpu_count(), "python": platform.python_version(),
-        "git": _git_sha(),
+        **environment("cpu"),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +159,7 @@ def render(meta: dict, rows: list[dict]) -> str:
         "",
         f"- command: `{meta['command']}`",
         f"- date: {meta['started']} → {meta['finished']} (UTC)",
-        f"- machine: {meta['cpu']}, {meta['threads']} CPUs, no GPU; Python {meta['python']}; git {meta['git']}",
+        f"- machine: {machine_summary(meta)}",
         "",
         "Each pair of runs differs only in `model.memory`; both are scored by `crossmae.evaluate` on the same",
         "fixed masks (non-overlapping windows, every hidden token predicted). Masked MSE is in normalised",
@@ -175,27 +178,6 @@ def render(meta: dict, rows: list[dict]) -> str:
             f"| {_fmt(r['median_kge'])} | {_fmt(r['interp_nse'])} | {_fmt(r['interp_kge'])} | {others} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + (" (modified)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":
