@@ -200,7 +200,7 @@ def test_hourly_steps_aggregate_to_days(tmp_path):
     values[30, 1, 2] = np.nan  # one hour of 1999-01-02 missing at one cell
     path = write_grid(tmp_path / "h.nc", values, hours, units="hours since 1999-01-01 00:00:00", var_units="m")
     with pytest.raises(DataFileError, match=r"holds 24 steps a day; set the daily aggregate of variable 'v': "
-                                            r"aggregate: one of \['sum', 'mean', 'min', 'max'\]"):
+                                            r"aggregate: one of \['sum', 'mean', 'min', 'max', 'last'\]"):
         reader(path)
     total = sum(range(1, 25))
     for how, want in (("sum", total), ("mean", total / 24), ("min", 1.0), ("max", 24.0)):
@@ -221,8 +221,24 @@ def test_hourly_steps_aggregate_to_days(tmp_path):
     assert mm.read(day("1999-01-01"), day("1999-01-02"))[0, 0, 0, 0] == pytest.approx(1000 * total)
     assert mm.facts()["aggregate"] == {"v": "sum"} and mm.facts()["steps_per_day"] == 24
     with pytest.raises(DataFileError, match=r"depth per step \('m'\); it becomes 'mm/day' only when the day's 24 "
-                                            r"steps are summed: expected aggregate 'sum', got 'mean'"):
+                                            r"steps are summed .*: expected aggregate 'sum' or 'last', got 'mean'"):
         reader(path, aggregate={"v": "mean"}, units_to={"v": "mm/day"})
+
+
+def test_accumulated_since_the_start_of_the_day_takes_the_last_step(tmp_path):
+    """ERA5-Land's way: hourly steps stamped at the end of their hour, accumulated from 00 UTC, so the step
+    stamped 00:00 holds the previous day's total."""
+    stamps = np.arange(1, 3 * 24 + 1)  # 1999-01-01T01 .. 1999-01-04T00
+    totals = np.array([5.0, 12.0, 0.5]) / 1000  # m of water a day
+    hour = (stamps - 1) % 24 + 1  # 1 .. 24
+    values = totals[(stamps - 1) // 24] * hour / 24
+    values[47] = np.nan  # the last step of 1999-01-02
+    grid = reader(write_grid(tmp_path / "tp.nc", np.broadcast_to(values[:, None, None], (72, 2, 3)), stamps,
+                             units="hours since 1999-01-01", var_units="m"),
+                  aggregate={"v": "last"}, day_start_hour=1, units_to={"v": "mm/day"})
+    assert list(grid.days) == [day("1999-01-01"), day("1999-01-02"), day("1999-01-03")]
+    x = grid.read(day("1999-01-01"), day("1999-01-04"))[:, 0, 0, 0]
+    np.testing.assert_allclose(x, [5.0, np.nan, 0.5], rtol=1e-6)
 
 
 def test_three_hourly_noleap_steps(tmp_path):
@@ -326,7 +342,7 @@ def test_grid_config_errors_name_the_key():
 
     check(r"data.files.grids\[0\].calendar_360 must be one of \['refuse', 'rescale_year', 'keep_date'\], got 'x'",
           calendar_360="x")
-    check(r"data.files.grids\[0\].aggregate \(v\) must be one of \['sum', 'mean', 'min', 'max'\], got 'median'",
+    check(r"data.files.grids\[0\].aggregate \(v\) must be one of \['sum', 'mean', 'min', 'max', 'last'\], got 'median'",
           aggregate="median")
     check(r"data.files.grids\[0\].units_to names 'tp', which is not one of its variables \['v'\]",
           units_to={"tp": "mm/day"})

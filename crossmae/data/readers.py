@@ -308,7 +308,7 @@ NOLEAP_CALENDARS = ("noleap", "365_day")
 ALL_LEAP_CALENDARS = ("all_leap", "366_day")
 CALENDARS = (*STANDARD_CALENDARS, *NOLEAP_CALENDARS, *ALL_LEAP_CALENDARS, "360_day")
 CALENDAR_360_RULES = ("refuse", "rescale_year", "keep_date")
-AGGREGATES = ("sum", "mean", "min", "max")
+AGGREGATES = ("sum", "mean", "min", "max", "last")
 READ_BLOCK_BYTES = 64 * 2**20  # raw steps read at once (float64, after the crop), whatever the window or block
 
 
@@ -508,9 +508,10 @@ def unit_conversion(source: str, target: str, steps_per_day: int, aggregate: str
     if src[1] == -1 and dst[1] == 0 and subdaily:
         raise DataFileError(f"{what}: can't convert {name} from the rate {source!r} to the depth {target!r} with "
                             f"{steps_per_day} steps a day; expected a rate as target, such as 'mm/day'")
-    if src[1] == 0 and dst[1] == -1 and subdaily and aggregate != "sum":
+    if src[1] == 0 and dst[1] == -1 and subdaily and aggregate not in ("sum", "last"):
         raise DataFileError(f"{what}: {name} is a depth per step ({source!r}); it becomes {target!r} only when the "
-                            f"day's {steps_per_day} steps are summed: expected aggregate 'sum', got {aggregate!r}")
+                            f"day's {steps_per_day} steps are summed (or the last holds the day's accumulation): "
+                            f"expected aggregate 'sum' or 'last', got {aggregate!r}")
     if src[1] == -1 and subdaily and aggregate == "sum":
         raise DataFileError(f"{what}: {name} is a rate ({source!r}); summing its {steps_per_day} steps a day gives "
                             "no rate: expected aggregate 'mean' (or 'min', 'max')")
@@ -563,7 +564,7 @@ class GridOptions:
         crop_bounds: ``(y_min, y_max, x_min, x_max)`` coordinate values (lat, lon) of the cells to keep, or None.
         markers: missing-value markers besides NaN and ``_FillValue``.
         units_to: variable → the unit to convert it to (from its ``units`` attribute).
-        aggregate: variable → ``sum``, ``mean``, ``min`` or ``max`` of a day's sub-daily steps.
+        aggregate: variable → ``sum``, ``mean``, ``min``, ``max`` or ``last`` of a day's sub-daily steps.
         day_start_hour: hours after 00:00 UTC at which a day of sub-daily steps starts.
         max_missing_steps: sub-daily steps a cell may lack in a day and still have a value that day.
         calendar_360: ``refuse``, ``rescale_year`` or ``keep_date`` for files in the 360_day calendar.
@@ -590,9 +591,11 @@ class GridReader:
     Time: every file's time coordinate is decoded in its own calendar (:func:`decode_time`); files are
     ordered by their first step, must not overlap, and a gap between two of them is logged and recorded
     (its days are missing). Daily steps give one field a day (gaps are missing days); sub-daily steps
-    (hourly, 3-hourly …) are reduced to days by each variable's ``aggregate``: a cell of a day holds a value
-    when it lacks at most ``max_missing_steps`` of the day's steps (absent or missing), ``sum`` then being the
-    mean of the present steps times the steps per day; otherwise the cell is missing that day.
+    (hourly, 3-hourly …) are reduced to days by each variable's ``aggregate``: with ``sum``, ``mean``, ``min``
+    and ``max`` a cell of a day holds a value when it lacks at most ``max_missing_steps`` of the day's steps
+    (absent or missing), ``sum`` then being the mean of the present steps times the steps per day; otherwise
+    the cell is missing that day. ``last`` takes the day's final step (for fields accumulated since the start
+    of the day, as ERA5-Land's), missing when that step is.
 
     Space: every file must have the same dims, sizes and (within ``coord_tolerance`` cells, longitudes modulo
     360) coordinates. ``crop`` keeps index ranges, ``crop_bounds`` the cells whose coordinate values lie
@@ -752,6 +755,7 @@ class GridReader:
         keep = np.concatenate([a.keep for a in axes])
         self.dropped_steps = int((~keep).sum())
         self._step_file, self._step_position, self._step_day = file_of[keep], position[keep], day[keep]
+        self._step_ends_day = (instant[keep] - day[keep] * 86400) > 86400 - 1.5 * step  # the day's final step
         if self._step_day.size == 0:
             raise DataFileError(f"{self.what}: {self.path!r} holds no time step; expected at least one day")
         if self.steps_per_day == 1 and np.any(np.diff(self._step_day) <= 0):
@@ -857,8 +861,10 @@ class GridReader:
                 out[:, c] = out[:, c] * conv.scale + conv.offset
         return out
 
-    def _aggregate(self, steps: np.ndarray, step_day: np.ndarray, out: np.ndarray, day0: int) -> None:
-        """Sub-daily ``steps [L, C, H, W]`` of days ``step_day [L]`` → their days in ``out [D, C, H, W]``."""
+    def _aggregate(self, steps: np.ndarray, step_day: np.ndarray, ends_day: np.ndarray, out: np.ndarray,
+                   day0: int) -> None:
+        """Sub-daily ``steps [L, C, H, W]`` of days ``step_day [L]`` (``ends_day [L]``: the day's final step)
+        → their days in ``out [D, C, H, W]``."""
         starts = np.flatnonzero(np.r_[True, np.diff(step_day) != 0])
         days = step_day[starts] - day0
         finite = np.isfinite(steps)
@@ -867,6 +873,9 @@ class GridReader:
         lacking = self.steps_per_day - count > self.options.max_missing_steps
         with np.errstate(invalid="ignore", divide="ignore"):
             for c, how in enumerate(self.aggregate):
+                if how == "last":
+                    out[step_day[ends_day] - day0, c] = steps[ends_day, c]
+                    continue
                 if how == "min":
                     value = np.fmin.reduceat(steps[:, c], starts, axis=0)
                 elif how == "max":
@@ -887,7 +896,7 @@ class GridReader:
             if self.steps_per_day == 1:
                 out[self._step_day[k0:k1] - day0] = steps
             else:
-                self._aggregate(steps, self._step_day[k0:k1], out, day0)
+                self._aggregate(steps, self._step_day[k0:k1], self._step_ends_day[k0:k1], out, day0)
         return out
 
     def read(self, day0: int, day1: int) -> np.ndarray:
