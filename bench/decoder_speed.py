@@ -88,7 +88,7 @@ from bench.harness import (
 from crossmae.config import Config, ModelConfig, preset_config
 from crossmae.data.collate import MaskingCollator, PackedBatch
 from crossmae.data.loader import GlobalBatchOrder, build_dataset
-from crossmae.model import EncodedModality, MultimodalCrossMAE
+from crossmae.model import EncoderOutput, MultimodalCrossMAE
 from crossmae.ops import BACKENDS, backend_reasons, select_backend
 from crossmae.presets import PRESETS, attention_flops
 
@@ -191,12 +191,12 @@ def decoder_attention_flops(cfg: ModelConfig, batch: PackedBatch, *, standard: b
     total = 0.0
     for mb in batch.modalities.values():
         if standard:
-            terms = [(mb.mae.lengths, mb.mae.lengths)]
+            terms = [(mb.standard.seq.lengths, mb.standard.seq.lengths)]
         else:
-            memory = batch.memory if cfg.memory == "joint" else mb.enc
-            terms = [(mb.pred.lengths, memory.lengths)]
+            memory = batch.memory.packed if cfg.memory == "joint" else mb.encoder.seq
+            terms = [(mb.queries.packed.lengths, memory.lengths)]
             if cfg.decoder_self_attn:
-                terms.append((mb.pred.lengths, mb.pred.lengths))
+                terms.append((mb.queries.packed.lengths, mb.queries.packed.lengths))
         for lengths_q, lengths_k in terms:
             total += attention_flops(lengths_q.tolist(), lengths_k.tolist(), heads, head_dim)[0]
     return total * cfg.dec_depth
@@ -214,7 +214,7 @@ class PreparedBatch:
     """
 
     batch: PackedBatch
-    encoded: dict[str, EncodedModality]
+    encoded: EncoderOutput
     shape: dict
     flops: dict[bool, float]
 
@@ -289,15 +289,15 @@ class DecoderBench:
         items = [order[i] if i < len(order) else (order[i % len(order)][0], 10**9 + i) for i in range(size)]
         batch = self.collator([self.dataset[item] for item in items]).to(self.device)
         with torch.no_grad(), self.autocast():
-            encoded = self.models[False].forward_encoder(batch)
-        encoded = {n: EncodedModality(e.out.detach(), [m.detach() for m in e.layers]) for n, e in encoded.items()}
+            encoded = self.models[False].forward_encoder(batch).detach()
         mods = batch.modalities.values()
-        memory = [batch.memory] if self.config.model.memory == "joint" else [mb.enc for mb in mods]
+        memory = [batch.memory.packed] if self.config.model.memory == "joint" else [mb.encoder.seq for mb in mods]
         shape = {
             "B": size, "steps": self.config.data.steps,
-            "total_q": sum(mb.pred.total for mb in mods), "total_k": sum(m.total for m in memory),
-            "max_q": max(mb.pred.max_seqlen for mb in mods), "max_k": max(m.max_seqlen for m in memory),
-            "total_seq": sum(mb.mae.total for mb in mods), "max_seq": max(mb.mae.max_seqlen for mb in mods),
+            "total_q": sum(mb.queries.packed.total for mb in mods), "total_k": sum(m.total for m in memory),
+            "max_q": max(mb.queries.packed.max_seqlen for mb in mods), "max_k": max(m.max_seqlen for m in memory),
+            "total_seq": sum(mb.standard.seq.total for mb in mods),
+            "max_seq": max(mb.standard.seq.max_seqlen for mb in mods),
         }
         cfg = self.config.model
         flops = {standard: decoder_attention_flops(cfg, batch, standard=standard) for standard in (False, True)}
@@ -314,7 +314,7 @@ class DecoderBench:
             model.cfg.attn_backend = variant.backend
             with self.autocast():
                 predictions = model.forward_decoder(prepared.batch, prepared.encoded)
-                loss, _, _ = model.forward_loss(prepared.batch, predictions)
+                loss = model.forward_loss(prepared.batch, predictions).loss
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             return loss.detach(), grads
 

@@ -138,15 +138,16 @@ def attention_forward_flops(model: MultimodalCrossMAE, batch: PackedBatch) -> fl
     dec_heads, dec_head_dim = cfg.dec_heads, cfg.dec_dim // cfg.dec_heads
     total = 0.0
     for mb in batch.modalities.values():
-        lengths = mb.enc.lengths.tolist()
+        lengths = mb.encoder.seq.lengths.tolist()
         total += cfg.enc_depth * attention_flops(lengths, lengths, enc_heads, enc_head_dim)[0]
         if cfg.use_cross_attn:
-            memory = batch.memory if cfg.memory == "joint" else mb.enc
-            terms = [(mb.pred.lengths.tolist(), memory.lengths.tolist())]
+            memory = batch.memory.packed if cfg.memory == "joint" else mb.encoder.seq
+            queries = mb.queries.packed.lengths.tolist()
+            terms = [(queries, memory.lengths.tolist())]
             if cfg.decoder_self_attn:
-                terms.append((mb.pred.lengths.tolist(), mb.pred.lengths.tolist()))
+                terms.append((queries, queries))
         else:
-            terms = [(mb.mae.lengths.tolist(), mb.mae.lengths.tolist())]
+            terms = [(mb.standard.seq.lengths.tolist(), mb.standard.seq.lengths.tolist())]
         for lengths_q, lengths_k in terms:
             total += cfg.dec_depth * attention_flops(lengths_q, lengths_k, dec_heads, dec_head_dim)[0]
     return total
@@ -196,8 +197,8 @@ def plan_preset(run: BenchRun, preset: str, variants: Sequence[str], backend: st
             attention = attention_forward_flops(model, batch)
             row.update(
                 params=sum(p.numel() for p in model.parameters()), tokens=batch.num_tokens,
-                enc_tokens=sum(m.enc.total for m in batch.modalities.values()),
-                dec_tokens=sum(m.pred.total for m in batch.modalities.values()),
+                enc_tokens=sum(m.encoder.seq.total for m in batch.modalities.values()),
+                dec_tokens=sum(m.queries.packed.total for m in batch.modalities.values()),
                 linear_gflop=3.0 * linear / 1e9, attn_gflop=3.5 * attention / 1e9,
                 model_gflop=(3.0 * linear + 3.5 * attention) / 1e9,
             )

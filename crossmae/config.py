@@ -261,47 +261,69 @@ class DataConfig:
     files: FilesConfig = field(default_factory=FilesConfig)
 
 
+MASK_MODES = ("free", "frame", "unified")
+
+
 @dataclass
 class MaskConfig:
-    """How each sample's tokens are hidden and which hidden ones are predicted.
+    """How each sample's tokens are hidden and which hidden ones are predicted (rules: ``docs/masking.md``).
 
     Attributes:
         grid_ratio: fraction of a sample's valid grid tokens hidden from the encoder.
         series_ratio: the same for series tokens.
         ratios: per-modality overrides, e.g. ``{streamflow: 0.9}``.
-        mode: ``free`` (uniform over the sample's valid tokens) or ``frame`` (the ratio within
-            each time step's valid patches; series tokens are masked freely in both modes).
-        kept_mask_ratio: fraction of the hidden tokens that are predicted (CrossMAE's partial
-            reconstruction; 1.0 predicts them all).
+        mode: ``free`` (each modality drawn alone, uniform over the sample's valid tokens), ``frame``
+            (the ratio within each time step's valid patches; series as in ``free``) or ``unified``
+            (one draw shared by all grid modalities and one by all series: the same (t, p) positions
+            hidden in each, over the union of their valid positions).
+        kept_mask_ratio: fraction of *all* of a sample's valid tokens that are predicted (CrossMAE's
+            partial reconstruction: at most the mask ratio); empty (None) predicts every hidden token.
     """
 
     grid_ratio: float = 0.75
     series_ratio: float = 0.5
     ratios: dict[str, float] = field(default_factory=dict)
     mode: str = "free"
-    kept_mask_ratio: float = 1.0
+    kept_mask_ratio: float | None = None
 
     def ratio(self, modality: str, kind: str) -> float:
         return self.ratios.get(modality, self.grid_ratio if kind == "grid" else self.series_ratio)
 
 
+STATIC_MODES = ("token", "film", "both")
+LOSS_REDUCTIONS = ("values", "samples")
+
+
 @dataclass
 class ModelConfig:
-    """The multimodal CrossMAE (DESIGN §4, §6).
+    """The multimodal CrossMAE (``docs/model.md`` explains each option).
 
     Attributes:
         enc_dim, enc_depth, enc_heads: every modality encoder's width, blocks and heads.
         dec_dim, dec_depth, dec_heads: every modality decoder's width, blocks and heads.
         mlp_ratio: MLP hidden width over the model width.
+        dropout: dropout after every attention and MLP output (0 = none).
+        fusion_depth: shared fusion blocks over the joint memory (varlen self-attention per sample
+            across modalities) before any decoder; 0 = none.
+        static: how static attributes enter the encoders: ``token`` (one token at the start of the
+            sequence), ``film`` (every block's output scaled and shifted by γ, β from the attributes)
+            or ``both``.
+        static_on: ``all`` encoders or only the ``series`` encoders take the static attributes.
+        day_of_year: add a learned projection of the day of year's (sin, cos) to every token.
+        learned_space: add a learned per-patch embedding to grid tokens (besides the sin-cos one).
         use_cross_attn: False gives the standard MAE decoder (self-attention over the memory
             and a mask token at every hidden position): the baseline.
-        decoder_self_attn: masked self-attention among the queries in each decoder block.
+        decoder_self_attn: self-attention among the queries of a sample, first in each decoder block.
         use_weighted_fm: decoder block i attends to a learned mix of encoder layers.
-        use_fm_layers: encoder blocks to mix (indices; empty = all).
+        use_fm_layers: encoder layers to mix (indices over ``enc_depth + fusion_depth`` layers; empty = all).
         use_input: also mix the encoder's input embeddings.
         memory: ``joint`` (every modality's visible tokens) or ``own`` (the decoder's own modality).
         attn_backend: varlen attention backend of the packed path (``auto`` or a registry name).
-        norm_pix_loss: normalise each target token by its own mean and variance.
+        norm_pix_loss: normalise each target token by its own mean and (unbiased) variance.
+        norm_pix_modalities: the modalities ``norm_pix_loss`` applies to (empty = all); each needs
+            tokens of at least 2 values.
+        loss_reduction: ``values`` (a modality's loss is the mean over all its counted values in the
+            batch) or ``samples`` (the mean over samples of each sample's mean).
         loss_weights: per-modality loss weights (default 1).
     """
 
@@ -312,6 +334,12 @@ class ModelConfig:
     dec_depth: int = 2
     dec_heads: int = 4
     mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    fusion_depth: int = 0
+    static: str = "token"
+    static_on: str = "all"
+    day_of_year: bool = False
+    learned_space: bool = False
     use_cross_attn: bool = True
     decoder_self_attn: bool = False
     use_weighted_fm: bool = False
@@ -320,6 +348,8 @@ class ModelConfig:
     memory: str = "joint"
     attn_backend: str = "auto"
     norm_pix_loss: bool = False
+    norm_pix_modalities: list[str] = field(default_factory=list)
+    loss_reduction: str = "values"
     loss_weights: dict[str, float] = field(default_factory=dict)
 
 
@@ -378,7 +408,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-# -- presets (DESIGN §7) -------------------------------------------------------------------
+# -- presets (docs/presets.md) ---------------------------------------------------------------
 def _workload_preset(name: str) -> Config:
     """The workload preset ``name`` of :data:`crossmae.presets.PRESETS` as a run: one grid modality
     (100×100 cells in 10×10-cell patches, patch_dim 100), no series, no static attributes."""
@@ -572,17 +602,28 @@ def validate_config(config: Config) -> None:
     for name, r in [("mask.grid_ratio", m.grid_ratio), ("mask.series_ratio", m.series_ratio),
                     *[(f"mask.ratios.{k}", v) for k, v in m.ratios.items()]]:
         need(0.0 <= r < 1.0, f"{name} must be in [0, 1), got {r}")
-    need(m.mode in ("free", "frame"), f"mask.mode must be 'free' or 'frame', got {m.mode!r}")
-    need(0.0 < m.kept_mask_ratio <= 1.0, f"mask.kept_mask_ratio must be in (0, 1], got {m.kept_mask_ratio}")
+    need(m.mode in MASK_MODES, f"mask.mode must be one of {list(MASK_MODES)}, got {m.mode!r}")
+    if m.kept_mask_ratio is not None:
+        lowest = min([m.grid_ratio, m.series_ratio, *m.ratios.values()])
+        need(0.0 < m.kept_mask_ratio <= lowest,
+             f"mask.kept_mask_ratio is a fraction of all valid tokens, so it must be in (0, {lowest}] (the lowest "
+             f"mask ratio), got {m.kept_mask_ratio}")
     for prefix, dim, heads, depth in [("enc", mo.enc_dim, mo.enc_heads, mo.enc_depth),
                                       ("dec", mo.dec_dim, mo.dec_heads, mo.dec_depth)]:
         need(depth >= 1, f"model.{prefix}_depth must be at least 1, got {depth}")
         need(heads >= 1 and dim % heads == 0,
              f"model.{prefix}_dim ({dim}) must be a multiple of model.{prefix}_heads ({heads})")
     need(mo.memory in ("joint", "own"), f"model.memory must be 'joint' or 'own', got {mo.memory!r}")
+    layers = mo.enc_depth + mo.fusion_depth
     for i in mo.use_fm_layers:
-        need(-mo.enc_depth <= i < mo.enc_depth,
-             f"model.use_fm_layers holds {i}, but the encoder has {mo.enc_depth} blocks")
+        need(-layers <= i < layers,
+             f"model.use_fm_layers holds {i}, but the encoder has {layers} layers (enc_depth + fusion_depth)")
+    need(mo.fusion_depth >= 0, f"model.fusion_depth must be non-negative, got {mo.fusion_depth}")
+    need(0.0 <= mo.dropout < 1.0, f"model.dropout must be in [0, 1), got {mo.dropout}")
+    need(mo.static in STATIC_MODES, f"model.static must be one of {list(STATIC_MODES)}, got {mo.static!r}")
+    need(mo.static_on in ("all", "series"), f"model.static_on must be 'all' or 'series', got {mo.static_on!r}")
+    need(mo.loss_reduction in LOSS_REDUCTIONS,
+         f"model.loss_reduction must be one of {list(LOSS_REDUCTIONS)}, got {mo.loss_reduction!r}")
     need(t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}")
     need(t.lr > 0 and t.min_lr >= 0, f"train.lr must be positive and train.min_lr non-negative, got {t.lr}, "
          f"{t.min_lr}")

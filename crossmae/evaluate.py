@@ -9,12 +9,16 @@ What it does
     every day is reconstructed at most once), and runs the model over every window of the split with fixed
     masks: window i draws its mask from noise seed ``seed · 1_000_003 + i``, so two runs evaluated with the
     same seed see the same masks (``model.memory`` joint vs own is a fair comparison). Every hidden token is
-    predicted (``mask.kept_mask_ratio`` = 1); mask ratios are the run's unless overridden on the command line.
+    predicted (``mask.kept_mask_ratio`` empty); mask ratios are the run's unless overridden on the command line.
 
 Metrics (``RUN/eval/metrics_<split>.json``, TensorBoard ``eval_<split>/…``)
-    ``modalities.<m>.masked_mse``: mean squared error over the predicted values in normalised units, as the
-        validation loss counts it (grid cells outside the basin carry no weight);
-        ``rmse``: the same values' root mean squared error in physical units.
+    ``modalities.<m>.masked_mse``: mean squared error over the predicted values in normalised units (grid cells
+        outside the basin carry no weight; with ``model.norm_pix_loss`` against the per-token standardised
+        targets the model was trained on);
+        ``rmse``: the same values' root mean squared error in physical units. A run trained with
+        ``model.norm_pix_loss`` predicts each token up to its own (unknown) mean and scale, so for the modalities
+        it applies to no physical-unit score exists: ``rmse`` is null, ``physical_units`` false, and they get no
+        NSE/KGE.
     ``flow.<m>``: for streamflow-like series (``flow: true`` in a files config, ``--flow``, or a modality named
         ``streamflow``/``discharge``), per basin, over the masked days of the split in physical units: NSE and
         KGE (Gupta et al. 2009, with its r, α = σ_sim/σ_obs, β = μ_sim/μ_obs) and their medians over basins;
@@ -166,7 +170,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str | Path
         if not item.lstrip("-").startswith("mask."):
             raise ValueError(f"evaluation overrides may only change mask.*, got {item!r}")
     config = apply_overrides(copy.deepcopy(config), list(overrides))
-    config.mask.kept_mask_ratio = 1.0
+    config.mask.kept_mask_ratio = None
     data = copy.deepcopy(config.data)
     data.stride = data.steps  # non-overlapping windows: each day is reconstructed at most once
     dataset = build_dataset(data, split, norm_stats=norm_stats)
@@ -176,7 +180,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str | Path
     model.load_state_dict(weights)
     model.to(device).eval()
     collator = make_collator(config, dataset)
-    flow_names = _flow_names(dataset, spec, flow)
+    flow_names = [n for n in _flow_names(dataset, spec, flow) if n not in model.norm_pix_names]
     channel_names = getattr(dataset, "channel_names", {})
 
     sse = {m.name: 0.0 for m in spec.modalities}
@@ -195,10 +199,14 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str | Path
             out = model(batch.to(device))
         for m in spec.modalities:
             mb = batch.modalities[m.name]
-            sse[m.name] += float(out.sse[m.name])
-            count[m.name] += mb.target_count
             pred = out.predictions[m.name].float().cpu()  # [total_pred, token_dim]
-            b_i, t_i, p_i = mb.pred_index.unbind(1)
+            weight = mb.targets.weight  # [total_pred, token_dim]
+            target = model.normalized_targets(m.name, mb.targets.values, weight)
+            sse[m.name] += float(((pred - target).square() * weight).sum())
+            count[m.name] += float(weight.sum())
+            if m.name in model.norm_pix_names:
+                continue
+            b_i, t_i, p_i = mb.queries.index.unbind(1)
             rows, cols = mb.patch_grid
             tokens = torch.full((len(samples), data.steps, rows * cols, pred.shape[1]), float("nan"))
             tokens[b_i, t_i, p_i] = pred  # [B, T, P, token_dim]
@@ -255,6 +263,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str | Path
         metrics["modalities"][m.name] = {
             "masked_mse": sse[m.name] / count[m.name] if count[m.name] else float("nan"),
             "rmse": math.sqrt(phys_se[m.name] / phys_n[m.name]) if phys_n[m.name] else float("nan"),
+            "physical_units": m.name not in model.norm_pix_names,
             "values": int(count[m.name]),
         }
     for name in flow_names:

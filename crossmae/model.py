@@ -1,12 +1,12 @@
-"""The multimodal CrossMAE on packed tokens (DESIGN §4, §6).
+"""The multimodal CrossMAE on packed tokens (``docs/model.md``).
 
-One encoder per modality runs on that modality's visible tokens only (plus one static-attribute
-token per sample); the joint memory is, per sample, every modality's encoder output; one
-decoder per modality reconstructs the predicted tokens from mask-token queries that
-cross-attend to the memory. Split as MAE: :meth:`forward_encoder`, :meth:`forward_decoder`,
-:meth:`forward_loss`.
+One encoder per modality runs on that modality's visible tokens only (with the static attributes
+as a token and/or FiLM); the joint memory is, per sample, every modality's encoder output,
+optionally passed through shared fusion blocks; one decoder per modality reconstructs the
+predicted tokens from mask-token queries that cross-attend to the memory. Split as MAE:
+:meth:`forward_encoder`, :meth:`forward_decoder`, :meth:`forward_loss`.
 
-Paths (the same weights, different layouts of the same arithmetic):
+Paths (the same weights, different layouts of the same arithmetic; ``crossmae.layers``):
     packed  every attention is one varlen kernel call over the batch, and the loss is the fused
             Triton kernel where it runs (``--fused``);
     padded  tokens padded to the longest sample, SDPA with a key-padding mask;
@@ -21,61 +21,80 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from crossmae.config import ModelConfig
-from crossmae.data.collate import ModalityBatch, PackedBatch
+from crossmae.config import LOSS_REDUCTIONS, STATIC_MODES, ModelConfig
+from crossmae.data.collate import CollateSettings, PackedBatch
 from crossmae.data.sample import DatasetSpec
 from crossmae.layers import (
     Block,
     CrossAttentionBlock,
-    LoopLayout,
-    PackedLayout,
-    PaddedLayout,
+    FiLM,
     grid_sincos_embedding,
+    make_layout,
     sincos_embedding,
 )
 from crossmae.ops.loss import masked_sse
-from crossmae.packed import Packed, key_padding_mask, pad_packed, unpad
+from crossmae.packed import Packed
 
 ENCODER_PATHS = ("packed", "padded")
 DECODER_PATHS = ("packed", "padded", "loop")
 
 
 @dataclass
-class ModelOutput:
-    """What one forward returns.
+class LossTerms:
+    """The loss of one forward, and what a caller needs to re-normalise it over several batches or processes.
 
     Attributes:
-        loss: scalar, the weighted sum of the per-modality losses.
-        losses: modality → scalar loss (sum of squared errors / normaliser).
-        sse: modality → scalar sum of squared errors over the counted values.
-        predictions: modality → ``[total_pred, token_dim]`` packed reconstructions.
+        loss: scalar, ``Σ_m weight_m · losses[m]``.
+        losses: modality → scalar, ``sums[m] / normaliser``.
+        sums: modality → scalar device tensor: the sum of squared errors over the counted values
+            (``loss_reduction='values'``) or the sum over samples of each sample's mean squared error
+            (``'samples'``).
+        counts: modality → scalar device tensor: the counted values, or the samples with a counted value.
     """
 
     loss: torch.Tensor
     losses: dict[str, torch.Tensor]
-    sse: dict[str, torch.Tensor]
+    sums: dict[str, torch.Tensor]
+    counts: dict[str, torch.Tensor]
+
+
+@dataclass
+class ModelOutput(LossTerms):
+    """What one forward returns: :class:`LossTerms` and the reconstructions.
+
+    Attributes:
+        predictions: modality → ``[total_pred, token_dim]`` packed reconstructions.
+    """
+
     predictions: dict[str, torch.Tensor]
 
 
 @dataclass
-class EncodedModality:
-    """out: ``[total_enc, enc_dim]`` final (normed) encoder rows; layers: feature maps for
-    weighted feature maps (empty unless ``use_weighted_fm``)."""
+class EncoderOutput:
+    """The memory the decoders read.
 
-    out: torch.Tensor
-    layers: list[torch.Tensor]
+    Attributes:
+        memory: ``[total_mem, enc_dim]`` the joint memory: per sample every modality's final encoder rows
+            in modality order (after the fusion blocks when ``fusion_depth > 0``).
+        feature_maps: the layers weighted feature maps mix, each ``[total_mem, enc_dim]`` in the same order
+            (empty unless ``use_weighted_fm``).
+    """
+
+    memory: torch.Tensor
+    feature_maps: list[torch.Tensor]
+
+    def detach(self) -> EncoderOutput:
+        return EncoderOutput(self.memory.detach(), [m.detach() for m in self.feature_maps])
 
 
-def _pad(x: torch.Tensor, packed: Packed) -> torch.Tensor:
-    return pad_packed(x, packed.cu_seqlens, packed.max_seqlen)  # [B, L, d]
-
-
-def _layout(path: str, q: Packed, k: Packed, backend: str):
-    if path == "packed":
-        return PackedLayout(q, k, backend)
-    if path == "padded":
-        return PaddedLayout(key_padding_mask(k.cu_seqlens, k.max_seqlen))
-    return LoopLayout(tuple(q.lengths.tolist()), tuple(k.lengths.tolist()))
+def static_conditioning(spec: DatasetSpec, cfg: ModelConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(modalities whose encoder takes a static token, modalities whose encoder blocks take FiLM), from
+    ``model.static`` and ``model.static_on``; both empty when the data set has no static attributes."""
+    if not spec.static_dim:
+        return (), ()
+    conditioned = tuple(m.name for m in spec.modalities if cfg.static_on == "all" or m.kind == "series")
+    return (conditioned if cfg.static in ("token", "both") else (),
+            conditioned if cfg.static in ("film", "both") else ())
 
 
 class ModalityDecoder(nn.Module):
@@ -83,17 +102,18 @@ class ModalityDecoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig, token_dim: int, n_feature_maps: int):
         super().__init__()
-        self.use_cross_attn = cfg.use_cross_attn
         self.mask_token = nn.Parameter(torch.zeros(cfg.dec_dim))
         self.modality_token = nn.Parameter(torch.zeros(cfg.dec_dim))
         self.embed = nn.Linear(cfg.enc_dim, cfg.dec_dim)
         if cfg.use_cross_attn:
             self.blocks = nn.ModuleList(
-                CrossAttentionBlock(cfg.dec_dim, cfg.dec_heads, cfg.mlp_ratio, cfg.decoder_self_attn)
+                CrossAttentionBlock(cfg.dec_dim, cfg.dec_heads, cfg.mlp_ratio, cfg.decoder_self_attn, cfg.dropout)
                 for _ in range(cfg.dec_depth)
             )
         else:
-            self.blocks = nn.ModuleList(Block(cfg.dec_dim, cfg.dec_heads, cfg.mlp_ratio) for _ in range(cfg.dec_depth))
+            self.blocks = nn.ModuleList(
+                Block(cfg.dec_dim, cfg.dec_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.dec_depth)
+            )
         self.feature_weights = None
         if cfg.use_weighted_fm:
             # decoder block i attends to sum_l w[l, i] * features_l, each block with its own norm
@@ -117,7 +137,7 @@ class MultimodalCrossMAE(nn.Module):
 
     Args:
         spec: the data set's modalities and static attribute count.
-        cfg: model options (DESIGN §6).
+        cfg: model options (``docs/model.md``).
         patch_size: grid patch side in cells (sets grid token widths).
         steps: the longest window T (sets the temporal embedding table).
         fused: True runs every attention packed (``cfg.attn_backend``); False runs the seed's
@@ -126,39 +146,81 @@ class MultimodalCrossMAE(nn.Module):
 
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig, *, patch_size: int, steps: int, fused: bool = True):
         super().__init__()
-        if cfg.use_weighted_fm and not cfg.use_cross_attn:
-            raise ValueError("model.use_weighted_fm needs model.use_cross_attn (it feeds cross-attention)")
         self.spec = spec
         self.cfg = cfg
         self.names = [m.name for m in spec.modalities]
+        self.patch_size, self.steps = patch_size, steps
+        self.token_dims = {m.name: (m.channels * patch_size**2 if m.kind == "grid" else m.channels)
+                           for m in spec.modalities}
+        self._check_options()
         self.encoder_path, self.decoder_path = ("packed", "packed") if fused else ("padded", "loop")
-        depth = cfg.enc_depth
-        self.fm_layers = [i % depth for i in cfg.use_fm_layers] if cfg.use_fm_layers else list(range(depth))
+        self.layers = cfg.enc_depth + cfg.fusion_depth
+        self.fm_layers = sorted({i % self.layers for i in cfg.use_fm_layers}) if cfg.use_fm_layers \
+            else list(range(self.layers))
         n_maps = len(self.fm_layers) + int(cfg.use_input)
+        self.norm_pix_names = set(cfg.norm_pix_modalities or self.names) if cfg.norm_pix_loss else set()
+        has_static = spec.static_dim > 0
+        self.static_token_names, film_names = static_conditioning(spec, cfg)
 
-        token_dims = {m.name: (m.channels * patch_size**2 if m.kind == "grid" else m.channels) for m in spec.modalities}
-        self.token_dims = token_dims
-        self.embed = nn.ModuleDict({n: nn.Linear(d, cfg.enc_dim) for n, d in token_dims.items()})
-        self.modality_tokens = nn.ParameterDict({n: nn.Parameter(torch.zeros(cfg.enc_dim)) for n in self.names})
+        d = cfg.enc_dim
+        self.embed = nn.ModuleDict({n: nn.Linear(k, d) for n, k in self.token_dims.items()})
+        self.modality_tokens = nn.ParameterDict({n: nn.Parameter(torch.zeros(d)) for n in self.names})
         self.encoders = nn.ModuleDict({
-            n: nn.ModuleList(Block(cfg.enc_dim, cfg.enc_heads, cfg.mlp_ratio) for _ in range(depth)) for n in self.names
+            n: nn.ModuleList(Block(d, cfg.enc_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.enc_depth))
+            for n in self.names
         })
-        self.encoder_norms = nn.ModuleDict({n: nn.LayerNorm(cfg.enc_dim) for n in self.names})
-        self.static_embed = nn.Linear(spec.static_dim, cfg.enc_dim) if spec.static_dim else None
-        self.decoders = nn.ModuleDict({n: ModalityDecoder(cfg, token_dims[n], n_maps) for n in self.names})
+        self.encoder_norms = nn.ModuleDict({n: nn.LayerNorm(d) for n in self.names})
+        # static attributes and their missing flags [B, 2S] → [B, d]
+        self.static_embed = nn.Linear(2 * spec.static_dim, d) if has_static else None
+        self.film = nn.ModuleDict({n: nn.ModuleList(FiLM(d, d) for _ in range(cfg.enc_depth)) for n in film_names})
+        self.fusion = nn.ModuleList(Block(d, cfg.enc_heads, cfg.mlp_ratio, cfg.dropout)
+                                    for _ in range(cfg.fusion_depth))
+        if cfg.fusion_depth:
+            self.fusion_tokens = nn.ParameterDict({n: nn.Parameter(torch.zeros(d)) for n in self.names})
+            self.fusion_norm = nn.LayerNorm(d)
+        self.decoders = nn.ModuleDict({n: ModalityDecoder(cfg, self.token_dims[n], n_maps) for n in self.names})
 
         # fixed sin-cos position tables: time, and patch position per grid modality
-        self.register_buffer("time_enc", sincos_embedding(torch.arange(steps), cfg.enc_dim), persistent=False)
+        self.register_buffer("time_enc", sincos_embedding(torch.arange(steps), d), persistent=False)
         self.register_buffer("time_dec", sincos_embedding(torch.arange(steps), cfg.dec_dim), persistent=False)
+        self.learned_space = nn.ParameterDict()
         for m in spec.grids:
             rows, cols = -(-m.height // patch_size), -(-m.width // patch_size)
-            for which, dim in (("enc", cfg.enc_dim), ("dec", cfg.dec_dim)):
+            for which, dim in (("enc", d), ("dec", cfg.dec_dim)):
                 table = grid_sincos_embedding(rows, cols, dim)  # [P, dim]
                 self.register_buffer(f"space_{which}_{m.name}", table, persistent=False)
+                if cfg.learned_space:
+                    self.learned_space[f"{which}_{m.name}"] = nn.Parameter(torch.zeros(rows * cols, dim))
+        self.season = nn.ModuleDict({"enc": nn.Linear(2, d), "dec": nn.Linear(2, cfg.dec_dim)}) \
+            if cfg.day_of_year else None
         self.apply(self._init_weights)
-        for p in [*self.modality_tokens.values(), *(d.mask_token for d in self.decoders.values()),
-                  *(d.modality_token for d in self.decoders.values())]:
+        for p in [*self.modality_tokens.values(), *(dec.mask_token for dec in self.decoders.values()),
+                  *(dec.modality_token for dec in self.decoders.values()), *self.learned_space.values(),
+                  *(self.fusion_tokens.values() if cfg.fusion_depth else ())]:
             nn.init.normal_(p, std=0.02)
+        for film in self.film.values():
+            for layer in film:
+                layer.reset_parameters()
+        self._checked_settings: CollateSettings | None = None
+
+    def _check_options(self) -> None:
+        cfg = self.cfg
+        if cfg.use_weighted_fm and not cfg.use_cross_attn:
+            raise ValueError("model.use_weighted_fm needs model.use_cross_attn (it feeds cross-attention)")
+        if cfg.static not in STATIC_MODES:
+            raise ValueError(f"model.static must be one of {STATIC_MODES}, got {cfg.static!r}")
+        if cfg.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"model.loss_reduction must be one of {LOSS_REDUCTIONS}, got {cfg.loss_reduction!r}")
+        unknown = [n for n in cfg.norm_pix_modalities if n not in self.names]
+        if unknown:
+            raise ValueError(f"model.norm_pix_modalities names {unknown}, which are not modalities ({self.names})")
+        if cfg.norm_pix_loss:
+            single = [n for n in (cfg.norm_pix_modalities or self.names) if self.token_dims[n] < 2]
+            if single:
+                raise ValueError(
+                    f"model.norm_pix_loss normalises each target token by its own mean and variance, but the tokens "
+                    f"of {single} hold one value each (they would all become 0): list the modalities it should "
+                    f"apply to in model.norm_pix_modalities")
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -178,129 +240,204 @@ class MultimodalCrossMAE(nn.Module):
                 raise ValueError(f"decoder path must be one of {DECODER_PATHS}, got {decoder!r}")
             self.decoder_path = decoder
 
-    def _position(self, name: str, t: torch.Tensor, p: torch.Tensor, which: str) -> torch.Tensor:
+    def collate_settings(self, *, standard_decoder: bool | None = None) -> CollateSettings:
+        """The settings a collator needs for this model (``crossmae.data.loader.make_collator`` uses them)."""
+        return CollateSettings(
+            patch_size=self.patch_size, steps=self.steps, memory=self.cfg.memory,
+            standard_decoder=not self.cfg.use_cross_attn if standard_decoder is None else standard_decoder,
+            static_tokens=self.static_token_names, calendar=self.cfg.day_of_year,
+        )
+
+    def check_batch(self, batch: PackedBatch) -> None:
+        """Raise ValueError when ``batch``'s collator was built with settings this model can't use (checked once
+        per distinct settings)."""
+        got = batch.settings
+        if got == self._checked_settings:
+            return
+        want = self.collate_settings()
+        problems = []
+        if got.patch_size != want.patch_size:
+            problems.append(f"patch_size {got.patch_size} (the model's is {want.patch_size})")
+        if got.steps > want.steps:
+            problems.append(f"steps {got.steps} (the model's time table holds {want.steps})")
+        if got.static_tokens != want.static_tokens:
+            problems.append(f"static tokens for {list(got.static_tokens)} (model.static={self.cfg.static!r}, "
+                            f"static_on={self.cfg.static_on!r} wants {list(want.static_tokens)})")
+        if want.calendar and not got.calendar:
+            problems.append("no day of year (model.day_of_year is on)")
+        if want.standard_decoder and not got.standard_decoder:
+            problems.append("no standard decoder sequences (model.use_cross_attn is off)")
+        if want.standard_decoder and got.memory != want.memory:
+            problems.append(f"memory {got.memory!r} (model.memory is {want.memory!r})")
+        if problems:
+            raise ValueError("the batch's collator does not match the model: " + "; ".join(problems)
+                             + ". Build it with crossmae.data.loader.make_collator(config, dataset).")
+        self._checked_settings = got
+
+    # -- embeddings --------------------------------------------------------------------------
+    def _position(self, name: str, index: torch.Tensor, which: str, batch: PackedBatch) -> torch.Tensor:
+        """Position embedding ``[n, d]`` of tokens at ``index [n, 3]`` (b, t, p)."""
+        b, t, p = index.unbind(1)
         pos = getattr(self, f"time_{which}")[t]  # [n, d]
         if self.spec[name].kind == "grid":
             pos = pos + getattr(self, f"space_{which}_{name}")[p]
+            if self.cfg.learned_space:
+                pos = pos + self.learned_space[f"{which}_{name}"][p]
+        if self.season is not None:
+            angle = batch.day_of_year[b, t] * (2.0 * torch.pi / 365.25)  # [n]
+            pos = pos + self.season[which](torch.stack([angle.sin(), angle.cos()], dim=-1))
         return pos
 
+    def _static_embedding(self, batch: PackedBatch) -> torch.Tensor | None:
+        """``[B, enc_dim]`` from the static attributes and their missing flags (None without attributes)."""
+        if self.static_embed is None:
+            return None
+        static = batch.static
+        return self.static_embed(torch.cat([static.values, static.missing.to(static.values.dtype)], dim=-1))
+
     # -- encoder ---------------------------------------------------------------------------
-    def forward_encoder(self, batch: PackedBatch) -> dict[str, EncodedModality]:
-        """Encode each modality's visible tokens (+ the static token) → packed encoder rows."""
+    def forward_encoder(self, batch: PackedBatch) -> EncoderOutput:
+        """Encode each modality's visible tokens, gather the joint memory, run the fusion blocks."""
+        self.check_batch(batch)
         cfg = self.cfg
-        static = None
-        if self.static_embed is not None:
-            static = self.static_embed(batch.static)  # [B, enc_dim]
-        encoded = {}
+        static = self._static_embedding(batch)
+        keep_maps = cfg.use_weighted_fm
+        outs, maps = [], [[] for _ in range(len(self.fm_layers) + int(cfg.use_input))]
         for name in self.names:
-            mb = batch.modalities[name]
-            tokens = self.embed[name](mb.vis_values)  # [total_vis, enc_dim]
-            tokens = tokens + self._position(name, mb.vis_t, mb.vis_p, "enc") + self.modality_tokens[name]
-            rows = tokens if static is None else torch.cat([static, tokens])
-            x = rows[mb.enc_order]  # [total_enc, enc_dim]
-            if self.encoder_path == "padded":
-                x = _pad(x, mb.enc)  # [B, L, enc_dim]
-            layout = _layout(self.encoder_path, mb.enc, mb.enc, cfg.attn_backend)
-            maps = [x] if cfg.use_input else []
+            enc = batch.modalities[name].encoder
+            x = self.embed[name](enc.values) + self._position(name, enc.index, "enc", batch)
+            x = x + self.modality_tokens[name]  # [total_vis, enc_dim]
+            if name in self.static_token_names:
+                x = torch.cat([static, x])[enc.order]  # [total_seq, enc_dim]
+            layout = make_layout(self.encoder_path, enc.seq, enc.seq, cfg.attn_backend)
+            x = layout.enter(x)
+            layer_maps = [x] if cfg.use_input else []
             for i, block in enumerate(self.encoders[name]):
                 x = block(x, layout)
-                if cfg.use_weighted_fm and i in self.fm_layers:
-                    maps.append(x)
-            x = self.encoder_norms[name](x)
-            if self.encoder_path == "padded":
-                x = unpad(x, mb.enc.cu_seqlens, mb.enc.total)  # [total_enc, enc_dim]
-                maps = [unpad(m, mb.enc.cu_seqlens, mb.enc.total) for m in maps]
-            encoded[name] = EncodedModality(out=x, layers=maps if cfg.use_weighted_fm else [])
-        return encoded
-
-    def _joint_memory(self, batch: PackedBatch, encoded: dict[str, EncodedModality]):
-        """Every modality's encoder rows, per sample: (rows ``[total_mem, enc_dim]``, feature maps)."""
-        order = batch.memory_order
-        rows = torch.cat([encoded[n].out for n in self.names])[order]  # [total_mem, enc_dim]
-        n_maps = len(encoded[self.names[0]].layers)
-        maps = [torch.cat([encoded[n].layers[i] for n in self.names])[order] for i in range(n_maps)]
-        return rows, maps
+                if name in self.film:
+                    x = self.film[name][i](x, static, layout)
+                if keep_maps and i in self.fm_layers:
+                    layer_maps.append(x)
+            outs.append(layout.leave(self.encoder_norms[name](x)))  # [total_seq, enc_dim]
+            if keep_maps:
+                for slot, m in zip(maps, layer_maps):
+                    slot.append(layout.leave(m))
+        order = batch.memory.order
+        maps = [torch.cat(per_modality)[order] for per_modality in maps if per_modality]  # [total_mem, enc_dim] each
+        if not cfg.fusion_depth:
+            return EncoderOutput(torch.cat(outs)[order], maps)  # [total_mem, enc_dim]
+        x = torch.cat([out + self.fusion_tokens[n] for n, out in zip(self.names, outs)])[order]  # [total_mem, d]
+        layout = make_layout(self.encoder_path, batch.memory.packed, batch.memory.packed, cfg.attn_backend)
+        x = layout.enter(x)
+        for j, block in enumerate(self.fusion):
+            x = block(x, layout)
+            if keep_maps and cfg.enc_depth + j in self.fm_layers:
+                maps.append(layout.leave(x))
+        return EncoderOutput(layout.leave(self.fusion_norm(x)), maps)
 
     # -- decoder ---------------------------------------------------------------------------
-    def _queries(self, decoder: ModalityDecoder, name: str, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return decoder.mask_token + decoder.modality_token + self._position(name, t, p, "dec")  # [n, dec_dim]
+    def _queries(self, name: str, index: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        decoder = self.decoders[name]
+        return decoder.mask_token + decoder.modality_token + self._position(name, index, "dec", batch)  # [n, dec_dim]
 
-    def _decode_cross(self, decoder, mb: ModalityBatch, memories: list[torch.Tensor], mem: Packed):
+    def _decode_cross(self, batch: PackedBatch, name: str, memories: list[torch.Tensor], mem: Packed):
+        mb = batch.modalities[name]
         path, backend = self.decoder_path, self.cfg.attn_backend
-        x = self._queries(decoder, mb.name, mb.pred_t, mb.pred_p)  # [total_pred, dec_dim]
-        if path != "packed":
-            x = _pad(x, mb.pred)  # [B, Lq, dec_dim]
-            memories = [_pad(m, mem) for m in memories]  # [B, Lk, dec_dim] each
-        cross = _layout(path, mb.pred, mem, backend)
-        self_layout = _layout(path, mb.pred, mb.pred, backend)
-        for block, memory in zip(decoder.blocks, memories):
+        queries = mb.queries.packed
+        cross = make_layout(path, queries, mem, backend)
+        self_layout = make_layout(path, queries, queries, backend) if self.cfg.decoder_self_attn else None
+        x = cross.enter(self._queries(name, mb.queries.index, batch))  # [total_pred, dec_dim] in the layout
+        memories = [cross.enter(m, keys=True) for m in memories]
+        for block, memory in zip(self.decoders[name].blocks, memories):
             x = block(x, memory, cross, self_layout)
-        if path != "packed":
-            x = unpad(x, mb.pred.cu_seqlens, mb.pred.total)  # [total_pred, dec_dim]
-        return x
+        return cross.leave(x)  # [total_pred, dec_dim]
 
-    def _decode_standard(self, decoder, mb: ModalityBatch, memory: torch.Tensor):
-        """The standard MAE decoder: self-attention over the memory and every masked position."""
-        path = self.decoder_path
-        queries = self._queries(decoder, mb.name, mb.masked_t, mb.masked_p)  # [total_masked, dec_dim]
-        x = torch.cat([memory, queries])[mb.mae_order]  # [total_seq, dec_dim]
-        if path != "packed":
-            x = _pad(x, mb.mae)  # [B, L, dec_dim]
-        layout = _layout(path, mb.mae, mb.mae, self.cfg.attn_backend)
-        for block in decoder.blocks:
+    def _decode_standard(self, batch: PackedBatch, name: str, memory: torch.Tensor):
+        """The standard MAE decoder: self-attention over the memory and every hidden position."""
+        mb = batch.modalities[name]
+        seqs = mb.standard
+        queries = self._queries(name, mb.hidden.index, batch)  # [total_hidden, dec_dim]
+        layout = make_layout(self.decoder_path, seqs.seq, seqs.seq, self.cfg.attn_backend)
+        x = layout.enter(torch.cat([memory, queries])[seqs.order])  # [total_seq, dec_dim] in the layout
+        for block in self.decoders[name].blocks:
             x = block(x, layout)
-        if path != "packed":
-            x = unpad(x, mb.mae.cu_seqlens, mb.mae.total)
-        return x[mb.mae_query_rows][mb.pred_in_masked]  # [total_pred, dec_dim]
+        return layout.leave(x)[seqs.query_rows][mb.hidden.predicted_rows]  # [total_pred, dec_dim]
 
-    def forward_decoder(self, batch: PackedBatch, encoded: dict[str, EncodedModality]) -> dict[str, torch.Tensor]:
+    def forward_decoder(self, batch: PackedBatch, encoded: EncoderOutput) -> dict[str, torch.Tensor]:
         """Reconstruct each modality's predicted tokens → ``[total_pred, token_dim]`` per modality."""
         predictions = {}
-        joint = self._joint_memory(batch, encoded) if self.cfg.memory == "joint" else None
         for name in self.names:
             decoder = self.decoders[name]
-            mb = batch.modalities[name]
-            if joint is not None:
-                (rows, maps), mem = joint, batch.memory
-            else:
-                rows, maps, mem = encoded[name].out, encoded[name].layers, mb.enc
+            rows, maps, mem = encoded.memory, encoded.feature_maps, batch.memory.packed
+            if self.cfg.memory == "own":
+                own = batch.memory.rows[name]  # [total_seq] this modality's memory rows
+                rows, maps, mem = rows[own], [m[own] for m in maps], batch.modalities[name].encoder.seq
             memories = decoder.memories(rows, maps)
             if self.cfg.use_cross_attn:
-                x = self._decode_cross(decoder, mb, memories, mem)
+                x = self._decode_cross(batch, name, memories, mem)
             else:
-                x = self._decode_standard(decoder, mb, memories[0])
+                x = self._decode_standard(batch, name, memories[0])
             predictions[name] = decoder.head(decoder.norm(x))
         return predictions
 
     # -- loss --------------------------------------------------------------------------------
-    def forward_loss(self, batch: PackedBatch, predictions: dict[str, torch.Tensor],
-                     normalizers: dict[str, float] | None = None):
-        """Masked MSE per modality over the predicted tokens' counted values.
+    def normalized_targets(self, name: str, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``values [n, token_dim]`` standardised per token by the mean and unbiased variance of its counted
+        values (``weight`` > 0) when ``norm_pix_loss`` applies to ``name``; else unchanged."""
+        if name not in self.norm_pix_names:
+            return values
+        count = weight.sum(-1, keepdim=True)  # [n, 1]
+        mean = (values * weight).sum(-1, keepdim=True) / count.clamp_min(1.0)
+        var = ((values - mean).square() * weight).sum(-1, keepdim=True) / (count - 1.0).clamp_min(1.0)
+        return (values - mean) / (var + 1e-6).sqrt()
 
-        ``normalizers[m]`` divides modality m's sum of squared errors (default: its number of
-        counted values in this batch; data-parallel training passes the global count / world).
-        Returns (loss, losses, sse).
+    def loss_counts(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        """modality → scalar device tensor: what its loss sum is divided by (``model.loss_reduction``): its counted
+        values, or its samples with at least one counted value. Data-parallel training sums these over processes
+        before the forward (no host read)."""
+        counts = {}
+        for name in self.names:
+            mb = batch.modalities[name]
+            weight = mb.targets.weight  # [total_pred, token_dim]
+            if self.cfg.loss_reduction == "values":
+                counts[name] = weight.sum()
+            else:
+                n = weight.new_zeros(batch.batch_size).index_add(0, mb.queries.index[:, 0], weight.sum(-1))  # [B]
+                counts[name] = (n > 0).sum().to(weight.dtype)
+        return counts
+
+    def forward_loss(self, batch: PackedBatch, predictions: dict[str, torch.Tensor],
+                     normalizers: dict[str, float | torch.Tensor] | None = None) -> LossTerms:
+        """Masked MSE per modality over the predicted tokens' counted values (``model.loss_reduction``).
+
+        ``normalizers[m]`` divides modality m's sum (default: its count in this batch; data-parallel training
+        passes the global count / world size). Nothing is read back to the host.
         """
-        losses, sse_all = {}, {}
+        losses, sums = {}, {}
+        counts = self.loss_counts(batch)
         total = None
         for name, pred in predictions.items():
             mb = batch.modalities[name]
-            target, weight = mb.target, mb.target_weight  # [total_pred, token_dim] each
-            if self.cfg.norm_pix_loss:
-                count = weight.sum(-1, keepdim=True).clamp_min(1.0)
-                mean = (target * weight).sum(-1, keepdim=True) / count
-                var = ((target - mean).square() * weight).sum(-1, keepdim=True) / count
-                target = (target - mean) / (var + 1e-6).sqrt()
-            sse = masked_sse(pred, target, weight, fused=self.decoder_path == "packed")
-            norm = mb.target_count if normalizers is None else normalizers[name]
-            loss = sse / norm if norm > 0 else sse * 0.0
-            weighted = loss * self.cfg.loss_weights.get(name, 1.0)
+            weight = mb.targets.weight  # [total_pred, token_dim]
+            target = self.normalized_targets(name, mb.targets.values, weight)
+            if self.cfg.loss_reduction == "values":
+                sums[name] = masked_sse(pred, target, weight, fused=self.decoder_path == "packed")
+            else:
+                per_row = ((pred.float() - target).square() * weight).sum(-1)  # [total_pred]
+                sample = mb.queries.index[:, 0]  # [total_pred]
+                sse = per_row.new_zeros(batch.batch_size).index_add(0, sample, per_row)  # [B]
+                n = per_row.new_zeros(batch.batch_size).index_add(0, sample, weight.sum(-1))  # [B]
+                sums[name] = (sse / n.clamp_min(1.0)).sum()
+            norm = counts[name] if normalizers is None else normalizers[name]
+            norm = torch.as_tensor(norm, dtype=sums[name].dtype, device=sums[name].device)
+            losses[name] = sums[name] / norm.clamp_min(1e-12)  # a modality without values has sum 0
+            weighted = losses[name] * self.cfg.loss_weights.get(name, 1.0)
             total = weighted if total is None else total + weighted
-            losses[name], sse_all[name] = loss, sse
-        return total, losses, sse_all
+        return LossTerms(loss=total, losses=losses, sums=sums, counts=counts)
 
-    def forward(self, batch: PackedBatch, normalizers: dict[str, float] | None = None) -> ModelOutput:
+    def forward(self, batch: PackedBatch, normalizers: dict[str, float | torch.Tensor] | None = None) -> ModelOutput:
         encoded = self.forward_encoder(batch)
         predictions = self.forward_decoder(batch, encoded)
-        loss, losses, sse = self.forward_loss(batch, predictions, normalizers)
-        return ModelOutput(loss=loss, losses=losses, sse=sse, predictions=predictions)
+        terms = self.forward_loss(batch, predictions, normalizers)
+        return ModelOutput(loss=terms.loss, losses=terms.losses, sums=terms.sums, counts=terms.counts,
+                           predictions=predictions)

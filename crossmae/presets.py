@@ -1,4 +1,4 @@
-"""Named workload presets shared by benchmarks and tests (DESIGN §7).
+"""Named workload presets shared by benchmarks and tests (``docs/presets.md``).
 
 A preset fixes the token counts of one training batch (one grid modality) and the model's
 widths. :func:`attention_lengths` turns it into the per-sample query and key lengths of the
@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from crossmae.data.collate import hidden_count
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ def valid_tokens(preset: WorkloadPreset, seed: int = 0) -> list[int]:
 def attention_lengths(preset: WorkloadPreset, seed: int = 0) -> tuple[list[int], list[int]]:
     """Per-sample (query, key) lengths of the decoder cross-attention: masked vs visible tokens."""
     valid = valid_tokens(preset, seed)
-    masked = [int(round(preset.mask_ratio * n)) for n in valid]
+    masked = hidden_count(torch.tensor(valid), preset.mask_ratio).tolist()
     visible = [n - m for n, m in zip(valid, masked)]
     return masked, visible
 

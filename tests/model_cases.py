@@ -7,6 +7,7 @@ import torch
 from crossmae.config import MaskConfig, ModelConfig
 from crossmae.data.collate import MaskingCollator
 from crossmae.data.sample import DatasetSpec, ModalitySpec, Sample
+from crossmae.model import static_conditioning
 
 SPEC = DatasetSpec(
     modalities=(
@@ -25,7 +26,7 @@ def random_samples(n: int, seed: int = 0, spec: DatasetSpec = SPEC, steps: int =
     gen = torch.Generator().manual_seed(seed)
     samples = []
     for i in range(n):
-        s = Sample(noise_seed=seed * 100 + i, meta={"index": i})
+        s = Sample(noise_seed=seed * 100 + i, first_day=11_000 + 37 * i, meta={"index": i})
         for m in spec.grids:
             basin = torch.rand(m.height, m.width, generator=gen) < 0.3 + 0.1 * (i % 5)
             values = torch.randn(steps, m.channels, m.height, m.width, generator=gen)
@@ -53,3 +54,12 @@ def small_model_config(**overrides) -> ModelConfig:
 def collate(samples, mask: MaskConfig | None = None, **kw):
     mask = mask or MaskConfig(grid_ratio=0.6, series_ratio=0.5)
     return MaskingCollator(SPEC, mask, PATCH, STEPS, **kw)(samples)
+
+
+def collator_for(cfg: ModelConfig, mask: MaskConfig | None = None, spec: DatasetSpec = SPEC, steps: int = STEPS,
+                 patch: int = PATCH) -> MaskingCollator:
+    """The collator a model with options ``cfg`` expects (as ``crossmae.data.loader.make_collator`` builds it)."""
+    mask = mask or MaskConfig(grid_ratio=0.6, series_ratio=0.5)
+    static_tokens, _ = static_conditioning(spec, cfg)
+    return MaskingCollator(spec, mask, patch, steps, memory=cfg.memory, standard_decoder=not cfg.use_cross_attn,
+                           static_tokens=static_tokens, calendar=cfg.day_of_year)

@@ -15,11 +15,12 @@ def test_preset_batches_have_the_stated_shape(name):
     batch = make_collator(config, dataset)([dataset[k] for k in GlobalBatchOrder(len(dataset), workload.batch, 0)
                                             .batch(0)])
     mb = batch.modalities["precip"]
-    assert batch.batch_size == workload.batch and mb.target.shape[1] == workload.patch_dim
-    valid = mb.vis.lengths + mb.masked.lengths  # [B] valid tokens per sample
+    assert batch.batch_size == workload.batch and mb.targets.values.shape[1] == workload.patch_dim
+    visible = mb.encoder.visible.lengths
+    valid = visible + mb.hidden.packed.lengths  # [B] valid tokens per sample
     if name == "cpu":
         expected_q, expected_k = attention_lengths(workload)
-        assert mb.pred.lengths.tolist() == expected_q and mb.vis.lengths.tolist() == expected_k
+        assert mb.queries.packed.lengths.tolist() == expected_q and visible.tolist() == expected_k
         assert valid.tolist() == [workload.steps * workload.patches] * workload.batch
     else:
         low = workload.steps * workload.min_patches * (1 - workload.max_missing_steps)

@@ -100,11 +100,11 @@ def test_a_window_without_discharge_trains_on_the_grids_and_batches_hold_no_nan(
     collator = make_collator(config, train)
     batch = collator([early, train[len(train) - 1]])
     mb = batch.modalities["discharge"]
-    assert mb.vis.lengths.tolist()[0] == 0 and mb.pred.lengths.tolist()[0] == 0
-    assert mb.vis.lengths.tolist()[1] > 0
-    assert batch.modalities["pre"].vis.lengths.tolist()[0] > 0
+    assert mb.encoder.visible.lengths.tolist()[0] == 0 and mb.queries.packed.lengths.tolist()[0] == 0
+    assert mb.encoder.visible.lengths.tolist()[1] > 0
+    assert batch.modalities["pre"].encoder.visible.lengths.tolist()[0] > 0
     for m in batch.modalities.values():
-        assert torch.isfinite(m.vis_values).all() and torch.isfinite(m.target).all()
+        assert torch.isfinite(m.encoder.values).all() and torch.isfinite(m.targets.values).all()
 
 
 def test_normalisation_comes_from_the_training_split_only(tmp_path):
@@ -157,15 +157,14 @@ def test_missing_markers_become_invalid_tokens(tmp_path):
     collator = MaskingCollator(val.spec, config.mask, config.data.patch_size, config.data.steps)
     batch = collator([sample])
     pre, flow = batch.modalities["pre"], batch.modalities["discharge"]
-    tokens = {(int(t), int(p)) for t, p in zip(torch.cat([pre.vis_t, pre.masked_t]), torch.cat([pre.vis_p,
-                                                                                                pre.masked_p]))}
+    tokens = {(int(t), int(p)) for _, t, p in torch.cat([pre.encoder.index, pre.hidden.index])}
     assert (2, 1 * 3 + 1) not in tokens  # cell (3, 2) is in patch (1, 1) of the 5 x 3 patch grid
     assert (2, 1 * 3 + 0) in tokens
     assert not any(t == 3 for t, _ in tokens)
-    flow_days = set(torch.cat([flow.vis_t, flow.masked_t]).tolist())
+    flow_days = set(torch.cat([flow.encoder.index, flow.hidden.index])[:, 1].tolist())
     assert 1 not in flow_days and 0 in flow_days
     for m in batch.modalities.values():
-        assert torch.isfinite(m.vis_values).all() and torch.isfinite(m.target).all()
+        assert torch.isfinite(m.encoder.values).all() and torch.isfinite(m.targets.values).all()
 
 
 def test_two_variables_from_zarr_with_a_crop_match_netcdf(tmp_path):
@@ -246,7 +245,9 @@ def test_camels_constant_and_missing_static_columns(tmp_path):
     assert torch.isnan(by_basin["01022500"][0]) and torch.isfinite(by_basin["01547700"]).all()
     assert train.norm_stats["static"]["mean"][0] == pytest.approx(np.mean([0.21, 0.22, 0.23]))
     batch = make_collator(config, train)([train[0], train[1]])
-    assert torch.isfinite(batch.static).all()
+    assert torch.isfinite(batch.static.values).all()
+    unknown = [torch.isnan(train[i].static).tolist() for i in (0, 1)]
+    assert batch.static.missing.tolist() == unknown  # an unknown attribute is flagged, not silently 0
     st.columns = ["label"]
     with pytest.raises(DataFileError, match=r"column 'label' of .*attrs.txt.* holds 'text' for basin 01022500; "
                                             r"expected a number"):
@@ -271,7 +272,8 @@ def test_streamflow_missing_marker_and_split_by_basin(tmp_path):
     assert sample.meta["basin"] == "02064000" and sample.meta["start"] == "2000-01-01"
     assert torch.isnan(sample.series["streamflow"][2]).all() and torch.isfinite(sample.series["streamflow"][1]).all()
     batch = make_collator(config, test)([sample])
-    assert 2 not in torch.cat([batch.modalities["streamflow"].vis_t, batch.modalities["streamflow"].masked_t]).tolist()
+    flow = batch.modalities["streamflow"]
+    assert 2 not in torch.cat([flow.encoder.index, flow.hidden.index])[:, 1].tolist()
     # the basins outside training never touch the statistics
     assert train.norm_stats == build_dataset(config.data, "train").norm_stats
     assert val.spec == train.spec
@@ -366,7 +368,7 @@ def test_the_readme_worked_config_reads_its_files(tmp_path):
     assert torch.isnan(sample.series["flow"][10:20]).all() and torch.isfinite(sample.series["flow"][:10]).all()
     assert {test[i].meta["basin"] for i in range(len(test))} == set(basins)
     batch = make_collator(config, train)([train[i] for i in range(4)])
-    assert all(torch.isfinite(m.vis_values).all() for m in batch.modalities.values())
+    assert all(torch.isfinite(m.encoder.values).all() for m in batch.modalities.values())
 
 
 # -- errors a user hits ----------------------------------------------------------------------------------

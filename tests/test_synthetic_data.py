@@ -133,7 +133,7 @@ def test_collator_sees_the_basin_patches_as_valid_tokens():
     batch = MaskingCollator(data.spec, MaskConfig(grid_ratio=0.5), config.patch_size, config.steps)(
         [data[i] for i in range(4)])
     precip = batch.modalities["precip"]
-    n_valid = precip.vis.total + precip.masked.total
+    n_valid = precip.encoder.visible.total + precip.hidden.packed.total
     assert n_valid == 4 * config.steps * 7
 
 

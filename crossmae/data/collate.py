@@ -1,8 +1,9 @@
-"""Collate + masking: from a list of samples to one packed batch (DESIGN §3–4).
+"""Collate + masking: from a list of samples to one packed batch.
 
 Everything ragged is decided here, on the host, in the DataLoader: tokens, validity, each
 sample's mask, the predicted subset, and every packed index, ``cu_seqlens`` and ``max_seqlen``.
-The model only gathers rows by these indices.
+The model only gathers rows by these indices. ``docs/batch.md`` describes the batch's parts;
+``docs/masking.md`` states the masking rules (counts, rounding, modes) once.
 
 Tokens
     grid modality (``[T, C, H, W]``, basin mask ``[H, W]``): cut into patches of
@@ -10,139 +11,226 @@ Tokens
     The grid is padded with outside cells up to a multiple of the patch size.
     series modality (``[T, F]``): one token per day with its F values (p = 0).
 
-Mask semantics (stated once)
-    valid  [B, T, P]: True = a real observation: the patch holds at least one basin cell and
-                      every basin cell of it is finite that day (series: every value finite).
-    masked [B, T, P]: True = hidden from the encoder; drawn per sample over its own valid
-                      tokens (``round(ratio · n_valid)`` of them). Visible = valid & ~masked.
-    predicted:        a ``kept_mask_ratio`` subset of the masked tokens; only these are
-                      decoder queries and loss terms. Invalid tokens are never tokens.
-    Within a valid grid token, cells outside the basin carry weight 0 in the loss.
-
 Masks depend only on each sample's ``noise_seed``, not on the batch it lands in, so the same
 global batch split over several processes draws the same masks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from crossmae.config import MaskConfig
+from crossmae.config import MASK_MODES, MaskConfig
 from crossmae.data.sample import DatasetSpec, ModalitySpec, Sample
 from crossmae.packed import Packed, concat_segments
 
 
+def _map_tensors(obj, fn, packed_fn):
+    """``obj`` with ``fn`` applied to every tensor and ``packed_fn`` to every :class:`Packed` inside it
+    (dataclasses, dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Packed):
+        return packed_fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn, packed_fn) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and not isinstance(obj, CollateSettings):
+        return dataclasses.replace(obj, **{f.name: _map_tensors(getattr(obj, f.name), fn, packed_fn)
+                                           for f in dataclasses.fields(obj)})
+    return obj
+
+
+@dataclass(frozen=True)
+class CollateSettings:
+    """What a collator was built with that the model depends on (the model checks it once per collator).
+
+    Attributes:
+        patch_size: grid patch side in cells.
+        steps: T, days per window.
+        memory: ``joint`` or ``own``: the memory the standard decoder's sequences hold.
+        standard_decoder: whether the standard MAE decoder's sequences are built.
+        static_tokens: modalities whose encoder sequence starts with a static-attribute token.
+        calendar: whether each token's day of year is provided.
+    """
+
+    patch_size: int
+    steps: int
+    memory: str = "joint"
+    standard_decoder: bool = False
+    static_tokens: tuple[str, ...] = ()
+    calendar: bool = False
+
+
+@dataclass
+class EncoderTokens:
+    """What one modality's encoder reads: its visible tokens.
+
+    Attributes:
+        values: ``[total_vis, token_dim]`` the visible tokens' values.
+        index: ``[total_vis, 3]`` int64 (b, t, p) of each visible token.
+        visible: boundaries of the visible tokens per sample.
+        seq: boundaries of the encoder sequence per sample: the static token (when the modality
+            takes one), then the visible tokens.
+        order: ``[total_seq]`` int64 rows of ``cat([static tokens [B], values [total_vis]])`` in
+            sequence order (without a static token: ``arange(total_vis)``, rows of ``values``).
+    """
+
+    values: torch.Tensor
+    index: torch.Tensor
+    visible: Packed
+    seq: Packed
+    order: torch.Tensor
+
+
+@dataclass
+class Queries:
+    """What one modality's CrossMAE decoder queries: the predicted tokens.
+
+    Attributes:
+        index: ``[total_pred, 3]`` int64 (b, t, p) of each predicted token.
+        packed: boundaries of the predicted tokens per sample.
+    """
+
+    index: torch.Tensor
+    packed: Packed
+
+
+@dataclass
+class Targets:
+    """What the predicted tokens are scored against, row for row with :class:`Queries`.
+
+    Attributes:
+        values: ``[total_pred, token_dim]`` the true values.
+        weight: ``[total_pred, token_dim]`` 1 where a value counts in the loss (a basin cell), else 0.
+        count: host float, ``weight.sum()`` (for logging; the model counts on the device).
+    """
+
+    values: torch.Tensor
+    weight: torch.Tensor
+    count: float
+
+
+@dataclass
+class HiddenTokens:
+    """Every hidden token (the predicted ones and the rest).
+
+    Attributes:
+        index: ``[total_hidden, 3]`` int64 (b, t, p) of each hidden token.
+        packed: boundaries of the hidden tokens per sample.
+        predicted_rows: ``[total_pred]`` int64 row of each predicted token among the hidden ones.
+    """
+
+    index: torch.Tensor
+    packed: Packed
+    predicted_rows: torch.Tensor
+
+
+@dataclass
+class StandardDecoderSequences:
+    """The standard MAE decoder's sequences (the baseline): per sample the memory rows, then a mask
+    token at every hidden position.
+
+    Attributes:
+        seq: boundaries of the sequences per sample.
+        order: ``[total_seq]`` int64 rows of ``cat([memory [total_mem], hidden queries [total_hidden]])``.
+        query_rows: ``[total_hidden]`` int64 row of each hidden query in the sequences.
+    """
+
+    seq: Packed
+    order: torch.Tensor
+    query_rows: torch.Tensor
+
+
 @dataclass
 class ModalityBatch:
-    """One modality's tokens in a batch, packed in (sample, time, patch) order.
+    """One modality's part of a batch, packed in (sample, time, patch) order.
 
     Attributes:
         name, kind: the modality.
         patch_grid: (rows, cols) of the patch grid; (1, 1) for series.
-        vis_values: ``[total_vis, token_dim]`` visible tokens' values (encoder input).
-        vis_t, vis_p: ``[total_vis]`` int64 time step and patch position of each visible token.
-        vis: boundaries of the visible tokens per sample.
-        enc: boundaries of the encoder sequence per sample: the static token (if any), then
-            the visible tokens.
-        enc_order: ``[total_enc]`` int64 rows of ``cat([static tokens [B], visible [total_vis]])``.
-        pred_t, pred_p: ``[total_pred]`` positions of the predicted tokens (decoder queries).
-        pred: boundaries of the predicted tokens per sample.
-        target: ``[total_pred, token_dim]`` their true values.
-        target_weight: ``[total_pred, token_dim]`` 1 where a value counts in the loss, else 0.
-        target_count: host float, ``target_weight.sum()``.
-        masked_t, masked_p, masked: every masked token (the standard MAE decoder's queries).
-        pred_in_masked: ``[total_pred]`` row of each predicted token among the masked ones.
-        pred_index: ``[total_pred, 3]`` int64 (b, t, p) of each predicted token, for evaluation.
-        mae, mae_order, mae_query_rows: the standard MAE decoder's sequence (only when the
-            collator builds it): per sample the memory rows then the masked queries; rows of
-            ``cat([memory, masked queries])``; where the masked queries land.
+        encoder: the visible tokens the encoder reads.
+        queries: the predicted tokens the decoder queries.
+        targets: their true values and loss weights.
+        hidden: every hidden token.
+        standard: the standard decoder's sequences (only when the collator builds them).
     """
 
     name: str
     kind: str
     patch_grid: tuple[int, int]
-    vis_values: torch.Tensor
-    vis_t: torch.Tensor
-    vis_p: torch.Tensor
-    vis: Packed
-    enc: Packed
-    enc_order: torch.Tensor
-    pred_t: torch.Tensor
-    pred_p: torch.Tensor
-    pred: Packed
-    target: torch.Tensor
-    target_weight: torch.Tensor
-    target_count: float
-    masked_t: torch.Tensor
-    masked_p: torch.Tensor
-    masked: Packed
-    pred_in_masked: torch.Tensor
-    pred_index: torch.Tensor
-    mae: Packed | None = None
-    mae_order: torch.Tensor | None = None
-    mae_query_rows: torch.Tensor | None = None
+    encoder: EncoderTokens
+    queries: Queries
+    targets: Targets
+    hidden: HiddenTokens
+    standard: StandardDecoderSequences | None = None
 
-    def to(self, device, non_blocking: bool = True) -> ModalityBatch:
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                value = value.to(device, non_blocking=non_blocking)
-            elif isinstance(value, Packed):
-                value = value.to(device)
-            moved[f.name] = value
-        return ModalityBatch(**moved)
+
+@dataclass
+class StaticAttributes:
+    """Per-sample static attributes.
+
+    Attributes:
+        values: ``[B, S]`` float32, standardised; 0 where missing.
+        missing: ``[B, S]`` bool, True where the attribute is unknown (NaN in the sample).
+    """
+
+    values: torch.Tensor
+    missing: torch.Tensor
+
+
+@dataclass
+class JointMemory:
+    """The joint memory's layout: per sample, every modality's encoder rows in modality order.
+
+    Attributes:
+        packed: boundaries of the memory per sample.
+        order: ``[total_mem]`` int64 rows of ``cat([encoder output of each modality])``.
+        rows: modality → ``[total_seq_m]`` int64 memory row of each of its encoder rows.
+    """
+
+    packed: Packed
+    order: torch.Tensor
+    rows: dict[str, torch.Tensor]
 
 
 @dataclass
 class PackedBatch:
-    """A whole batch: every modality's packed tokens plus the joint memory's layout.
+    """A whole batch: every modality's parts, the static attributes and the joint memory's layout.
 
     Attributes:
         modalities: name → :class:`ModalityBatch`, in the data set's modality order.
-        static: ``[B, S]`` static attributes (NaN replaced by 0), or None.
+        static: the static attributes, or None when the data set has none.
+        day_of_year: ``[B, T]`` float32 day of year (0 = 1 January) of each window day, or None.
+        memory: the joint memory's layout.
+        settings: what the collator was built with.
         batch_size: B.
         steps: T.
-        memory: boundaries of the joint memory per sample: every modality's encoder rows of
-            that sample, in modality order.
-        memory_order: ``[total_mem]`` rows of ``cat([encoder output of each modality])``.
         meta: per-sample metadata from the data set.
     """
 
     modalities: dict[str, ModalityBatch]
-    static: torch.Tensor | None
+    static: StaticAttributes | None
+    day_of_year: torch.Tensor | None
+    memory: JointMemory
+    settings: CollateSettings
     batch_size: int
     steps: int
-    memory: Packed
-    memory_order: torch.Tensor
     meta: list[dict] = field(default_factory=list)
 
     def to(self, device, non_blocking: bool = True) -> PackedBatch:
-        return PackedBatch(
-            modalities={k: m.to(device, non_blocking) for k, m in self.modalities.items()},
-            static=None if self.static is None else self.static.to(device, non_blocking=non_blocking),
-            batch_size=self.batch_size,
-            steps=self.steps,
-            memory=self.memory.to(device),
-            memory_order=self.memory_order.to(device, non_blocking=non_blocking),
-            meta=self.meta,
-        )
+        return _map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking), lambda p: p.to(device))
+
+    def pin_memory(self) -> PackedBatch:
+        return _map_tensors(self, lambda t: t.pin_memory(), lambda p: p)
 
     @property
     def num_tokens(self) -> int:
         """Encoder plus decoder tokens of the batch (for throughput)."""
-        return sum(m.enc.total + m.pred.total for m in self.modalities.values())
-
-    def pin_memory(self) -> PackedBatch:
-        for m in self.modalities.values():
-            for f in fields(m):
-                value = getattr(m, f.name)
-                if isinstance(value, torch.Tensor):
-                    setattr(m, f.name, value.pin_memory())
-        return self
+        return sum(m.encoder.seq.total + m.queries.packed.total for m in self.modalities.values())
 
 
 def patch_grid_shape(height: int, width: int, patch_size: int) -> tuple[int, int]:
@@ -188,14 +276,36 @@ def _rank_within(scores: torch.Tensor) -> torch.Tensor:
     return torch.argsort(torch.argsort(scores, dim=-1), dim=-1)
 
 
-def draw_masks(valid: torch.Tensor, noise: torch.Tensor, ratio: float, kept: float, per_frame: bool):
-    """Hidden and predicted tokens from per-sample noise.
+def _round_half_up(x: torch.Tensor) -> torch.Tensor:
+    return torch.floor(x + 0.5)
+
+
+def hidden_count(n_valid: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Tokens to hide among ``n_valid``: ``ratio · n`` rounded half up; with n ≥ 2 at least 1 and at most
+    n − 1 (so something is hidden and something stays visible)."""
+    n = n_valid.double()
+    k = _round_half_up(ratio * n)
+    return torch.where(n >= 2, k.clamp_min(1.0).minimum(n - 1), k).long()
+
+
+def predicted_count(n_valid: torch.Tensor, n_hidden: torch.Tensor, kept: float | None) -> torch.Tensor:
+    """Hidden tokens to predict: all of them (``kept`` None), else ``kept · n_valid`` (a fraction of all
+    valid tokens, CrossMAE's partial reconstruction) rounded half up, at least 1 and at most ``n_hidden``
+    when anything is hidden."""
+    if kept is None:
+        return n_hidden
+    k = _round_half_up(kept * n_valid.double()).long()
+    return torch.minimum(k.clamp_min(1), n_hidden)
+
+
+def draw_masks(valid: torch.Tensor, noise: torch.Tensor, ratio: float, kept: float | None, per_frame: bool):
+    """Hidden and predicted tokens from per-sample noise (rules: ``docs/masking.md``).
 
     Args:
         valid: ``[B, T, P]`` bool.
-        noise: ``[2, B, T, P]`` uniform noise: one draw for the mask, one for the kept subset.
+        noise: ``[2, B, T, P]`` uniform noise: one draw for the mask, one for the predicted subset.
         ratio: fraction of valid tokens hidden (per sample, or per frame with ``per_frame``).
-        kept: fraction of hidden tokens predicted.
+        kept: fraction of the valid tokens predicted (per sample; None = every hidden token).
 
     Returns:
         masked, predicted: ``[B, T, P]`` bool.
@@ -204,14 +314,14 @@ def draw_masks(valid: torch.Tensor, noise: torch.Tensor, ratio: float, kept: flo
     score = torch.where(valid, noise[0], 2.0)  # invalid tokens rank last
     if per_frame:
         rank = _rank_within(score)  # [B, T, P]
-        n_mask = torch.round(valid.sum(-1, keepdim=True) * ratio)  # [B, T, 1]
+        n_mask = hidden_count(valid.sum(-1, keepdim=True), ratio)  # [B, T, 1]
     else:
         rank = _rank_within(score.reshape(b, t * p)).reshape(b, t, p)
-        n_mask = torch.round(valid.sum((1, 2)) * ratio).view(b, 1, 1)  # [B, 1, 1]
+        n_mask = hidden_count(valid.sum((1, 2)), ratio).view(b, 1, 1)  # [B, 1, 1]
     masked = valid & (rank < n_mask)
     kept_score = torch.where(masked, noise[1], 2.0).reshape(b, t * p)
     kept_rank = _rank_within(kept_score).reshape(b, t, p)
-    n_pred = torch.round(masked.sum((1, 2)) * kept).view(b, 1, 1)
+    n_pred = predicted_count(valid.sum((1, 2)), masked.sum((1, 2)), kept).view(b, 1, 1)  # [B, 1, 1]
     predicted = masked & (kept_rank < n_pred)
     return masked, predicted
 
@@ -222,28 +332,74 @@ def _packed_rows(selected: torch.Tensor) -> tuple[torch.Tensor, Packed]:
     return index, Packed.from_lengths(selected.sum((1, 2)))
 
 
+def day_of_year(first_day: int, steps: int) -> torch.Tensor:
+    """``[steps]`` float32 day of year (0 = 1 January) of the days ``first_day …`` (days since 1970-01-01)."""
+    days = np.arange(first_day, first_day + steps).astype("datetime64[D]")
+    return torch.from_numpy((days - days.astype("datetime64[Y]")).astype(np.float32))
+
+
 class MaskingCollator:
     """Turns a list of :class:`Sample` into a :class:`PackedBatch` (picklable, for DataLoader workers).
 
     Args:
         spec: the data set's modalities.
-        mask: hiding ratios, mode and the kept (predicted) fraction.
+        mask: hiding ratios, mode and the predicted fraction.
         patch_size: grid patch side in cells.
         steps: T, days per window.
         memory: ``joint`` or ``own``: the memory the standard MAE decoder's sequence holds.
         standard_decoder: also build the standard MAE decoder's sequences.
+        static_tokens: modalities whose encoder sequence starts with a static-attribute token (None:
+            every modality when the data set has static attributes; ignored when it has none).
+        calendar: provide each window day's day of year (needs ``Sample.first_day``).
     """
 
     def __init__(self, spec: DatasetSpec, mask: MaskConfig, patch_size: int, steps: int, *,
-                 memory: str = "joint", standard_decoder: bool = False):
+                 memory: str = "joint", standard_decoder: bool = False,
+                 static_tokens: Sequence[str] | None = None, calendar: bool = False):
         if memory not in ("joint", "own"):
             raise ValueError(f"memory must be 'joint' or 'own', got {memory!r}")
+        if mask.mode not in MASK_MODES:
+            raise ValueError(f"mask.mode must be one of {MASK_MODES}, got {mask.mode!r}")
+        names = [m.name for m in spec.modalities]
+        if not spec.static_dim:
+            static_tokens = ()
+        elif static_tokens is None:
+            static_tokens = names
+        unknown = [n for n in static_tokens if n not in names]
+        if unknown:
+            raise ValueError(f"static_tokens names {unknown}, which are not modalities of the data set ({names})")
         self.spec = spec
         self.mask = mask
-        self.patch_size = patch_size
-        self.steps = steps
-        self.memory = memory
-        self.standard_decoder = standard_decoder
+        self.groups = self._mask_groups(spec, mask, patch_size)
+        self.settings = CollateSettings(
+            patch_size=patch_size, steps=steps, memory=memory, standard_decoder=standard_decoder,
+            static_tokens=tuple(n for n in names if n in static_tokens), calendar=calendar,
+        )
+
+    @staticmethod
+    def _mask_groups(spec: DatasetSpec, mask: MaskConfig, patch_size: int) -> list[tuple[ModalitySpec, ...]]:
+        """Modalities that share one mask: with ``mask.mode == 'unified'`` all grids, and all series;
+        otherwise each modality alone."""
+        if mask.mode != "unified":
+            return [(m,) for m in spec.modalities]
+        groups = [g for g in (spec.grids, spec.series) if g]
+        for group in groups:
+            ratios = {m.name: mask.ratio(m.name, m.kind) for m in group}
+            if len(set(ratios.values())) > 1:
+                raise ValueError(f"mask.mode 'unified' hides the same positions in {list(ratios)}, so their mask "
+                                 f"ratios must be equal; got {ratios} (check mask.ratios)")
+            shapes = {m.name: patch_grid_shape(m.height, m.width, patch_size) for m in group if m.kind == "grid"}
+            if len(set(shapes.values())) > 1:
+                raise ValueError(f"mask.mode 'unified' needs grid modalities of one patch grid, got {shapes}")
+        return groups
+
+    @property
+    def patch_size(self) -> int:
+        return self.settings.patch_size
+
+    @property
+    def steps(self) -> int:
+        return self.settings.steps
 
     def _tokens(self, m: ModalitySpec, samples: Sequence[Sample]):
         """values ``[B, T, P, token_dim]`` (NaN-free), valid ``[B, T, P]``, cell weight ``[B, P, token_dim]``."""
@@ -262,61 +418,92 @@ class MaskingCollator:
         values = values * (weight[:, None] > 0)  # outside cells carry 0
         return values, valid, weight
 
-    def _noise(self, samples: Sequence[Sample], modality_index: int, shape: tuple[int, int]) -> torch.Tensor:
+    def _noise(self, samples: Sequence[Sample], stream: int, shape: tuple[int, int]) -> torch.Tensor:
         """``[2, B, T, P]`` uniform noise; each sample's from its own generator."""
         draws = []
         for s in samples:
-            gen = torch.Generator().manual_seed(int(s.noise_seed) * 1009 + modality_index)
+            gen = torch.Generator().manual_seed(int(s.noise_seed) * 1009 + stream)
             draws.append(torch.rand(2, *shape, generator=gen))
         return torch.stack(draws, dim=1)
+
+    def _masks(self, samples: Sequence[Sample], valid: dict[str, torch.Tensor]):
+        """modality → (masked, predicted) ``[B, T, P]`` bool, one draw per mask group."""
+        out = {}
+        for group in self.groups:
+            union = torch.stack([valid[m.name] for m in group]).any(0)  # [B, T, P]
+            first = group[0]
+            stream = self.spec.modalities.index(first) + (1000 if len(group) > 1 else 0)
+            per_frame = self.mask.mode == "frame" and first.kind == "grid"
+            masked, predicted = draw_masks(union, self._noise(samples, stream, tuple(union.shape[1:])),
+                                           self.mask.ratio(first.name, first.kind), self.mask.kept_mask_ratio,
+                                           per_frame)
+            for m in group:
+                out[m.name] = (masked & valid[m.name], predicted & valid[m.name])
+        return out
+
+    def _static(self, samples: Sequence[Sample]) -> StaticAttributes | None:
+        if not self.spec.static_dim:
+            return None
+        for i, s in enumerate(samples):
+            if s.static is None or s.static.shape != (self.spec.static_dim,):
+                got = None if s.static is None else tuple(s.static.shape)
+                raise ValueError(f"sample {i} ({s.meta}) must carry static attributes of shape "
+                                 f"({self.spec.static_dim},), got {got}")
+        raw = torch.stack([s.static for s in samples]).float()  # [B, S]
+        missing = ~torch.isfinite(raw)
+        return StaticAttributes(values=torch.where(missing, 0.0, raw), missing=missing)
+
+    def _day_of_year(self, samples: Sequence[Sample]) -> torch.Tensor | None:
+        if not self.settings.calendar:
+            return None
+        for i, s in enumerate(samples):
+            if s.first_day is None:
+                raise ValueError(f"model.day_of_year needs each sample's first_day, but sample {i} ({s.meta}) has "
+                                 "none (its data set has no calendar)")
+        return torch.stack([day_of_year(int(s.first_day), self.steps) for s in samples])  # [B, T]
 
     def __call__(self, samples: Sequence[Sample]) -> PackedBatch:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
         batch = len(samples)
-        has_static = self.spec.static_dim > 0
-        static = None
-        if has_static:
-            static = torch.stack([s.static for s in samples]).float()  # [B, S]
-            static = torch.nan_to_num(static, nan=0.0)
-        static_lengths = Packed.from_lengths([int(has_static)] * batch)
+        settings = self.settings
+        tokens = {m.name: self._tokens(m, samples) for m in self.spec.modalities}
+        masks = self._masks(samples, {name: valid for name, (_, valid, _) in tokens.items()})
+        static_token = Packed.from_lengths([1] * batch)
 
         modalities = {}
-        for i, m in enumerate(self.spec.modalities):
-            values, valid, weight = self._tokens(m, samples)  # [B, T, P, K], [B, T, P], [B, P, K]
+        for m in self.spec.modalities:
+            values, valid, weight = tokens[m.name]  # [B, T, P, K], [B, T, P], [B, P, K]
             t, p = valid.shape[1:]
-            per_frame = self.mask.mode == "frame" and m.kind == "grid"
-            masked, predicted = draw_masks(
-                valid, self._noise(samples, i, (t, p)), self.mask.ratio(m.name, m.kind),
-                self.mask.kept_mask_ratio, per_frame,
-            )
+            masked, predicted = masks[m.name]
             vis_index, vis = _packed_rows(valid & ~masked)  # [total_vis, 3]
             pred_index, pred = _packed_rows(predicted)  # [total_pred, 3]
-            masked_index, masked_packed = _packed_rows(masked)  # [total_masked, 3]
-            enc, enc_order, _ = concat_segments([static_lengths, vis])
-            flat_masked = masked.flatten()
-            rank_in_masked = torch.cumsum(flat_masked, 0) - 1  # [B·T·P]
+            hidden_index, hidden = _packed_rows(masked)  # [total_hidden, 3]
+            if m.name in settings.static_tokens:
+                seq, order, _ = concat_segments([static_token, vis])
+            else:
+                seq, order = vis, torch.arange(vis.total)
+            rank_in_hidden = torch.cumsum(masked.flatten(), 0) - 1  # [B·T·P]
             pb, pt, pp = pred_index.unbind(1)
-            flat_pred = (pb * t + pt) * p + pp  # [total_pred]
             target_weight = weight[pb, pp]  # [total_pred, K]
             vb, vt, vp = vis_index.unbind(1)
             grid_shape = patch_grid_shape(m.height, m.width, self.patch_size) if m.kind == "grid" else (1, 1)
             modalities[m.name] = ModalityBatch(
                 name=m.name, kind=m.kind, patch_grid=grid_shape,
-                vis_values=values[vb, vt, vp], vis_t=vt, vis_p=vp, vis=vis,
-                enc=enc, enc_order=enc_order,
-                pred_t=pt, pred_p=pp, pred=pred,
-                target=values[pb, pt, pp], target_weight=target_weight,
-                target_count=float(target_weight.sum()),
-                masked_t=masked_index[:, 1], masked_p=masked_index[:, 2], masked=masked_packed,
-                pred_in_masked=rank_in_masked[flat_pred], pred_index=pred_index,
+                encoder=EncoderTokens(values=values[vb, vt, vp], index=vis_index, visible=vis, seq=seq, order=order),
+                queries=Queries(index=pred_index, packed=pred),
+                targets=Targets(values=values[pb, pt, pp], weight=target_weight, count=float(target_weight.sum())),
+                hidden=HiddenTokens(index=hidden_index, packed=hidden,
+                                    predicted_rows=rank_in_hidden[(pb * t + pt) * p + pp]),
             )
-        memory, memory_order, _ = concat_segments([mb.enc for mb in modalities.values()])
-        if self.standard_decoder:
+        mem, mem_order, dest = concat_segments([mb.encoder.seq for mb in modalities.values()])
+        memory = JointMemory(packed=mem, order=mem_order, rows=dict(zip(modalities, dest)))
+        if settings.standard_decoder:
             for mb in modalities.values():
-                own = memory if self.memory == "joint" else mb.enc
-                mb.mae, mb.mae_order, (_, mb.mae_query_rows) = concat_segments([own, mb.masked])
+                own = mem if settings.memory == "joint" else mb.encoder.seq
+                seq, order, (_, query_rows) = concat_segments([own, mb.hidden.packed])
+                mb.standard = StandardDecoderSequences(seq=seq, order=order, query_rows=query_rows)
         return PackedBatch(
-            modalities=modalities, static=static, batch_size=batch, steps=self.steps,
-            memory=memory, memory_order=memory_order, meta=[s.meta for s in samples],
+            modalities=modalities, static=self._static(samples), day_of_year=self._day_of_year(samples),
+            memory=memory, settings=settings, batch_size=batch, steps=self.steps, meta=[s.meta for s in samples],
         )

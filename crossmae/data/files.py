@@ -438,7 +438,7 @@ class FilesDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         index, noise_seed = window_key(key, len(self))
         b, start = self.starts[index]
-        sample = Sample(noise_seed=noise_seed, meta={
+        sample = Sample(noise_seed=noise_seed, first_day=start, meta={
             "basin": self.basins[b], "start": day_to_iso(start), "start_day": start, "split": self.split,
             "index": index,
         })

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from crossmae.config import Config, DataConfig
 from crossmae.data.collate import MaskingCollator
+from crossmae.model import static_conditioning
 
 
 def build_dataset(data: DataConfig, split: str, norm_stats: dict | None = None) -> Dataset:
@@ -88,9 +89,12 @@ class FixedBatches(GlobalBatchOrder):
 
 
 def make_collator(config: Config, dataset) -> MaskingCollator:
+    """The collator a model built from ``config`` expects (its settings are what the model checks)."""
+    static_tokens, _ = static_conditioning(dataset.spec, config.model)
     return MaskingCollator(
         dataset.spec, config.mask, config.data.patch_size, config.data.steps,
         memory=config.model.memory, standard_decoder=not config.model.use_cross_attn,
+        static_tokens=static_tokens, calendar=config.model.day_of_year,
     )
 
 

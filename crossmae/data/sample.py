@@ -66,6 +66,7 @@ class Sample:
         series: name → float32 ``[T, F]``; NaN = missing.
         static: float32 ``[S]`` static attributes (NaN = unknown), or None.
         noise_seed: seeds this sample's mask draw (so masks depend on the sample, not the batch).
+        first_day: the window's first day as days since 1970-01-01 (None: the data set has no calendar).
         meta: anything for evaluation and plots (basin id, first day ...).
     """
 
@@ -74,6 +75,7 @@ class Sample:
     series: dict[str, torch.Tensor] = field(default_factory=dict)
     static: torch.Tensor | None = None
     noise_seed: int = 0
+    first_day: int | None = None
     meta: dict = field(default_factory=dict)
 
 

@@ -568,7 +568,7 @@ class SyntheticWaterDataset(torch.utils.data.Dataset):
         fields = self.render_window(basin, start)
         outage = self._outage_days(basin, start)
         mask = self.basin_masks[basin]
-        sample = Sample(noise_seed=noise_seed,
+        sample = Sample(noise_seed=noise_seed, first_day=start,  # the record starts on 1970-01-01
                         meta={"basin": basin, "start": start, "split": self.split, "index": index})
         for name in self.grid_names:
             x = fields[name]
