@@ -1,14 +1,31 @@
-"""The training engine: optimisation, validation, metrics, checkpoints, resume, data parallelism.
+"""The training engine: optimisation, validation, metrics, checkpoints, resume, preemption, data parallelism.
 
 :class:`Trainer` owns everything that is not the model: the device, mixed precision,
 ``torch.compile``, DDP under ``torchrun`` (gloo on CPU, NCCL on GPU), AdamW with warm-up and
 cosine decay, gradient clipping, the progress bar, ``metrics.csv`` / ``val_metrics.csv`` /
-TensorBoard, atomic checkpoints and exact resume.
+TensorBoard, verified checkpoints, exact resume and a clean stop on SIGTERM / SIGINT.
+
+A step that does not log never waits for the device. The non-finite check is a device tensor
+``found_inf`` (a non-finite loss on any process, or a non-finite global gradient norm) that the
+fused AdamW kernel reads, as AMP's GradScaler does: a skipped step leaves the weights, the
+optimizer state (step counts included) and the learning-rate schedule (:class:`WarmupCosine`,
+indexed by applied updates, on the device) exactly as if it never happened. Each step's metrics
+are one small device vector; the host reads them together every ``train.log_every`` steps and at
+validation and checkpoint steps, writes one ``metrics.csv`` row per step and decides there whether
+the run must stop (too many non-finite steps, or a signal under DDP).
 
 Loss scaling across processes: each modality's sum of squared errors is divided by the
-*global* number of counted values / world size, so DDP's gradient average equals the gradient
-of the loss over the whole global batch, and 1 process with batch G matches N processes with
-batch G/N.
+*global* count of its counted values / world size (one all-reduce of the step's counts and sums,
+on the device), so DDP's gradient average equals the gradient of the loss over the whole global
+batch, and 1 process with batch G matches N processes with batch G/N.
+
+Signals: the first SIGTERM or SIGINT lets the step in progress finish; then a checkpoint is
+written, ``stopped by SIGTERM at step N`` is logged and :class:`Preempted` is raised
+(``train.py`` exits with :data:`EXIT_PREEMPTED`). A second signal aborts at once. Under DDP every
+process must stop at the same step without a per-step host read: each step's all-reduced metric
+vector carries "a process was signalled" (a device fill of a host flag, no copy), and all
+processes read it at the same steps (the metric reads), so all stop together at the first read
+after the signal: at most ``train.log_every`` steps later.
 """
 
 from __future__ import annotations
@@ -19,6 +36,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +45,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from crossmae.checkpoint import (
-    latest_checkpoint,
+    CheckpointError,
     load_checkpoint,
+    resume_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -41,9 +63,21 @@ from crossmae.model import MultimodalCrossMAE
 
 log = logging.getLogger(__name__)
 
+EXIT_PREEMPTED = 75
+"""Exit status of ``train.py`` after a signal stopped the run and its checkpoint was written
+(``EX_TEMPFAIL``: try again later): requeue the job with ``--resume``."""
+
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. the loss stayed non-finite); the message says why and what was kept."""
+
+
+class Preempted(RuntimeError):
+    """A SIGTERM or SIGINT stopped the run after a step; its checkpoint is written (``path``)."""
+
+    def __init__(self, signal_name: str, step: int, path: Path | None):
+        super().__init__(f"stopped by {signal_name} at step {step}; checkpoint {path}")
+        self.signal_name, self.step, self.path = signal_name, step, path
 
 
 @dataclass
@@ -90,6 +124,139 @@ def lr_at(step: int, cfg) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+class WarmupCosine:
+    """:func:`lr_at` of the number of *applied* updates, held on the device.
+
+    ``lr`` is a 0-d float32 device tensor that the optimizer's param groups share and read in
+    place; :meth:`advance` adds ``1 - found_inf`` to the update count and refreshes ``lr`` by a
+    device gather from a table of :func:`lr_at` values, so a skipped step leaves the schedule
+    exactly where it was, with no host read.
+    """
+
+    def __init__(self, cfg, device: torch.device):
+        self.table = torch.tensor([lr_at(s, cfg) for s in range(cfg.max_steps + 1)], dtype=torch.float32,
+                                  device=device)  # [max_steps + 1]
+        self.updates = torch.zeros((), dtype=torch.int64, device=device)
+        self.lr = torch.empty((), dtype=torch.float32, device=device)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        index = self.updates.clamp(max=self.table.numel() - 1).view(1)  # [1]
+        self.lr.copy_(self.table.index_select(0, index).view(()))
+
+    def advance(self, found_inf: torch.Tensor) -> None:
+        """Count one update unless ``found_inf`` (0-d, 1 = skipped) says the step was skipped."""
+        self.updates += 1 - found_inf.to(torch.int64)
+        self._refresh()
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates.cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates.copy_(state["updates"])
+        self._refresh()
+
+
+class StopSignals:
+    """While active, the first SIGTERM or SIGINT only sets :attr:`received` (its name); a second one
+    restores the default action and re-sends itself, so the process ends at once.
+
+    Installed only in the main thread (Python delivers signals there); elsewhere it does nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signal.Signals(signum).name
+        os.write(2, f"\n{self.received} received: finishing the step, then writing a checkpoint "
+                    f"(send it again to abort at once)\n".encode())
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts aten ops and the ones that make the host wait for the device, while active.
+
+    ``syncs`` counts ``_local_scalar_dense`` / ``item`` (``.item()``, ``float(t)``, ``bool(t)``),
+    ``nonzero`` (its output size depends on the data) and copies from a non-CPU device to the
+    CPU; ``reads`` counts Python-level reads that wait on a GPU (``.tolist()``, ``.cpu()``,
+    ``.numpy()``, ``.item()`` and ``bool``/``float``/``int`` of a tensor), which on a CPU machine
+    are no device sync but would be one on a GPU. ``names`` lists each sync-like op seen.
+    """
+
+    SYNC_OPS = ("aten._local_scalar_dense", "aten.item", "aten.nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+        self.syncs = 0
+        self.names: list[str] = []
+        self._reads = _HostReadCounter()
+
+    @property
+    def reads(self) -> int:
+        return self._reads.count
+
+    def __enter__(self):
+        self._reads.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self._reads.__exit__(*exc)
+        self.names += self._reads.names
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops += 1
+        name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
+        sync = name in self.SYNC_OPS
+        if name in ("aten._to_copy", "aten.copy_"):
+            src = args[1] if name == "aten.copy_" else args[0]
+            dst_cpu = (args[0].device.type == "cpu") if name == "aten.copy_" else \
+                torch.device(kwargs.get("device") or src.device).type == "cpu"
+            sync = src.device.type != "cpu" and dst_cpu
+        if sync:
+            self.syncs += 1
+            self.names.append(name)
+        return func(*args, **kwargs)
+
+
+class _HostReadCounter(TorchFunctionMode):
+    """Python-level tensor reads by the host (see :class:`HostSyncCounter`)."""
+
+    READS = {torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.item, torch.Tensor.__bool__,
+             torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.__index__}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.names: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.count += 1
+            self.names.append(f"Tensor.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
 class MetricsLog:
     """Append-only CSV with a fixed header; on resume, rows past the checkpoint's step are dropped."""
 
@@ -113,17 +280,94 @@ class MetricsLog:
             writer.writerow({c: row.get(c, "") for c in self.columns})
 
 
+def _file_fingerprint(path: str) -> dict:
+    """Size (bytes) and newest modification time (ns) of a file, or of every file under a folder (a Zarr store)."""
+    if not os.path.isdir(path):
+        st = os.stat(path)
+        return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    size, mtime = 0, 0
+    for folder, _, names in os.walk(path):
+        for name in names:
+            st = os.stat(os.path.join(folder, name))
+            size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
+    return {"bytes": size, "mtime_ns": mtime}
+
+
+def data_fingerprint(config: Config, dataset) -> dict:
+    """What resuming checks about the data: ``{"files": {path: {bytes, mtime_ns}}, "grids": {name: [C, H, W]}}``.
+
+    ``files`` lists every configured file of a ``files`` source for the data set's basins (grids,
+    their masks, series, static tables, the basin list); a synthetic source has none.
+    """
+    from crossmae.data.readers import resolve_path
+
+    grids = {m.name: [m.channels, m.height, m.width] for m in dataset.spec.modalities if m.kind == "grid"}
+    if config.data.source != "files":
+        return {"files": {}, "grids": grids}
+    f = config.data.files
+    root = f.root or os.getcwd()
+
+    def path_of(template: str, basin: str) -> str:
+        path = os.path.expanduser(template.replace("{basin}", basin))
+        return path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
+
+    templates = [t for src in f.grids for t in (src.path, src.mask_path) if t]
+    templates += [src.path for src in f.series]
+    paths = {path_of(t, b) for t in templates for b in dataset.basins}
+    paths |= {path_of(t, "") for t in [*f.static.paths, *([f.basins_file] if f.basins_file else [])]}
+    files = {}
+    for pattern in sorted(paths):
+        try:
+            path = resolve_path(pattern, "data file")
+        except FileNotFoundError:
+            continue
+        files[path] = _file_fingerprint(path)
+    return {"files": files, "grids": grids}
+
+
+def data_changes(before: dict, now: dict) -> list[str]:
+    """What differs between two :func:`data_fingerprint` results, one phrase per file or grid."""
+    changes = []
+    old, new = before.get("files", {}), now.get("files", {})
+    for path in sorted(set(old) | set(new)):
+        a, b = old.get(path), new.get(path)
+        if a == b:
+            continue
+        if a is None:
+            changes.append(f"{path} (not read when the run started)")
+        elif b is None:
+            changes.append(f"{path} (no longer found)")
+        elif a["bytes"] != b["bytes"]:
+            changes.append(f"{path} (size {a['bytes']} -> {b['bytes']} bytes)")
+        else:
+            changes.append(f"{path} (modified since the run started)")
+    for name in sorted(set(before.get("grids", {})) | set(now.get("grids", {}))):
+        a, b = before.get("grids", {}).get(name), now.get("grids", {}).get(name)
+        if a != b:
+            changes.append(f"grid {name!r} (shape [C, H, W] {a} -> {b})")
+    return changes
+
+
 class Trainer:
     """Train a :class:`MultimodalCrossMAE` as ``config`` says.
 
     Args:
         config: the resolved configuration (its ``train.out_dir`` is the run folder).
-        resume: continue the run in ``train.out_dir`` from its latest checkpoint.
+        resume: continue the run in ``train.out_dir`` from its newest intact checkpoint.
+
+    Raises:
+        FileNotFoundError: ``resume`` and the run has no checkpoint.
+        CheckpointError: ``resume`` and none of the run's checkpoints is intact.
+        FileExistsError: not ``resume`` and the run folder already holds a run.
     """
 
     def __init__(self, config: Config, resume: bool = False):
         self.config = config
         cfg = config.train
+        if cfg.keep_checkpoints < 1:
+            raise ValueError(f"train.keep_checkpoints must be at least 1, got {cfg.keep_checkpoints}")
+        if cfg.log_every < 1:
+            raise ValueError(f"train.log_every must be at least 1, got {cfg.log_every}")
         wants_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
         device_type = "cuda" if wants_cuda else "cpu"
         self.dist = init_distributed(device_type)
@@ -131,19 +375,36 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.run_dir = Path(cfg.out_dir)
-        checkpoint = latest_checkpoint(self.run_dir) if resume else None
-        if resume and checkpoint is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {str(self.run_dir / 'checkpoints')!r}")
-        if not resume and (self.run_dir / "checkpoints").exists():
+        checkpoint, state, weights = None, None, None
+        if resume:
+            try:
+                checkpoint, damaged = resume_checkpoint(self.run_dir)
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(f"--resume: {exc}") from None
+            except CheckpointError as exc:
+                raise CheckpointError(f"--resume: {exc}") from None
+            for check in damaged:
+                self._say(f"checkpoint {check.path} is damaged: {check.problem}", warn=True)
+            if damaged:
+                self._say(f"resuming from {checkpoint.name}, the newest intact checkpoint", warn=True)
+            weights, state = load_checkpoint(checkpoint, map_location="cpu")
+        elif (self.run_dir / "checkpoints").exists():
             raise FileExistsError(
                 f"{str(self.run_dir)!r} already holds a run; pass --resume to continue it or choose another --out-dir"
             )
 
-        # -- data: statistics from the training split, reused by validation --
-        self.train_set = build_dataset(config.data, "train")
+        # -- data: statistics from the training split (the run's own when resuming), reused by validation --
+        norm_stats = json.loads(state["norm_stats"]) if state is not None else None
+        self.train_set = build_dataset(config.data, "train", norm_stats=norm_stats)
         self.val_set = build_dataset(config.data, "val", norm_stats=self.train_set.norm_stats) \
             if cfg.val_every > 0 else None
         self.collator = make_collator(config, self.train_set)
+        self.data_files = data_fingerprint(config, self.train_set)
+        if state is not None and "data_files" in state:
+            changes = data_changes(json.loads(state["data_files"]), self.data_files)
+            if changes:
+                self._say("the data changed since the run started: " + "; ".join(changes)
+                          + ". Training goes on with the run's normalisation statistics.", warn=True)
 
         # -- model and optimisation --
         torch.manual_seed(cfg.seed)
@@ -151,12 +412,14 @@ class Trainer:
             self.train_set.spec, config.model, patch_size=config.data.patch_size, steps=config.data.steps,
             fused=cfg.fused,
         ).to(self.device)
+        self.schedule = WarmupCosine(cfg, self.device)
+        self.loss_weights = torch.tensor([config.model.loss_weights.get(m, 1.0) for m in self.model.names],
+                                         dtype=torch.float64, device=self.device)  # [n]
         self.optimizer = self._make_optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s, cfg) / cfg.lr)
         self.step = 0
         self.nonfinite_run = 0
         if checkpoint is not None:
-            self._restore(checkpoint)
+            self._restore(checkpoint, weights, state)
         self.forward_model = self.model
         if self.dist.enabled:
             self.forward_model = DistributedDataParallel(
@@ -169,6 +432,7 @@ class Trainer:
             else contextlib.nullcontext
 
         names = list(self.model.names)
+        self.metric_names = ["loss", *[f"loss_{n}" for n in names], "lr", "grad_norm", "skipped", "signalled"]
         self.train_log = MetricsLog(
             self.run_dir / "metrics.csv",
             ["step", "loss", *[f"loss_{n}" for n in names], "lr", "grad_norm", "tokens_per_s", "samples_per_s",
@@ -178,81 +442,122 @@ class Trainer:
             self.run_dir / "val_metrics.csv", ["step", "val_loss", *[f"val_loss_{n}" for n in names]]
         )
         self.writer = None
+        self.signals = StopSignals()
+        self._saved: tuple[int, Path | None] | None = None  # (step, path) of the last checkpoint written
 
     # -- set-up helpers ------------------------------------------------------------------------
+    def _say(self, message: str, warn: bool = False) -> None:
+        """Print ``message`` on the main process (and log it as a warning when ``warn``)."""
+        if self.dist.is_main:
+            if warn:
+                log.warning(message)
+            else:
+                print(message, flush=True)
+
     def _make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with the fused kernel (CUDA and CPU): it takes a device ``lr`` and ``found_inf``."""
         cfg = self.config.train
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             (decay if p.dim() >= 2 and "feature_weights" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        return torch.optim.AdamW(groups, lr=self.schedule.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
-    def _restore(self, path: Path) -> None:
-        weights, state = load_checkpoint(path, map_location="cpu")
+    def _restore(self, path: Path, weights: dict, state: dict) -> None:
         self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.schedule.load_state_dict(state["scheduler"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule.lr
         self.step = int(state["step"])
         set_rng_state(state["rng"])
-        if self.dist.is_main:
-            print(f"resumed from {path} at step {self.step}")
+        self._say(f"resumed from {path} at step {self.step}")
 
     def _state(self) -> dict:
         return {
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.schedule.state_dict(),
             "step": self.step,
             "data_position": self.step,
             "rng": rng_state(),
             "config": json.dumps(config_to_dict(self.config)),
             "norm_stats": json.dumps(self.train_set.norm_stats),
+            "data_files": json.dumps(self.data_files),
         }
 
     def save(self) -> Path | None:
-        """Checkpoint the current step (main process only; the others wait)."""
-        path = None
+        """Checkpoint the current step (main process only; the others wait for its verdict).
+
+        Raises:
+            TrainingStopped: the checkpoint could not be written (on every process).
+        """
+        if self._saved is not None and self._saved[0] == self.step:
+            return self._saved[1]
+        path, error = None, None
         if self.dist.is_main:
-            path = save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self._state(),
-                                   keep=self.config.train.keep_checkpoints)
+            try:
+                path = save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self._state(),
+                                       keep=self.config.train.keep_checkpoints)
+            except CheckpointError as exc:
+                error = str(exc)
         if self.dist.enabled:
-            dist.barrier()
+            failed = torch.tensor([float(error is not None)], device=self.device)
+            dist.all_reduce(failed)  # also the barrier: nobody goes on before the checkpoint is on disk
+            if error is None and failed.item() > 0:
+                error = "process 0 could not write the checkpoint (its log says why)"
+        if error is not None:
+            raise TrainingStopped(f"{error}. Stopping at step {self.step}.")
+        self._saved = (self.step, path)
         return path
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.dist.enabled:
-            dist.all_reduce(t)
-        return t
-
     # -- one step ------------------------------------------------------------------------------
-    def train_step(self, batch) -> dict:
-        """Forward, backward, clip and update on one batch; returns the step's metrics (global)."""
+    def train_step(self, batch) -> torch.Tensor:
+        """Forward, backward, clip and (unless non-finite) update on one batch, with no host read.
+
+        Returns:
+            ``[len(metric_names)]`` float64 device vector: the global loss, each modality's global
+            loss, the learning rate used, the global gradient norm, skipped (1 when the update was
+            skipped) and signalled (1 when a process had received a stop signal; DDP only).
+        """
         cfg = self.config.train
         names = self.model.names
-        local = self.model.loss_counts(batch)
-        counts = self._all_reduce(torch.stack([local[n].double() for n in names]))  # global counts per modality
-        normalizers = {n: counts[i] / self.dist.world for i, n in enumerate(names)}
+        n = len(names)
         self.model.train()
         with self.autocast():
-            out = self.forward_model(batch, normalizers)
-        # global per-modality sums of squares and a finite flag, in one reduction
-        stats = torch.stack([*(out.sums[n].detach().double() for n in names), torch.isfinite(out.loss).double()])
-        stats[-1] = 1.0 - stats[-1]
-        stats = self._all_reduce(stats).cpu()
-        finite = stats[-1].item() == 0
-        losses = {n: (stats[i].item() / counts[i].item() if counts[i] > 0 else 0.0) for i, n in enumerate(names)}
-        loss = sum(self.model.cfg.loss_weights.get(n, 1.0) * v for n, v in losses.items())
-        grad_norm = float("nan")
-        if finite:
-            out.loss.backward()
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
-            finite = math.isfinite(grad_norm)
-            if finite:
-                self.optimizer.step()
+            out = self.forward_model(batch)
+        # one reduction: counted values and sums per modality, a non-finite flag and the stop flag
+        stats = torch.cat([
+            torch.stack([out.counts[m].detach().double() for m in names]),
+            torch.stack([out.sums[m].detach().double() for m in names]),
+            (~torch.isfinite(out.loss.detach())).double().view(1),
+            torch.full((1,), float(self.signals.received is not None), dtype=torch.float64, device=self.device),
+        ])  # [2n + 2]
+        loss = out.loss
+        if self.dist.enabled:
+            dist.all_reduce(stats)
+            norm = (stats[:n] / self.dist.world).clamp_min(1e-12)  # [n] global counts / world
+            weights = self.model.cfg.loss_weights
+            loss = sum(weights.get(m, 1.0) * out.sums[m] / norm[i].to(out.sums[m].dtype) for i, m in enumerate(names))
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        found_inf = ((stats[2 * n] > 0) | ~torch.isfinite(grad_norm)).float()
+        self.optimizer.found_inf = found_inf  # the fused kernel skips the update and undoes the step count
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return {"loss": loss, "losses": losses, "grad_norm": grad_norm, "finite": finite}
+        lr = self.schedule.lr.double().view(1)  # the lr this step used, before the schedule moves
+        self.schedule.advance(found_inf)
+        losses = stats[n:2 * n] / stats[:n].clamp_min(1e-12)  # [n] a modality without values has sum 0
+        total = (losses * self.loss_weights).sum().view(1)
+        return torch.cat([total, losses, lr, grad_norm.detach().double().view(1), found_inf.double().view(1),
+                          stats[2 * n + 1:]])
+
+    def metrics_row(self, values: list[float]) -> dict:
+        """A metric vector of :meth:`train_step`, read to the host, as ``{name: value}``."""
+        return dict(zip(self.metric_names, values))
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -268,10 +573,10 @@ class Trainer:
             batch = batch.to(self.device)
             with self.autocast():
                 out = self.model(batch)
-            for i, n in enumerate(names):
-                totals[i] += out.sums[n].double()
-                totals[len(names) + i] += out.counts[n].double()
-        totals = self._all_reduce(totals).tolist()
+            totals += torch.stack([*(out.sums[m].double() for m in names), *(out.counts[m].double() for m in names)])
+        if self.dist.enabled:
+            dist.all_reduce(totals)
+        totals = totals.tolist()
         result = {n: totals[i] / totals[len(names) + i] if totals[len(names) + i] > 0 else float("nan")
                   for i, n in enumerate(names)}
         result["val_loss"] = sum(self.model.cfg.loss_weights.get(n, 1.0) * v for n, v in result.items()
@@ -301,8 +606,51 @@ class Trainer:
             for tag, value in tags.items():
                 self.writer.add_scalar(tag if "/" in tag else f"train/{tag}", value, row["step"])
 
+    def _read_metrics(self, pending: list[torch.Tensor], tokens: int, seconds: float, progress) -> tuple[dict, bool]:
+        """Read the pending steps' metric vectors (one device→host copy), log one row per step, and check the
+        non-finite rule. Returns (the last row, whether a process was signalled)."""
+        cfg, data = self.config.train, self.config.data
+        values = torch.stack(pending).tolist()  # [steps, len(metric_names)]
+        first = self.step - len(values) + 1
+        row, signalled, too_many = {}, False, None
+        for offset, vector in enumerate(values):
+            step = first + offset
+            metrics = self.metrics_row(vector)
+            skipped = metrics["skipped"] > 0
+            signalled = signalled or metrics["signalled"] > 0
+            row = {
+                "step": step, "loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
+                "tokens_per_s": tokens / seconds, "samples_per_s": data.batch_size * self.dist.world * len(values)
+                / seconds, "skipped": int(skipped),
+                **{f"loss_{n}": metrics[f"loss_{n}"] for n in self.model.names},
+            }
+            self._log(row)
+            self.nonfinite_run = self.nonfinite_run + 1 if skipped else 0
+            if self.nonfinite_run >= cfg.max_nonfinite_steps and too_many is None:
+                too_many = (self.nonfinite_run, step)
+            if skipped:
+                message = f"step {step}: non-finite loss or gradient, update skipped"
+                if self.dist.is_main:
+                    log.warning(message)
+                    if progress is not None:
+                        progress.write(message)
+        if progress is not None:
+            progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tokens / seconds:,.0f}", refresh=False)
+        if too_many is not None:
+            path = self.save()  # the weights are the last good ones: skipped steps change nothing
+            raise TrainingStopped(
+                f"the loss or gradient was non-finite for {too_many[0]} steps in a row (up to step {too_many[1]}); "
+                f"stopping at step {self.step}. Last good weights: {path or self.run_dir}"
+            )
+        return row, signalled
+
     def fit(self) -> dict:
-        """Train to ``train.max_steps``; returns the last metrics. Raises :class:`TrainingStopped`."""
+        """Train to ``train.max_steps``; returns the last metrics.
+
+        Raises:
+            TrainingStopped: the loss stayed non-finite, or a checkpoint could not be written.
+            Preempted: a SIGTERM / SIGINT stopped the run; its checkpoint is written.
+        """
         cfg, data = self.config.train, self.config.data
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -319,52 +667,46 @@ class Trainer:
             from tqdm import tqdm
 
             progress = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        last = {}
+        last, pending, tokens, stopped_by = {}, [], 0, None
         t0 = time.perf_counter()
         try:
-            while self.step < cfg.max_steps:
-                batch = next(loader).to(self.device, non_blocking=True)
-                tokens = batch.num_tokens * self.dist.world
-                lr = self.scheduler.get_last_lr()[0]
-                result = self.train_step(batch)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                now = time.perf_counter()
-                dt, t0 = now - t0, now
-                self.step += 1
-                self.nonfinite_run = 0 if result["finite"] else self.nonfinite_run + 1
-                row = {
-                    "step": self.step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
-                    "tokens_per_s": tokens / dt, "samples_per_s": data.batch_size * self.dist.world / dt,
-                    "skipped": int(not result["finite"]),
-                    **{f"loss_{n}": v for n, v in result["losses"].items()},
-                }
-                self._log(row)
-                last = row
-                if progress is not None:
-                    progress.set_postfix(loss=f"{result['loss']:.4f}", tok_s=f"{tokens / dt:,.0f}", refresh=False)
-                    progress.update(1)
-                if not result["finite"]:
-                    if self.dist.is_main:
-                        log.warning("step %d: non-finite loss or gradient, update skipped", self.step)
-                        if progress is not None:
-                            progress.write(f"step {self.step}: non-finite loss or gradient, update skipped")
-                    if self.nonfinite_run >= cfg.max_nonfinite_steps:
-                        path = self.save()  # the weights are the last good ones: skipped steps change nothing
-                        raise TrainingStopped(
-                            f"the loss or gradient was non-finite for {self.nonfinite_run} steps in a row "
-                            f"(up to step {self.step}); stopping. Last good weights: {path or self.run_dir}"
-                        )
-                if self.val_set is not None and cfg.val_every > 0 and (
-                        self.step % cfg.val_every == 0 or self.step == cfg.max_steps):
-                    val = self.validate()
-                    self._log({"step": self.step}, val)
+            with self.signals:
+                while self.step < cfg.max_steps:
+                    if not self.dist.enabled and self.signals.received:
+                        stopped_by = self.signals.received
+                        break
+                    batch = next(loader).to(self.device, non_blocking=True)
+                    tokens += batch.num_tokens * self.dist.world
+                    pending.append(self.train_step(batch))
+                    self.step += 1
                     if progress is not None:
-                        progress.write(f"step {self.step}: val loss {val['val_loss']:.4f} " + " ".join(
-                            f"{k}={v:.4f}" for k, v in val.items() if k != "val_loss"))
-                    last["val"] = val
-                if (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0) or self.step == cfg.max_steps:
-                    self.save()
+                        progress.update(1)
+                    validate = self.val_set is not None and (self.step % cfg.val_every == 0
+                                                             or self.step == cfg.max_steps)
+                    checkpoint = (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0) or self.step == cfg.max_steps
+                    if self.step % cfg.log_every == 0 or validate or checkpoint:
+                        seconds = time.perf_counter() - t0  # the read below waits for the device first
+                        last, signalled = self._read_metrics(pending, tokens, max(seconds, 1e-9), progress)
+                        pending, tokens, t0 = [], 0, time.perf_counter()
+                        if signalled:
+                            stopped_by = self.signals.received or "a signal to another process"
+                            break
+                    if validate:
+                        val = self.validate()
+                        self._log({"step": self.step}, val)
+                        if progress is not None:
+                            progress.write(f"step {self.step}: val loss {val['val_loss']:.4f} " + " ".join(
+                                f"{k}={v:.4f}" for k, v in val.items() if k != "val_loss"))
+                        last["val"] = val
+                    if checkpoint:
+                        self.save()
+                if stopped_by is not None:
+                    if pending:
+                        last, _ = self._read_metrics(pending, tokens, max(time.perf_counter() - t0, 1e-9), progress)
+                    path = self.save()
+                    message = f"stopped by {stopped_by} at step {self.step}; checkpoint {path or self.run_dir}"
+                    self._say(message, warn=True)
+                    raise Preempted(stopped_by, self.step, path)
         finally:
             if progress is not None:
                 progress.close()
@@ -374,8 +716,16 @@ class Trainer:
 
 
 def load_run_config(run_dir: Path) -> Config:
-    """The configuration a run was started with (from its latest checkpoint, else config.yaml)."""
-    checkpoint = latest_checkpoint(run_dir)
+    """The configuration a run was started with (from its newest intact checkpoint, else config.yaml).
+
+    Raises:
+        CheckpointError: the run has checkpoints but none is intact.
+        FileNotFoundError: the folder holds no run.
+    """
+    try:
+        checkpoint, _ = resume_checkpoint(run_dir)
+    except FileNotFoundError:
+        checkpoint = None
     if checkpoint is not None:
         _, state = load_checkpoint(checkpoint)
         return config_from_dict(json.loads(state["config"]))
