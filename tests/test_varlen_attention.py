@@ -1,5 +1,9 @@
 """varlen_attention: every CPU-capable backend against the float64 reference, and the contract."""
 
+import gc
+import inspect
+import sys
+
 import pytest
 import torch
 from attention_cases import (
@@ -11,7 +15,19 @@ from attention_cases import (
     reference_fn,
 )
 
-from crossmae.ops import BACKENDS, ENV_VAR, available_backends, select_backend, varlen_attention
+from crossmae.ops import (
+    BACKENDS,
+    ENV_VAR,
+    AttentionBackend,
+    VarlenAttentionFn,
+    available_backends,
+    backends,
+    external,
+    resolve_backend,
+    select_backend,
+    triton_attention,
+    varlen_attention,
+)
 from crossmae.packed import Packed, pad_packed, unpad
 from crossmae_kernels.varlen_attention import is_interpreting
 
@@ -255,3 +271,102 @@ def test_flex_forward_on_cpu_matches_reference_and_refuses_backward():
     case.q.requires_grad_(True)
     with pytest.raises(ValueError, match="has no backward on cpu"):
         varlen_attention(*case.args, backend="flex")
+
+
+# -- resolution once, the hot path, cached masks ---------------------------------------------------
+def test_resolve_backend_is_cached_and_can_be_passed_to_the_op():
+    case = make_case([3, 0, 5], [4, 2, 0], heads=2, head_dim=16, requires_grad=False)
+    first = resolve_backend("loop", device="cpu", dtype=torch.float32, head_dim=16)
+    assert resolve_backend("loop", device=torch.device("cpu"), dtype=torch.float32, head_dim=16) is first
+    assert torch.equal(varlen_attention(*case.args, backend=first), varlen_attention(*case.args, backend="loop"))
+    float64 = make_case([3], [4], heads=1, head_dim=16, dtype=torch.float64, requires_grad=False)
+    math_f64 = resolve_backend("math", device="cpu", dtype=torch.float64, head_dim=16)
+    assert_close(varlen_attention(*float64.args, backend=math_f64), reference_fn(*float64.args), atol=1e-12,
+                 rtol=1e-12, name="resolved math")
+    flex = resolve_backend("flex", device="cpu", dtype=torch.float32, head_dim=16, needs_backward=False)
+    with pytest.raises(ValueError, match="backend 'flex' can't run on these inputs: has no backward on cpu"):
+        varlen_attention(*make_case([3], [4], heads=1, head_dim=16).args, backend=flex)
+
+
+def test_calls_after_the_first_do_not_walk_the_registry(monkeypatch):
+    case = make_case([3, 5], [4, 2], heads=2, head_dim=16, requires_grad=False)
+    calls = []
+    original = AttentionBackend.reasons_for
+
+    def counting(self, **inputs):
+        calls.append(self.name)
+        return original(self, **inputs)
+
+    monkeypatch.setattr(AttentionBackend, "reasons_for", counting)
+    backends._RESOLVED.clear()
+    varlen_attention(*case.args)
+    assert calls, "the first call resolves"
+    calls.clear()
+    for _ in range(3):
+        varlen_attention(*case.args)
+    assert calls == []
+    monkeypatch.setenv(ENV_VAR, "sdpa_padded")
+    assert select_backend("auto", case.q, needs_backward=False).name == "sdpa_padded"
+
+
+def test_every_backend_function_has_the_varlen_signature():
+    def positional(fn):
+        return [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.POSITIONAL_OR_KEYWORD]
+
+    expected = positional(VarlenAttentionFn.__call__)[1:]  # without self
+    for backend in BACKENDS.values():
+        assert positional(backend.fn) == expected, backend.name
+
+
+def test_triton_reasons_name_a_missing_c_compiler(monkeypatch, tmp_path):
+    monkeypatch.setattr(triton_attention, "_unavailable", [])
+    monkeypatch.setattr(triton_attention._kernels, "is_interpreting", lambda: False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    assert triton_attention.c_compiler() is None
+    case = make_case([3], [4], heads=1, head_dim=16, requires_grad=False)
+    assert "needs a C compiler at run time" in BACKENDS["triton"].reasons(case.q)[0]
+    monkeypatch.setenv("CC", sys.executable)  # any executable named by CC counts
+    assert triton_attention.c_compiler() == sys.executable
+
+
+def test_per_cu_seqlens_cache_builds_once_per_pair_and_version():
+    packed_q, packed_k = Packed.from_lengths([3, 0, 5]), Packed.from_lengths([4, 2, 1])
+    builds = []
+
+    def build():
+        builds.append(1)
+        return len(builds)
+
+    def get(pq, pk):
+        return external.cached_per_cu_seqlens("test", pq.cu_seqlens, pk.cu_seqlens, 8, build)
+
+    assert get(packed_q, packed_k) == get(packed_q, packed_k) == 1
+    other = Packed.from_lengths([3, 0, 5])  # equal values, a new batch's tensor
+    assert get(other, packed_k) == 2
+    packed_k.cu_seqlens.add_(0)  # an in-place write bumps the version
+    assert get(packed_q, packed_k) == 3
+    alive = len(external._PER_CU_SEQLENS)
+    del other
+    gc.collect()
+    assert len(external._PER_CU_SEQLENS) == alive - 1
+
+
+def test_flex_block_mask_is_built_once_per_cu_seqlens_with_a_module_level_mask_mod(monkeypatch):
+    builds = []
+    original = external._flex_block_mask
+
+    def counting(*args):
+        mask = original(*args)
+        builds.append(mask)
+        return mask
+
+    monkeypatch.setattr(external, "_flex_block_mask", counting)
+    case = random_case(4, 20, 14, 2, 16, seed=3, requires_grad=False)
+    first = varlen_attention(*case.args, backend="flex")
+    second = varlen_attention(*case.args, backend="flex")
+    assert torch.equal(first, second) and len(builds) == 1
+    assert builds[0].mask_mod.func is external._same_sample
+    again = random_case(4, 20, 14, 2, 16, seed=3, requires_grad=False)  # same lengths, new tensors
+    assert_close(varlen_attention(*again.args, backend="flex"), first, atol=0, rtol=0, name="flex, new batch")
+    assert len(builds) == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from crossmae.ops.backends import select_backend
+from crossmae.ops.backends import BACKENDS, AttentionBackend, resolve_backend, resolved_name
 from crossmae.ops.reference import math_attention
 from crossmae.ops.validation import check_varlen_inputs
 
@@ -19,7 +19,7 @@ def varlen_attention(
     max_seqlen_k: int,
     *,
     softmax_scale: float | None = None,
-    backend: str = "auto",
+    backend: str | AttentionBackend = "auto",
 ) -> torch.Tensor:
     """Non-causal attention over B ragged samples packed into one tensor, in one kernel call.
 
@@ -40,7 +40,10 @@ def varlen_attention(
         softmax_scale: multiplies the scores before the softmax; default ``D ** -0.5``.
         backend: a registered backend name (``crossmae.ops.BACKENDS``) or ``"auto"``: the
             environment variable ``CROSSMAE_ATTN_BACKEND`` if set, else the fastest that can run
-            on these inputs.
+            on these inputs. The choice is cached per (name, device, dtype, head dim, backward),
+            so a call costs one dict lookup; a backend resolved ahead with
+            :func:`crossmae.ops.resolve_backend` may be passed instead of a name (only its
+            declared device type, dtype and head dims are re-checked).
 
     Returns:
         ``[total_q, H, D]`` in q's dtype, differentiable in q, k and v. Zero-length segments are
@@ -61,8 +64,22 @@ def varlen_attention(
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     needs_backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    chosen = select_backend(backend, q, needs_backward=needs_backward)
+    chosen = _backend_for(backend, q, needs_backward)
     if q.shape[0] == 0 or max_seqlen_k == 0:
         # nothing to attend with or to: every backend's answer is the reference's (zeros)
         return math_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
     return chosen.fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
+
+
+def _backend_for(backend: str | AttentionBackend, q: torch.Tensor, needs_backward: bool) -> AttentionBackend:
+    """The backend for this call: a cached resolution, a constant under ``torch.compile``."""
+    if isinstance(backend, AttentionBackend):
+        if not backend.accepts(q, needs_backward=needs_backward):
+            why = backend.reasons(q, needs_backward=needs_backward)
+            raise ValueError(f"backend {backend.name!r} can't run on these inputs: " + "; ".join(why))
+        return backend
+    head_dim = int(q.shape[-1])
+    if torch.compiler.is_compiling():
+        index = -1 if q.device.index is None else q.device.index
+        return BACKENDS[resolved_name(backend, q.device.type, index, q.dtype, head_dim, needs_backward)]
+    return resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=head_dim, needs_backward=needs_backward)

@@ -1,11 +1,15 @@
 """The registry of varlen attention backends and the choice among them.
 
 Each backend declares the devices, dtypes and head dims it supports, whether it has a
-backward, and how to tell if its library is present; :meth:`AttentionBackend.reasons` turns
+backward, and how to tell if its library is present; :meth:`AttentionBackend.reasons_for` turns
 that into readable reasons why it can't run on given inputs. Selection order for
 ``backend="auto"``: the environment variable ``CROSSMAE_ATTN_BACKEND`` if set, else the first
 backend of :data:`AUTO_ORDER` for the input's device that can run. The evidence for that order
 is recorded in ``bench/results/backend_order.md``.
+
+:func:`resolve_backend` makes the choice for a (name, device, dtype, head dim, backward) and
+caches it, so a layer can resolve once and :func:`crossmae.ops.varlen_attention` pays one dict
+lookup per call.
 """
 
 from __future__ import annotations
@@ -17,10 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from crossmae.ops import cpu_attention, external, reference, triton_attention
+from crossmae.ops.signature import VarlenAttentionFn
 
 ENV_VAR = "CROSSMAE_ATTN_BACKEND"
-
-AttentionFn = Callable[..., torch.Tensor]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -32,45 +35,61 @@ class AttentionBackend:
 
     Attributes:
         name: registry key, the value of ``backend=``.
-        fn: ``fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)``.
+        fn: the backend's :class:`~crossmae.ops.signature.VarlenAttentionFn`.
         description: one line for listings.
         devices: device types it runs on (``"cpu"``, ``"cuda"``).
         dtypes: input dtypes it accepts.
         head_dims: description of the head dims it accepts, and the predicate that checks one.
         backward_devices: device types on which gradients flow through it.
         unavailable: returns why the backend can't run at all here (library missing), or None.
-        extra_reasons: further input-dependent reasons (e.g. GPU architecture), may be empty.
+        extra_reasons: further reasons for a (device, dtype) (e.g. GPU architecture), may be empty.
     """
 
     name: str
-    fn: AttentionFn
+    fn: VarlenAttentionFn
     description: str
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     head_dims: tuple[str, Callable[[int], bool]]
     backward_devices: tuple[str, ...] = ("cpu", "cuda")
     unavailable: Callable[[], str | None] = lambda: None
-    extra_reasons: Callable[[torch.Tensor], list[str]] = field(default=lambda q: [])
+    extra_reasons: Callable[[torch.device, torch.dtype], list[str]] = field(default=lambda device, dtype: [])
 
-    def reasons(self, q: torch.Tensor, *, needs_backward: bool = False) -> list[str]:
-        """Why this backend can't run on inputs like ``q`` ([total_q, H, D]); empty when it can."""
+    def reasons_for(
+        self, *, device: torch.device | str, dtype: torch.dtype, head_dim: int, needs_backward: bool
+    ) -> list[str]:
+        """Why it can't run on ``[total, H, head_dim]`` inputs of ``dtype`` on ``device``; empty when it can."""
         missing = self.unavailable()
         if missing:
             return [missing]
+        device = torch.device(device)
         why = []
-        if q.device.type not in self.devices:
-            why.append(f"runs on {'/'.join(self.devices)}, not {q.device.type}")
-        if q.dtype not in self.dtypes:
+        if device.type not in self.devices:
+            why.append(f"runs on {'/'.join(self.devices)}, not {device.type}")
+        if dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-            why.append(f"supports dtypes {names}, not {str(q.dtype).replace('torch.', '')}")
+            why.append(f"supports dtypes {names}, not {str(dtype).replace('torch.', '')}")
         text, accepts = self.head_dims
-        if not accepts(q.shape[-1]):
-            why.append(f"supports head dims {text}, not {q.shape[-1]}")
-        if needs_backward and q.device.type not in self.backward_devices:
-            why.append(f"has no backward on {q.device.type}, and the inputs require grad")
+        if not accepts(head_dim):
+            why.append(f"supports head dims {text}, not {head_dim}")
+        if needs_backward and device.type not in self.backward_devices:
+            why.append(f"has no backward on {device.type}, and the inputs require grad")
         if not why:
-            why.extend(self.extra_reasons(q))
+            why.extend(self.extra_reasons(device, dtype))
         return why
+
+    def reasons(self, q: torch.Tensor, *, needs_backward: bool = False) -> list[str]:
+        """Why this backend can't run on inputs like ``q`` ([total_q, H, D]); empty when it can."""
+        return self.reasons_for(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], needs_backward=needs_backward)
+
+    def accepts(self, q: torch.Tensor, *, needs_backward: bool) -> bool:
+        """Cheap re-check for a backend resolved earlier: q's device type, dtype and head dim are declared."""
+        return (
+            q.device.type in self.devices
+            and q.dtype in self.dtypes
+            and self.head_dims[1](q.shape[-1])
+            and (not needs_backward or q.device.type in self.backward_devices)
+        )
 
 
 def _any_head_dim(d: int) -> bool:
@@ -78,10 +97,14 @@ def _any_head_dim(d: int) -> bool:
 
 
 BACKENDS: dict[str, AttentionBackend] = {}
+# (name, CROSSMAE_ATTN_BACKEND for "auto", device, dtype, head dim, needs_backward) -> the choice
+_RESOLVED: dict[tuple, AttentionBackend] = {}
 
 
 def register_backend(backend: AttentionBackend) -> None:
+    """Add ``backend`` to the registry (replacing one of the same name) and forget earlier choices."""
     BACKENDS[backend.name] = backend
+    _RESOLVED.clear()
 
 
 register_backend(AttentionBackend(
@@ -152,6 +175,8 @@ register_backend(AttentionBackend(
     fn=external.xformers_attention,
     description="xformers memory_efficient_attention with BlockDiagonalMask.from_seqlens",
     devices=("cuda",),
+    # fp32 through its CUTLASS operators (xformers docs, "xFormers optimized operators": cutlass.FwOp /
+    # cutlass.BwOp support "a large number of settings (including without TensorCores, f32 ...)")
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     head_dims=("8..256, multiples of 8", external.flash_head_dim_supported),
     unavailable=external.xformers_unavailable,
@@ -191,20 +216,56 @@ def available_backends(q: torch.Tensor, *, needs_backward: bool = False) -> list
     return [name for name, b in BACKENDS.items() if not b.reasons(q, needs_backward=needs_backward)]
 
 
-def select_backend(backend: str, q: torch.Tensor, *, needs_backward: bool) -> AttentionBackend:
-    """Resolve ``backend`` (a name or ``"auto"``) for inputs like ``q``; raise with reasons if it can't run."""
-    if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "auto") or "auto"
-    if backend != "auto":
-        chosen = get_backend(backend)
-        why = chosen.reasons(q, needs_backward=needs_backward)
+def resolve_backend(
+    name: str, *, device: torch.device | str, dtype: torch.dtype, head_dim: int, needs_backward: bool = True
+) -> AttentionBackend:
+    """The backend that ``name`` (a registered name or ``"auto"``) means for these inputs, cached.
+
+    ``"auto"`` reads ``CROSSMAE_ATTN_BACKEND`` and otherwise takes the first backend of
+    :data:`AUTO_ORDER` for the device type that can run. The result can be kept (a layer
+    resolves once) and passed as ``varlen_attention(..., backend=resolved)``.
+
+    Raises:
+        ValueError: ``name`` is not registered, or no backend it means can run, with the reasons.
+    """
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    env = os.environ.get(ENV_VAR) if name == "auto" else None
+    key = (name, env, device, dtype, head_dim, needs_backward)
+    chosen = _RESOLVED.get(key)
+    if chosen is None:
+        chosen = _choose((env or "auto") if name == "auto" else name, device, dtype, head_dim, needs_backward)
+        _RESOLVED[key] = chosen
+    return chosen
+
+
+def _choose(
+    name: str, device: torch.device, dtype: torch.dtype, head_dim: int, needs_backward: bool
+) -> AttentionBackend:
+    inputs = dict(device=device, dtype=dtype, head_dim=head_dim, needs_backward=needs_backward)
+    if name != "auto":
+        chosen = get_backend(name)
+        why = chosen.reasons_for(**inputs)
         if why:
-            raise ValueError(f"backend {backend!r} can't run on these inputs: " + "; ".join(why))
+            raise ValueError(f"backend {name!r} can't run on these inputs: " + "; ".join(why))
         return chosen
     tried = []
-    for name in AUTO_ORDER.get(q.device.type, ("math",)):
-        why = BACKENDS[name].reasons(q, needs_backward=needs_backward)
+    for candidate in AUTO_ORDER.get(device.type, ("math",)):
+        why = BACKENDS[candidate].reasons_for(**inputs)
         if not why:
-            return BACKENDS[name]
-        tried.append(f"{name}: {'; '.join(why)}")
+            return BACKENDS[candidate]
+        tried.append(f"{candidate}: {'; '.join(why)}")
     raise ValueError("no attention backend can run on these inputs: " + " | ".join(tried))
+
+
+def select_backend(backend: str, q: torch.Tensor, *, needs_backward: bool) -> AttentionBackend:
+    """Resolve ``backend`` (a name or ``"auto"``) for inputs like ``q``; raise with reasons if it can't run."""
+    return resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1], needs_backward=needs_backward)
+
+
+@torch.compiler.assume_constant_result
+def resolved_name(name: str, device_type: str, device_index: int, dtype: torch.dtype, head_dim: int,
+                  needs_backward: bool) -> str:
+    """:func:`resolve_backend`'s choice by name (``device_index`` -1 for none): a constant to ``torch.compile``."""
+    device = torch.device(device_type, None if device_index < 0 else device_index)
+    return resolve_backend(name, device=device, dtype=dtype, head_dim=head_dim, needs_backward=needs_backward).name

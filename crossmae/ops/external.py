@@ -1,10 +1,14 @@
 """Other libraries' varlen attention kernels behind the packed contract.
 
-Each wrapper takes ``(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-softmax_scale)`` with q ``[total_q, H, D]`` and k/v ``[total_k, H, D]`` and returns
-``[total_q, H, D]``. Libraries are imported lazily; the ``*_unavailable`` functions say why a
-backend can't be used here. Batches with no queries or no keys at all never reach these
-wrappers (:func:`crossmae.ops.varlen_attention` computes those with the reference).
+Each wrapper is a :class:`~crossmae.ops.signature.VarlenAttentionFn`: q ``[total_q, H, D]``,
+k/v ``[total_k, H, D]`` in, ``[total_q, H, D]`` out. Libraries are imported lazily; the
+``*_unavailable`` functions say why a backend can't be used here (looked up once per process).
+Batches with no queries or no keys at all never reach these wrappers
+(:func:`crossmae.ops.varlen_attention` computes those with the reference).
+
+What a wrapper derives from ``cu_seqlens`` alone (xformers' block-diagonal mask, FlexAttention's
+block mask) is built once per pair of cu_seqlens tensors and kept while both tensors live
+(:func:`cached_per_cu_seqlens`), so the layers of one step share it and a new batch builds anew.
 """
 
 from __future__ import annotations
@@ -12,10 +16,49 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from crossmae.packed import segment_ids
+
+T = TypeVar("T")
+
+# cu_seqlens_q -> (cu_seqlens_k -> {kind: (key, value)}): entries die with either tensor
+_PER_CU_SEQLENS = WeakIdKeyDictionary()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return None
+
+
+def cached_per_cu_seqlens(kind: str, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, key: Hashable,
+                          build: Callable[[], T]) -> T:
+    """``build()``, kept per (cu_seqlens_q, cu_seqlens_k) tensor pair, their versions, ``kind`` and ``key``.
+
+    Holds one value per kind and pair, so memory is bounded by the live cu_seqlens tensors;
+    under ``torch.compile`` or for tensors without a version counter it builds every time.
+    """
+    full_key = (_version(cu_seqlens_q), _version(cu_seqlens_k), key)
+    if torch.compiler.is_compiling() or None in full_key[:2]:
+        return build()
+    per_k = _PER_CU_SEQLENS.get(cu_seqlens_q)
+    if per_k is None:
+        per_k = _PER_CU_SEQLENS[cu_seqlens_q] = WeakIdKeyDictionary()
+    entries = per_k.get(cu_seqlens_k)
+    if entries is None:
+        entries = per_k[cu_seqlens_k] = {}
+    hit = entries.get(kind)
+    if hit is not None and hit[0] == full_key:
+        return hit[1]
+    value = build()
+    entries[kind] = (full_key, value)
+    return value
 
 
 def flash_head_dim_supported(d: int) -> bool:
@@ -26,8 +69,8 @@ def flex_head_dim_supported(d: int) -> bool:
     return 16 <= d <= 256 and d & (d - 1) == 0
 
 
-def sm80_reasons(q: torch.Tensor) -> list[str]:
-    if q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 0):
+def sm80_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         return ["needs a GPU of compute capability 8.0 or newer"]
     return []
 
@@ -39,6 +82,7 @@ def _missing(module: str) -> str | None:
 
 
 # -- torch.nn.attention.varlen (PyTorch >= 2.10) -----------------------------------------
+@functools.cache
 def torch_varlen_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "needs CUDA"
@@ -77,6 +121,7 @@ def _flash_varlen_func():
     return flash_attn_varlen_func
 
 
+@functools.cache
 def flash_attn_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "needs CUDA"
@@ -93,26 +138,38 @@ def flash_attn_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
 
 
 # -- xformers ------------------------------------------------------------------------------
+@functools.cache
 def xformers_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "needs CUDA"
     return _missing("xformers")
 
 
+def _xformers_mask(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int):
+    """The block-diagonal bias and bool ``[total_q]`` rows whose sample has no keys (one host read)."""
+    from xformers.ops import fmha
+
+    lengths_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()  # the bias is built on the host
+    lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+    bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(q_seqlen=lengths_q, kv_seqlen=lengths_k)
+    no_keys = torch.tensor([lk == 0 for lk in lengths_k], device=cu_seqlens_q.device)  # [B]
+    return bias, no_keys[segment_ids(cu_seqlens_q, total_q)]  # [total_q]
+
+
 def xformers_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
     from xformers.ops import fmha
 
-    lengths_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()  # host sync: the mask is built on the host
-    lengths_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-    bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(q_seqlen=lengths_q, kv_seqlen=lengths_k)
+    total_q = q.shape[0]
+    bias, rows_without_keys = cached_per_cu_seqlens(
+        "xformers", cu_seqlens_q, cu_seqlens_k, total_q, lambda: _xformers_mask(cu_seqlens_q, cu_seqlens_k, total_q)
+    )
     out = fmha.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias, scale=softmax_scale)[0]
     # rows whose sample has no keys: xformers leaves them undefined, the contract says 0
-    no_keys = torch.tensor([lk == 0 for lk in lengths_k], device=q.device)
-    rows_without_keys = no_keys[segment_ids(cu_seqlens_q, q.shape[0])]  # [total_q]
     return out.masked_fill(rows_without_keys[:, None, None], 0.0)
 
 
 # -- FlexAttention -------------------------------------------------------------------------
+@functools.cache
 def flex_unavailable() -> str | None:
     try:
         from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
@@ -128,18 +185,38 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
-def flex_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
+@functools.cache
+def _compiled_create_block_mask():
     from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask, dynamic=True)
+
+
+def _same_sample(seg_q: torch.Tensor, seg_k: torch.Tensor, b, h, q_idx, kv_idx):
+    """FlexAttention mask_mod (bound to the segment ids by ``functools.partial``): same sample."""
+    return seg_q[q_idx] == seg_k[kv_idx]
+
+
+def _flex_block_mask(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int):
+    """The document mask over ``[total_q, total_k]``; compiled on CUDA (dense and slow in eager)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    # one module-level mask_mod with the ids as arguments: compiled code is reused across batches
+    mask_mod = functools.partial(
+        _same_sample, segment_ids(cu_seqlens_q, total_q), segment_ids(cu_seqlens_k, total_k)
+    )
+    build = _compiled_create_block_mask() if cu_seqlens_q.is_cuda else create_block_mask
+    return build(mask_mod, None, None, total_q, total_k, device=cu_seqlens_q.device)
+
+
+def flex_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
     from torch.nn.attention.flex_attention import flex_attention as eager_flex
 
     total_q, total_k = q.shape[0], k.shape[0]
-    seg_q = segment_ids(cu_seqlens_q, total_q)  # [total_q]
-    seg_k = segment_ids(cu_seqlens_k, total_k)  # [total_k]
-
-    def same_sample(b, h, q_idx, kv_idx):
-        return seg_q[q_idx] == seg_k[kv_idx]
-
-    block_mask = create_block_mask(same_sample, None, None, total_q, total_k, device=q.device)
+    block_mask = cached_per_cu_seqlens(
+        "flex", cu_seqlens_q, cu_seqlens_k, (total_q, total_k),
+        lambda: _flex_block_mask(cu_seqlens_q, cu_seqlens_k, total_q, total_k),
+    )
     if not torch.is_grad_enabled():  # FlexAttention on CPU refuses inputs that require grad, even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
     attend = _compiled_flex() if q.is_cuda else eager_flex
