@@ -77,10 +77,14 @@ def resolve_path(pattern: str, what: str) -> str:
 
 
 def mark_missing(values: np.ndarray, markers: list[float]) -> np.ndarray:
-    """``values`` (float) with infinities and every marker (to 1e-6 relative) set to NaN, in place."""
+    """``values`` (float) with infinities and every marker (to 1e-6 relative) set to NaN, in place (one
+    scratch array of ``values``' size)."""
     values[~np.isfinite(values)] = np.nan
+    scratch = np.empty_like(values) if markers else None
     for marker in markers:
-        values[np.abs(values - marker) <= 1e-6 * max(1.0, abs(marker))] = np.nan
+        np.subtract(values, marker, out=scratch)
+        np.abs(scratch, out=scratch)
+        values[scratch <= 1e-6 * max(1.0, abs(marker))] = np.nan
     return values
 
 
@@ -309,7 +313,7 @@ ALL_LEAP_CALENDARS = ("all_leap", "366_day")
 CALENDARS = (*STANDARD_CALENDARS, *NOLEAP_CALENDARS, *ALL_LEAP_CALENDARS, "360_day")
 CALENDAR_360_RULES = ("refuse", "rescale_year", "keep_date")
 AGGREGATES = ("sum", "mean", "min", "max", "last")
-READ_BLOCK_BYTES = 64 * 2**20  # raw steps read at once (float64, after the crop), whatever the window or block
+READ_BLOCK_BYTES = 64 * 2**20  # raw steps read at once (float32, after the crop), whatever the window or block
 
 
 def _open_xarray(path: str, fmt: str, what: str):
@@ -835,30 +839,33 @@ class GridReader:
     @property
     def block_days(self) -> int:
         """Days read at once so that the raw steps of a block stay within :data:`READ_BLOCK_BYTES`."""
-        per_day = self.steps_per_day * len(self.variables) * self.shape[0] * self.shape[1] * 8
+        per_day = self.steps_per_day * len(self.variables) * self.shape[0] * self.shape[1] * 4
         return max(1, READ_BLOCK_BYTES // per_day)
 
     def _read_steps(self, k0: int, k1: int) -> np.ndarray:
-        """Kept steps ``[k0, k1)`` → ``[L, C, H, W]`` float64 in target units, missing as NaN."""
-        pieces = []
+        """Kept steps ``[k0, k1)`` → ``[L, C, H, W]`` float32 in target units, missing as NaN."""
+        out = np.empty((k1 - k0, len(self.variables), *self.shape), dtype=np.float32)
         files, positions = self._step_file[k0:k1], self._step_position[k0:k1]
+        index = {}
+        if self.crop is not None:
+            y0, y1, x0, x1 = self.crop
+            index = {self.dims[0]: slice(y0, y1), self.dims[1]: slice(x0, x1)}
+        row = 0
         for f in np.unique(files):
             pos = positions[files == f]
             p0, p1 = int(pos[0]), int(pos[-1]) + 1
-            index = {self.time_dim: slice(p0, p1)}
-            if self.crop is not None:
-                y0, y1, x0, x1 = self.crop
-                index.update({self.dims[0]: slice(y0, y1), self.dims[1]: slice(x0, x1)})
             ds = self._dataset(int(f))
-            block = np.stack([ds[v].isel(index).transpose(self.time_dim, *self.dims).values.astype(np.float64)
-                              for v in self.variables], 1)  # [p1 - p0, C, H, W]
-            if pos.size != p1 - p0:
-                block = block[pos - p0]
-            pieces.append(block)
-        out = mark_missing(np.concatenate(pieces), self.markers)
+            for c, v in enumerate(self.variables):
+                values = ds[v].isel({self.time_dim: slice(p0, p1), **index}).transpose(self.time_dim, *self.dims)
+                values = values.values  # [p1 - p0, H, W], the file's dtype
+                out[row:row + pos.size, c] = values if pos.size == p1 - p0 else values[pos - p0]
+            row += pos.size
+        mark_missing(out, self.markers)
         for c, conv in enumerate(self.conversions):
-            if conv.scale != 1.0 or conv.offset != 0.0:
-                out[:, c] = out[:, c] * conv.scale + conv.offset
+            if conv.scale != 1.0:
+                out[:, c] *= conv.scale
+            if conv.offset != 0.0:
+                out[:, c] += conv.offset
         return out
 
     def _aggregate(self, steps: np.ndarray, step_day: np.ndarray, ends_day: np.ndarray, out: np.ndarray,
