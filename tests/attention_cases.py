@@ -110,6 +110,7 @@ def assert_within_rule(actual, reference, baseline, *, factor: float, floor: flo
 # softmax_scale) of every query row near a chosen place.
 HEAD_PATTERNS = (
     "far_below",       # keys share a large component the queries oppose: every logit near -logit
+    "far_below_spread",  # the same with noisy q and k: centred near -logit, spread over hundreds (one-hot rows)
     "dominant_key",    # the first key of each segment near +logit, the others near 0: one-hot rows
     "large_positive",  # queries and keys share the large component: every logit near +logit
     "normal",          # standard normal q, k
@@ -126,6 +127,8 @@ def _head_inputs(pattern: str, rows_q: int, rows_k: int, head_dim: int, scale: f
     shared = shared / shared.norm() * math.sqrt(logit / scale)  # shared . shared * scale = logit
     if pattern == "far_below":
         return noise(rows_q, 0.05) - shared, noise(rows_k, 0.2) + shared
+    if pattern == "far_below_spread":
+        return noise(rows_q, 1.0) - shared, noise(rows_k, 1.5) + shared
     if pattern == "large_positive":
         return noise(rows_q, 0.05) + shared, noise(rows_k, 0.2) + shared
     if pattern == "dominant_key":
