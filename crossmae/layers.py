@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossmae.ops import varlen_attention
+from crossmae.ops import AttentionBackend, varlen_attention
 from crossmae.packed import Packed, key_padding_mask, pad_packed, segment_ids, unpad
 
 
@@ -27,10 +27,10 @@ class PackedLayout:
 
     Args:
         q, k: boundaries of the query and key rows per sample.
-        backend: the varlen attention backend.
+        backend: the varlen attention backend: a name, or one resolved ahead by :func:`crossmae.ops.resolve_backend`.
     """
 
-    def __init__(self, q: Packed, k: Packed, backend: str = "auto"):
+    def __init__(self, q: Packed, k: Packed, backend: str | AttentionBackend = "auto"):
         self.q, self.k, self.backend = q, k, backend
 
     def enter(self, x: torch.Tensor, keys: bool = False) -> torch.Tensor:
@@ -109,7 +109,9 @@ class LoopLayout(PaddedLayout):
 LAYOUT_PATHS = ("packed", "padded", "loop")
 
 
-def make_layout(path: str, q: Packed, k: Packed, backend: str = "auto") -> PackedLayout | PaddedLayout:
+def make_layout(
+    path: str, q: Packed, k: Packed, backend: str | AttentionBackend = "auto"
+) -> PackedLayout | PaddedLayout:
     """The layout of ``path`` (``packed``, ``padded`` or ``loop``) for queries ``q`` and keys ``k``."""
     if path == "packed":
         return PackedLayout(q, k, backend)

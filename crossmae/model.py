@@ -32,6 +32,7 @@ from crossmae.layers import (
     make_layout,
     sincos_embedding,
 )
+from crossmae.ops import AttentionBackend, resolve_backend
 from crossmae.ops.loss import masked_sse
 from crossmae.packed import Packed
 
@@ -274,6 +275,16 @@ class MultimodalCrossMAE(nn.Module):
                              + ". Build it with crossmae.data.loader.make_collator(config, dataset).")
         self._checked_settings = got
 
+    def _layout(self, path: str, q: Packed, k: Packed, x: torch.Tensor, heads: int):
+        """The attention layout of ``path`` for rows like ``x [total, d]`` split in ``heads`` heads; on the packed
+        path the varlen backend is resolved here, once for every block of the stage."""
+        backend: str | AttentionBackend = self.cfg.attn_backend
+        if path == "packed" and not torch.compiler.is_compiling():
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            backend = resolve_backend(backend, device=x.device, dtype=dtype, head_dim=x.shape[-1] // heads,
+                                      needs_backward=torch.is_grad_enabled())
+        return make_layout(path, q, k, backend)
+
     # -- embeddings --------------------------------------------------------------------------
     def _position(self, name: str, index: torch.Tensor, which: str, batch: PackedBatch) -> torch.Tensor:
         """Position embedding ``[n, d]`` of tokens at ``index [n, 3]`` (b, t, p)."""
@@ -309,7 +320,7 @@ class MultimodalCrossMAE(nn.Module):
             x = x + self.modality_tokens[name]  # [total_vis, enc_dim]
             if name in self.static_token_names:
                 x = torch.cat([static, x])[enc.order]  # [total_seq, enc_dim]
-            layout = make_layout(self.encoder_path, enc.seq, enc.seq, cfg.attn_backend)
+            layout = self._layout(self.encoder_path, enc.seq, enc.seq, x, cfg.enc_heads)
             x = layout.enter(x)
             layer_maps = [x] if cfg.use_input else []
             for i, block in enumerate(self.encoders[name]):
@@ -327,7 +338,7 @@ class MultimodalCrossMAE(nn.Module):
         if not cfg.fusion_depth:
             return EncoderOutput(torch.cat(outs)[order], maps)  # [total_mem, enc_dim]
         x = torch.cat([out + self.fusion_tokens[n] for n, out in zip(self.names, outs)])[order]  # [total_mem, d]
-        layout = make_layout(self.encoder_path, batch.memory.packed, batch.memory.packed, cfg.attn_backend)
+        layout = self._layout(self.encoder_path, batch.memory.packed, batch.memory.packed, x, cfg.enc_heads)
         x = layout.enter(x)
         for j, block in enumerate(self.fusion):
             x = block(x, layout)
@@ -342,11 +353,12 @@ class MultimodalCrossMAE(nn.Module):
 
     def _decode_cross(self, batch: PackedBatch, name: str, memories: list[torch.Tensor], mem: Packed):
         mb = batch.modalities[name]
-        path, backend = self.decoder_path, self.cfg.attn_backend
+        path, heads = self.decoder_path, self.cfg.dec_heads
         queries = mb.queries.packed
-        cross = make_layout(path, queries, mem, backend)
-        self_layout = make_layout(path, queries, queries, backend) if self.cfg.decoder_self_attn else None
-        x = cross.enter(self._queries(name, mb.queries.index, batch))  # [total_pred, dec_dim] in the layout
+        x = self._queries(name, mb.queries.index, batch)  # [total_pred, dec_dim]
+        cross = self._layout(path, queries, mem, x, heads)
+        self_layout = self._layout(path, queries, queries, x, heads) if self.cfg.decoder_self_attn else None
+        x = cross.enter(x)
         memories = [cross.enter(m, keys=True) for m in memories]
         for block, memory in zip(self.decoders[name].blocks, memories):
             x = block(x, memory, cross, self_layout)
@@ -357,8 +369,9 @@ class MultimodalCrossMAE(nn.Module):
         mb = batch.modalities[name]
         seqs = mb.standard
         queries = self._queries(name, mb.hidden.index, batch)  # [total_hidden, dec_dim]
-        layout = make_layout(self.decoder_path, seqs.seq, seqs.seq, self.cfg.attn_backend)
-        x = layout.enter(torch.cat([memory, queries])[seqs.order])  # [total_seq, dec_dim] in the layout
+        x = torch.cat([memory, queries])[seqs.order]  # [total_seq, dec_dim]
+        layout = self._layout(self.decoder_path, seqs.seq, seqs.seq, x, self.cfg.dec_heads)
+        x = layout.enter(x)
         for block in self.decoders[name].blocks:
             x = block(x, layout)
         return layout.leave(x)[seqs.query_rows][mb.hidden.predicted_rows]  # [total_pred, dec_dim]

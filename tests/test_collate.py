@@ -6,6 +6,7 @@ from model_cases import PATCH, SPEC, STEPS, collate, random_samples
 
 from crossmae.config import MaskConfig
 from crossmae.data.collate import MaskingCollator, draw_masks, patchify, unpatchify
+from crossmae.data.sample import DatasetSpec, ModalitySpec, Sample
 
 
 def test_patchify_round_trip_and_padding():
@@ -102,3 +103,69 @@ def test_bad_arguments():
         MaskingCollator(SPEC, MaskConfig(), PATCH, STEPS, memory="both")
     with pytest.raises(ValueError, match="empty list"):
         collate([])
+
+
+def test_counts_round_half_up_and_keep_one_visible_and_one_hidden():
+    valid = torch.zeros(6, 1, 8, dtype=torch.bool)
+    for b, n in enumerate([0, 1, 2, 3, 4, 8]):
+        valid[b, 0, :n] = True
+    noise = torch.rand(2, 6, 1, 8, generator=torch.Generator().manual_seed(0))
+    masked, _ = draw_masks(valid, noise, ratio=0.75, kept=None, per_frame=False)
+    # n = 0, 1, 2, 3, 4, 8 at 0.75: 0; round-half-up(0.75) = 1; 1.5 → 2, but one stays visible → 1;
+    # 2.25 → 2; 3; 6
+    assert masked.sum((1, 2)).tolist() == [0, 1, 1, 2, 3, 6]
+    masked, _ = draw_masks(valid, noise, ratio=0.1, kept=None, per_frame=False)
+    # 0.1 n rounds to 0 for n < 5, but n ≥ 2 hides at least one: 0, 0, 1, 1, 1, 1
+    assert masked.sum((1, 2)).tolist() == [0, 0, 1, 1, 1, 1]
+    masked, _ = draw_masks(valid, noise, ratio=0.5, kept=None, per_frame=False)
+    assert masked.sum((1, 2)).tolist() == [0, 1, 1, 2, 2, 4]  # one token at 0.5: 0.5 rounds up
+
+
+def test_kept_mask_ratio_is_a_fraction_of_all_valid_tokens():
+    valid = torch.ones(1, 2, 8, dtype=torch.bool)  # 16 valid tokens
+    noise = torch.rand(2, 1, 2, 8, generator=torch.Generator().manual_seed(1))
+    masked, predicted = draw_masks(valid, noise, ratio=0.75, kept=0.5, per_frame=False)
+    # CrossMAE's 0.75 / 0.5: 12 hidden, 0.5 · 16 = 8 predicted (not 0.5 · 12 = 6)
+    assert int(masked.sum()) == 12 and int(predicted.sum()) == 8
+    assert not (predicted & ~masked).any()
+    _, predicted = draw_masks(valid, noise, ratio=0.75, kept=0.75, per_frame=False)
+    assert torch.equal(predicted, masked)  # kept = ratio predicts every hidden token
+    _, predicted = draw_masks(valid, noise, ratio=0.75, kept=0.01, per_frame=False)
+    assert int(predicted.sum()) == 1  # something hidden: at least one predicted
+
+
+def test_unified_masks_hide_the_same_positions_in_every_grid_and_every_series():
+    spec = DatasetSpec(modalities=(
+        ModalitySpec("a", "grid", 1, height=2, width=4), ModalitySpec("b", "grid", 1, height=2, width=4),
+        ModalitySpec("q", "series", 1), ModalitySpec("e", "series", 1),
+    ))
+    # one frame, 2 patches of 2 x 2 cells; a is valid in both patches, b only in patch 1 (patch 0 has a NaN)
+    a = torch.ones(4, 1, 2, 4)
+    b = torch.ones(4, 1, 2, 4)
+    b[:, 0, 0, 0] = float("nan")
+    q = torch.ones(4, 1)
+    e = torch.ones(4, 1)
+    e[0] = float("nan")
+    sample = Sample(grids={"a": a, "b": b}, basin_masks={"a": torch.ones(2, 4, dtype=torch.bool),
+                                                         "b": torch.ones(2, 4, dtype=torch.bool)},
+                    series={"q": q, "e": e}, noise_seed=3)
+    for seed in range(6):
+        sample.noise_seed = seed
+        batch = MaskingCollator(spec, MaskConfig(grid_ratio=0.5, series_ratio=0.5, mode="unified"), 2, 4)([sample])
+        hidden = {n: {tuple(r) for r in mb.hidden.index[:, 1:].tolist()} for n, mb in batch.modalities.items()}
+        tokens = {n: hidden[n] | {tuple(r) for r in mb.encoder.index[:, 1:].tolist()}
+                  for n, mb in batch.modalities.items()}
+        # the union of a and b has 4 frames x 2 patches = 8 positions: 4 hidden in both where valid
+        assert len(hidden["a"]) == 4 and hidden["b"] == {x for x in hidden["a"] if x[1] == 1}
+        assert (0, 0) not in tokens["b"] and len(tokens["b"]) == 4  # b's patch 0 stays invalid
+        # series: union of 4 days, 2 hidden; e's day 0 is not a token
+        assert len(hidden["q"]) == 2 and hidden["e"] == hidden["q"] - {(0, 0)}
+        assert (0, 0) not in tokens["e"]
+
+
+def test_unified_masks_need_equal_ratios_and_one_patch_grid():
+    spec = DatasetSpec(modalities=(ModalitySpec("a", "grid", 1, 4, 4), ModalitySpec("b", "grid", 1, 8, 4)))
+    with pytest.raises(ValueError, match="needs grid modalities of one patch grid"):
+        MaskingCollator(spec, MaskConfig(mode="unified"), 2, 4)
+    with pytest.raises(ValueError, match="their mask ratios must be equal"):
+        MaskingCollator(SPEC, MaskConfig(mode="unified", ratios={"precip": 0.9}), PATCH, STEPS)

@@ -107,3 +107,21 @@ def test_evaluate_moselle_run_from_the_command_line(tmp_path, capsys):
     assert tb, "evaluation logs to the run's TensorBoard folder"
     assert main(["--run", str(tmp_path / "nothing")]) == 2
     assert "has no checkpoint" in capsys.readouterr().err
+
+
+def test_a_norm_pix_run_reports_no_physical_scores_for_its_normalised_modalities(tmp_path):
+    run = _train(tmp_path / "run", None, "data.synthetic.num_basins=3", "data.synthetic.record_days=160",
+                 "data.synthetic.grid_size=12", "data.synthetic.basin_patches=[4, 9]", "data.patch_size=4",
+                 "data.steps=8", "data.stride=4", "data.batch_size=4", "model.norm_pix_loss=true",
+                 "model.norm_pix_modalities=[precip, soil_moisture]", "model.fusion_depth=1", "model.static=both",
+                 "model.day_of_year=true", "mask.mode=unified", steps=3)
+    metrics = evaluate_run(run, "val", plots=False)
+    for name in ("precip", "soil_moisture"):
+        entry = metrics["modalities"][name]
+        assert not entry["physical_units"] and math.isnan(entry["rmse"]) and math.isfinite(entry["masked_mse"])
+    for name in ("temperature", "streamflow"):
+        entry = metrics["modalities"][name]
+        assert entry["physical_units"] and math.isfinite(entry["rmse"])
+    assert set(metrics["flow"]) == {"streamflow"}
+    saved = json.loads((run / "eval" / "metrics_val.json").read_text())
+    assert saved["modalities"]["precip"]["rmse"] is None

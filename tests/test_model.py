@@ -331,3 +331,26 @@ def test_bad_paths_and_options_are_rejected():
         build(small_model_config(use_weighted_fm=True, use_cross_attn=False))
     with pytest.raises(ValueError, match="model.static must be one of"):
         build(small_model_config(static="film_and_token"))
+
+
+def test_the_packed_backend_is_resolved_once_per_stage(monkeypatch):
+    import crossmae.model as model_module
+    from crossmae.ops import AttentionBackend
+
+    calls = []
+    real = model_module.resolve_backend
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["head_dim"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "resolve_backend", counting)
+    cfg = small_model_config(attn_backend="cpu", decoder_self_attn=True, fusion_depth=1)
+    model = build(cfg)
+    layouts = []
+    real_make = model_module.make_layout
+    monkeypatch.setattr(model_module, "make_layout", lambda *a: layouts.append(real_make(*a)) or layouts[-1])
+    model(collator_for(cfg)(random_samples(2)))
+    # 4 encoders + the fusion stage + 4 decoders x (cross, self): 13 resolutions for 4·2 + 1 + 4·2·2 = 25 attentions
+    assert len(calls) == 13 and all(isinstance(layout.backend, AttentionBackend) for layout in layouts)
+    assert {lay.backend.name for lay in layouts} == {"cpu"}
