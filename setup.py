@@ -6,6 +6,10 @@ package called ``kernels``). The compiled extension ``crossmae._C`` is built by 
 importable while building, so install torch first and build without isolation:
 
     pip install --no-build-isolation -e .      # or: pip install --no-build-isolation .
+    python -m build --no-isolation             # an sdist and a wheel (with the extension) in dist/
+
+The sdist carries the extension's sources (``MANIFEST.in``); the wheel carries Python files and the
+built extension only.
 
 Environment variables:
     MAX_JOBS                   parallel compile jobs (default: the number of CPUs)
@@ -85,6 +89,7 @@ def _find_cmake() -> str:
 setup(
     packages=find_packages(include=["crossmae", "crossmae.*"]) + ["crossmae_kernels"],
     package_dir={"crossmae_kernels": "kernels"},
+    include_package_data=False,  # kernels/csrc/ is the extension's source, built into crossmae._C, not package data
     ext_modules=[] if SKIP_EXTENSION else [CMakeExtension("crossmae._C", target="_C")],
     cmdclass={"build_ext": CMakeBuild},
 )
