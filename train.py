@@ -1,7 +1,7 @@
 """Pretrain the multimodal CrossMAE.
 
     python train.py --fused                         # the default: synthetic water data, CPU-sized
-    python train.py --fused --preset seed           # DESIGN §7 presets: seed, wide, ragged, cpu
+    python train.py --fused --preset seed           # presets (docs/presets.md): seed, wide, ragged, cpu
     python train.py --fused --config run.yaml --model.memory=own --train.lr=1e-3
     python train.py --resume --out-dir runs/x       # continue a run exactly where it stopped
     torchrun --nproc_per_node 4 train.py --fused    # data parallel

@@ -1,6 +1,6 @@
 """Kernel benchmark of varlen attention: every registered backend, forward, backward, both.
 
-Shapes are the decoder cross-attention of a workload preset (``crossmae.presets``, DESIGN §7):
+Shapes are the decoder cross-attention of a workload preset (``crossmae.presets``, docs/presets.md):
 sample b has ``Lq_b`` queries (its masked tokens) and ``Lk_b`` keys (its visible tokens),
 ``H = preset.dec_heads``, ``D = preset.dec_head_dim`` (16 at ``seed`` and ``cpu``, 64 at
 ``wide``). Inputs are random normal: q ``[total_q, H, D]``, k and v ``[total_k, H, D]``, the
@@ -18,7 +18,7 @@ Passes, i.e. what one timed call does:
              accumulates into ``.grad``, so no extra add is timed).
     fwd+bwd  ``torch.autograd.grad(varlen_attention(q, k, v, ...), (q, k, v), dout)``.
 
-FLOPs count the real lengths (DESIGN §8, ``crossmae.presets.attention_flops``): forward
+FLOPs count the real lengths (docs/presets.md, ``crossmae.presets.attention_flops``): forward
 ``4·Σ_b Lq_b·Lk_b·H·D``, backward 2.5× forward, fwd+bwd 3.5×. TFLOP/s is at the median time;
 ``peak_frac`` divides it by a large ``torch.matmul`` timed in the same run (bf16 on a GPU, the
 run's dtype on a CPU). ``speedup_vs_loop`` is the speedup over the ``loop`` backend (one SDPA call
@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
 
-    peak_dtype = plan.dtype if plan.device.type == "cpu" else None  # bf16 on GPU (DESIGN §8)
+    peak_dtype = plan.dtype if plan.device.type == "cpu" else None  # bf16 on GPU (docs/presets.md)
     run = BenchRun.start("attention_speed", plan.device, key_fields=KEY_FIELDS, argv=argv, peak_dtype=peak_dtype,
                          peak_size=args.peak_size)
     print(f"attention_speed on {run.env['device_name']} ({plan.device}), {dtype_name(plan.dtype)}; "

@@ -2,7 +2,7 @@
 
 One timed call is one decoder training step on a fixed encoder output: ``forward_decoder`` +
 ``forward_loss`` + the backward to the decoder's parameters (``torch.autograd.grad``, so nothing
-accumulates between calls). The workload is a run preset of DESIGN §7 (``crossmae.config.preset_config``):
+accumulates between calls). The workload is a run preset of docs/presets.md (``crossmae.config.preset_config``):
 its synthetic data set, one batch of ``data.batch_size`` windows collated and masked as in training,
 its model widths. bf16 autocast on a GPU, fp32 on a CPU.
 
@@ -26,7 +26,7 @@ the same run (bf16 on a GPU, fp32 on a CPU), speedups against ``self_attn``, ``l
 must give the loop's loss: ``loss_rel_err``) and, on a GPU with NVML, SM clock, power and
 joules per step.
 
-Attention FLOPs (DESIGN §8) count the batch's real lengths: per decoder layer and modality,
+Attention FLOPs (docs/presets.md) count the batch's real lengths: per decoder layer and modality,
 forward ``4·Σ_b Lq_b·Lk_b·H·D`` with queries = predicted tokens and keys = memory rows (plus
 ``Lq_b²`` with ``decoder_self_attn``); ``self_attn`` counts its own sequences (``L_b²``,
 L = memory rows + masked tokens). A training step is 3.5× the forward.
@@ -93,7 +93,7 @@ from crossmae.ops import BACKENDS, backend_reasons, select_backend
 from crossmae.presets import PRESETS, attention_flops
 
 PROGRAM = "python bench/decoder_speed.py"
-# the packed backends of DESIGN §5, in this order; any other registered varlen backend follows
+# the packed backends of crossmae/ops/backends.py, in this order; any other registered varlen backend follows
 PACKED_BACKENDS = ("triton", "torch_varlen", "flash_attn", "xformers", "flex", "cpu", "sdpa_padded")
 REFERENCE_BACKENDS = ("math", "loop")  # the oracle and the per-sample loop: not packed paths
 BASELINES = ("self_attn", "loop", "padded")
@@ -186,7 +186,7 @@ def resolved_backend(variant: Variant, probe: torch.Tensor) -> str | None:
 
 # -- workload ----------------------------------------------------------------------------
 def decoder_attention_flops(cfg: ModelConfig, batch: PackedBatch, *, standard: bool) -> float:
-    """Forward attention FLOPs of every decoder of ``batch`` over the real lengths (DESIGN §8)."""
+    """Forward attention FLOPs of every decoder of ``batch`` over the real lengths (docs/presets.md)."""
     heads, head_dim = cfg.dec_heads, cfg.dec_dim // cfg.dec_heads
     total = 0.0
     for mb in batch.modalities.values():
@@ -664,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
 
     dtype = compute_dtype(plan.device)
-    peak_dtype = dtype if plan.device.type == "cpu" else None  # bf16 on a GPU (DESIGN §8)
+    peak_dtype = dtype if plan.device.type == "cpu" else None  # bf16 on a GPU (docs/presets.md)
     run = BenchRun.start("decoder_speed", plan.device, key_fields=KEY_FIELDS, argv=argv, peak_dtype=peak_dtype,
                          peak_size=args.peak_size, program=PROGRAM, metric="ms_p50")
     print(f"decoder_speed on {run.env['device_name']} ({plan.device}), {dtype_name(dtype)}; matmul peak "

@@ -362,7 +362,7 @@ def matmul_peak(
 ) -> MatmulPeak:
     """The machine's own matmul peak, measured now.
 
-    Defaults: bf16 and n = 8192 on CUDA (the reference DESIGN §8 asks for); on CPU the run's
+    Defaults: bf16 and n = 8192 on CUDA (the reference docs/presets.md asks for); on CPU the run's
     dtype (pass it; fp32 by default) and n = 2048, since a CPU has no fast bf16 path to compare
     against.
     """

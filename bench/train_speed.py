@@ -5,7 +5,7 @@ encoder and decoder forward, the loss, the backward, gradient clipping, the Adam
 scheduler step, exactly as ``train.py`` runs it (bf16 autocast on a GPU, fp32 on a CPU). The
 workload is a run preset (``crossmae.config.preset_config``): ``default`` is the multimodal
 synthetic run (three grid and two series modalities plus static attributes), ``seed``, ``wide``,
-``ragged`` and ``cpu`` the one-grid workloads of DESIGN §7. One batch (the run's first) is
+``ragged`` and ``cpu`` the one-grid workloads of docs/presets.md. One batch (the run's first) is
 collated once and reused by every variant.
 
 Variants (CrossMAE variants start from the same weights):
@@ -26,7 +26,7 @@ Per row: ms p20/p50/p80 of the step, samples/s and tokens/s at the median (token
 the first term every ``nn.Linear`` call of one forward over the real (unpadded) rows, ×3 for
 forward and backward (the 6·params·tokens rule, counted per layer); the second every attention
 over the real lengths (encoder self-attention, decoder cross- or self-attention), forward and
-backward = 3.5× forward (DESIGN §8). MFU = model FLOPs / median step time / the matmul peak
+backward = 3.5× forward (docs/presets.md). MFU = model FLOPs / median step time / the matmul peak
 measured in the same run (bf16 on a GPU; on a CPU the fp32 peak). Padding is not counted:
 a padded variant does more arithmetic than its model FLOPs.
 
@@ -132,7 +132,7 @@ def linear_forward_flops(model: MultimodalCrossMAE, batch: PackedBatch, autocast
 
 
 def attention_forward_flops(model: MultimodalCrossMAE, batch: PackedBatch) -> float:
-    """Forward FLOPs of every attention of one forward over the real lengths (DESIGN §8)."""
+    """Forward FLOPs of every attention of one forward over the real lengths (docs/presets.md)."""
     cfg = model.cfg
     enc_heads, enc_head_dim = cfg.enc_heads, cfg.enc_dim // cfg.enc_heads
     dec_heads, dec_head_dim = cfg.dec_heads, cfg.dec_dim // cfg.dec_heads
@@ -299,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         out = Path(args.out) if args.out else RESULTS_DIR / f"train_speed_{'_'.join(presets)}_{device_label(device)}"
 
-    peak_dtype = torch.float32 if device.type == "cpu" else None  # bf16 on a GPU (DESIGN §8)
+    peak_dtype = torch.float32 if device.type == "cpu" else None  # bf16 on a GPU (docs/presets.md)
     run = BenchRun.start("train_speed", device, key_fields=KEY_FIELDS, argv=argv, peak_dtype=peak_dtype,
                          peak_size=args.peak_size, program=PROGRAM, metric="ms_p50")
     run.env["mfu_formula"] = "(3·Σ_linear 2·rows·in·out + 3.5·Σ_attn 4·Σ_b Lq_b·Lk_b·H·D) / ms_p50 / matmul peak"

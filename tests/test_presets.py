@@ -1,4 +1,4 @@
-"""The run presets build batches of the shapes DESIGN §7 states (and crossmae.presets computes)."""
+"""The run presets build batches of the shapes docs/presets.md states (and crossmae.presets computes)."""
 
 import pytest
 

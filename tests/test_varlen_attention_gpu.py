@@ -1,6 +1,6 @@
 """GPU checks of every CUDA backend (skipped without CUDA).
 
-At the ``seed`` and ``wide`` decoder cross-attention shapes (DESIGN §7) and on small random
+At the ``seed`` and ``wide`` decoder cross-attention shapes (docs/presets.md) and on small random
 ragged batches with lengths 0 and 1, forward and backward, with FlashAttention's tolerance
 rule: error against float64 at most 2× (output) / 3× (gradients) the error of plain PyTorch
 computing in the same low precision, plus a small floor.

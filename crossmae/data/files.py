@@ -23,7 +23,7 @@ Normalisation (``norm_stats``, JSON, saved with the run)
     and the rule that placed it on real days, steps a day and their aggregate, unit conversions, gaps
     between files), one record, or one per basin when basins differ.
 
-Samples (DESIGN §4)
+Samples (docs/batch.md)
     grid ``[T, C, H, W]`` float32 (normalised; NaN = missing; cells outside the basin hold 0.0) with its basin
     mask ``[H, W]`` bool; series ``[T, F]`` float32; static ``[S]`` float32 (NaN = unknown). A modality
     missing on every day of a window is all NaN: the collate makes no token of it and the sample trains on

@@ -1,7 +1,7 @@
 """pytest-benchmark cases: decoder training steps and varlen attention backends at small, stable shapes.
 
 Run them with ``pytest --benchmark-only`` (plain ``pytest`` and ``make test`` skip them: pyproject's
-``addopts`` has ``--benchmark-skip``, which ``--benchmark-only`` overrides). Every DESIGN §7 preset
+``addopts`` has ``--benchmark-skip``, which ``--benchmark-only`` overrides). Every preset of docs/presets.md
 is resized to the same small batch (B=2, T=4 on a CPU; B=8, T=16 on a GPU) and each case lands in
 its preset's group:
 
