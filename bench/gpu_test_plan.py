@@ -195,7 +195,9 @@ class PlanPlugin:
 
 
 def pytest_args(extra: Sequence[str] = ()) -> list[str]:
-    return ["-m", MARKERS, "-p", "no:cacheprovider", *extra, *TEST_FILES]
+    """The selection, without the project's addopts (they name pytest-benchmark's flags: a plugin these
+    tests don't need)."""
+    return ["-o", "addopts=", "-m", MARKERS, "-p", "no:cacheprovider", *extra, *TEST_FILES]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
