@@ -38,7 +38,7 @@ def test_dry_run_prints_every_stage_with_a_budget_within_seven_minutes(dry_run):
     assert sum(budgets) <= LIMIT_S, budgets
     assert f"stage budgets: {sum(budgets)} s in all" in dry_run
     commands = dict((name, command) for name, _, command in stages)
-    assert "--preset seed,wide --dtype bf16" in commands["attention"] and "triton,torch_varlen" in commands["attention"]
+    assert "--preset seed,wide --dtype bf16" in commands["attention"] and "torch_varlen,triton" in commands["attention"]
     assert "decoder_speed.py --preset seed" in commands["decoder"]
     assert "bench.gpu_test_plan --run -v" in commands["tests"]
     assert "C compiler" in dry_run.splitlines()[0] or "no C compiler" in dry_run.splitlines()[0]
