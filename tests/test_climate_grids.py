@@ -255,11 +255,11 @@ LAT_DESC = [50.75, 50.25, 49.75, 49.25]
 LON_360 = [354.25, 354.75, 355.25, 355.75, 356.25]  # -5.75 .. -3.75
 
 
-def write_mask(path: Path, inside: np.ndarray, lat, lon, dims=("lat", "lon")) -> Path:
+def write_mask(path: Path, inside: np.ndarray, lat, lon, dims=("lat", "lon"), variable: str = "mask") -> Path:
     import xarray as xr
 
     values = np.where(inside, 1.0, np.nan)
-    xr.Dataset({"mask": (dims, values)}, coords={dims[0]: (dims[0], np.asarray(lat), {"units": "degrees_north"}),
+    xr.Dataset({variable: (dims, values)}, coords={dims[0]: (dims[0], np.asarray(lat), {"units": "degrees_north"}),
                                                  dims[1]: (dims[1], np.asarray(lon), {"units": "degrees_east"})}
                ).to_netcdf(path, engine="h5netcdf")
     return path
@@ -350,6 +350,73 @@ def test_grid_config_errors_name_the_key():
           crop=[0, 1, 0, 1], crop_bounds=[0, 1, 0, 1])
     check(r"data.files.grids\[0\].crop_bounds must be \[lat_min, lat_max, lon_min, lon_max\]", crop_bounds=[1, 0])
     check(r"data.files.grids\[0\].day_start_hour must be in \(-24, 24\)", day_start_hour=30.0)
+
+
+def test_the_readme_era5_land_example_reads_its_files(tmp_path):
+    """The README's "ERA5-Land yearly files + a gauge CSV" config on generated files of that layout: hourly
+    fields stamped at the end of their hour, tp accumulated from 00 UTC (m), t2m (K), latitude descending,
+    one file a year, a mask on a larger grid stored the other way up."""
+    import xarray as xr
+
+    from crossmae.config import resolve_config
+
+    text = (ROOT / "README.md").read_text().split("ERA5-Land yearly files + a gauge CSV")[1]
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "run.yaml").write_text(text.split("```yaml\n")[1].split("```")[0])
+    data = tmp_path / "data"
+    for folder in ("era5land", "masks", "gauges"):
+        (data / folder).mkdir(parents=True)
+    lat = np.arange(51.25, 48.7, -0.25)  # 11 rows, north first
+    lon = np.arange(5.25, 8.8, 0.25)  # 15 columns
+    rng = np.random.default_rng(0)
+    first, last = day("1999-12-31"), day("2001-02-28")
+    totals = rng.gamma(0.6, 4.0, (last - first + 1, len(lat), len(lon)))  # mm on each day from 1999-12-31
+    for year, (d0, d1) in {2000: ("2000-01-01", "2000-12-31"), 2001: ("2001-01-01", "2001-02-28")}.items():
+        hours = np.arange(day(d0) * 24, (day(d1) + 1) * 24)  # CDS stamps: 00 .. 23 of each day of the request
+        of_day, hour = hours // 24 - first, hours % 24
+        tp = np.where((hour == 0)[:, None, None], totals[np.maximum(of_day - 1, 0)],
+                      totals[of_day] * (hour / 24)[:, None, None]) / 1000
+        t2m = 273.15 + 10 + np.broadcast_to((hour / 2.0)[:, None, None], tp.shape)
+        time = {"units": "seconds since 1970-01-01", "calendar": "proleptic_gregorian"}
+        xr.Dataset({"tp": (("valid_time", "latitude", "longitude"), tp.astype(np.float32), {"units": "m"}),
+                    "t2m": (("valid_time", "latitude", "longitude"), t2m.astype(np.float32), {"units": "K"})},
+                   coords={"valid_time": ("valid_time", hours * 3600.0, time),
+                           "latitude": ("latitude", lat, {"units": "degrees_north"}),
+                           "longitude": ("longitude", lon, {"units": "degrees_east"})},
+                   ).to_netcdf(data / "era5land" / f"era5-land_{year}.nc", engine="h5netcdf")
+    mask_lat, mask_lon = np.arange(48.0, 52.01, 0.25), np.arange(4.0, 10.01, 0.25)  # larger, south first
+    inside = (np.abs(mask_lat[:, None] - 50.0) <= 0.6) & (np.abs(mask_lon[None, :] - 7.0) <= 1.1)
+    write_mask(data / "masks" / "6335020.nc", inside, mask_lat, mask_lon, variable="basin")
+    flow = np.round(rng.gamma(2.0, 10.0, last - first), 2).astype(str)
+    flow[40:45] = "-999"
+    dates = np.datetime64("2000-01-01") + np.arange(last - first)
+    (data / "gauges" / "6335020.csv").write_text("date,Q\n" + "".join(f"{d},{q}\n" for d, q in zip(dates, flow)))
+    config = resolve_config(None, str(tmp_path / "cfg" / "run.yaml"), [
+        "data.steps=16", "data.files.split={by: period, train: [2000-01-01, 2000-09-30], "
+        "val: [2000-10-01, 2000-12-31], test: [2001-01-01, 2001-02-28]}"])
+    train = FilesDataset(config.data, "train")
+    test = FilesDataset(config.data, "test", norm_stats=train.norm_stats)
+    assert [(m.name, m.channels, m.height, m.width) for m in train.spec.modalities] == [
+        ("era5land", 2, 9, 13), ("flow", 1, 0, 0)]
+    reading = train.norm_stats["modalities"]["era5land"]["reading"]
+    assert reading["files"] == 2 and reading["steps_per_day"] == 24 and reading["day_start_hour"] == 1
+    assert reading["units"] == {"tp": "m -> mm/day", "t2m": "K -> degC"}
+    assert reading["aggregate"] == {"tp": "last", "t2m": "mean"} and "gaps" not in reading
+    sample = test[len(test) - 1]
+    mask = sample.basin_masks["era5land"].numpy()  # [9, 13]: rows 51.0 .. 49.0, columns 5.5 .. 8.5
+    np.testing.assert_array_equal(mask, inside[np.ix_(np.arange(12, 3, -1), np.arange(6, 19))])
+    got = test.denormalize("era5land", sample.grids["era5land"]).numpy()  # [16, 2, 9, 13]
+    t0 = sample.meta["start_day"] - first
+    want = totals[t0:t0 + 16][:, 1:10, 1:14]
+    np.testing.assert_allclose(got[:, 0][:, mask], want[:, mask], rtol=1e-4, atol=1e-3)
+    t2m = np.mean(np.r_[np.arange(1, 24), 0] / 2.0) + 10  # the mean of 01:00 .. 00:00 in degC
+    np.testing.assert_allclose(got[:, 1][:, mask], t2m, rtol=1e-4)
+    grid = test._grids["era5land"][0]
+    assert np.isfinite(grid.read(day("2000-12-31"), day("2001-01-01"))).all()  # its last step is in the 2001 file
+    assert np.isnan(grid.read(day("2001-02-28"), day("2001-03-01"))).all()  # its 00:00 of 1 March is in none
+    window = next(i for i, (_, s) in enumerate(train.starts) if s == day("2000-02-02"))
+    q = train.denormalize("flow", train[window].series["flow"]).numpy()[:, 0]  # 2000-02-02 .. 2000-02-17
+    assert np.isnan(q[8:13]).all() and np.isfinite(q[:8]).all()  # -999 on 2000-02-10 .. 2000-02-14
 
 
 # -- scale ----------------------------------------------------------------------------------------------------
