@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from crossmae.config import Config, ConfigError, DataConfig, FilesConfig, GridSource, SplitConfig, validate_config
 from crossmae.data.files import FilesDataset
@@ -136,13 +137,17 @@ def test_yearly_files_by_glob_read_as_one_series(tmp_path):
     grid.close()
     import crossmae.data.readers as readers
 
-    old = readers.CACHE_BYTES
+    old = readers.CACHE_BYTES, readers.MAX_OPEN_FILES
     readers.CACHE_BYTES = 0  # read only the window's steps, from the two files it spans
     try:
         np.testing.assert_allclose(grid.read(day("2000-12-30"), day("2001-01-02"))[:, 0, 0, 0], [729, 730, 731])
         assert sorted(grid._open) == [1, 2]
+        readers.MAX_OPEN_FILES = 2
+        x = grid.read(day("1999-12-31"), day("2001-01-02"))[:, 0, 0, 0]  # all three files, two open at a time
+        np.testing.assert_allclose(x, np.arange(364, 732))
+        assert sorted(grid._open) == [1, 2]
     finally:
-        readers.CACHE_BYTES = old
+        readers.CACHE_BYTES, readers.MAX_OPEN_FILES = old
     noleap = reader(yearly_files(tmp_path / "cmip", [2000, 2001], calendar="noleap"))
     assert "gaps" not in noleap.facts() and day("2000-02-29") not in noleap.days  # 29 February is no gap
 
@@ -163,6 +168,12 @@ def test_overlapping_files_are_refused_and_gaps_reported(tmp_path, caplog):
     with pytest.raises(DataFileError, match=r"different calendars \['noleap', 'standard'\]"):
         reader([*paths, tmp_path / "era" / "v_noleap.nc"])
     write_grid(tmp_path / "other.nc", steps(3, 2, 4), 900 + np.arange(3))
+    write_grid(tmp_path / "a.nc", steps(3), np.arange(3), lat=[50.0, 50.5], lon=[6.0, 6.5, 7.0])
+    write_grid(tmp_path / "b.nc", steps(3), 3 + np.arange(3), lat=[50.0, 50.5], lon=[6.25, 6.75, 7.25])
+    with pytest.raises(DataFileError, match=r"'.*b.nc' has lon 6.25..7.25 \(3 cells, spacing 0.5\), but '.*a.nc' "
+                                            r"has lon 6..7 \(3 cells, spacing 0.5\); expected every file of a source "
+                                            r"on one grid"):
+        reader([tmp_path / "a.nc", tmp_path / "b.nc"])
     with pytest.raises(DataFileError, match=r"'.*other.nc' has a 2x4 grid \(lat x lon\) but '.*v_1999.nc' a 2x3"):
         reader([*paths, tmp_path / "other.nc"])
 
@@ -332,6 +343,15 @@ def test_data_set_records_the_calendar_and_keeps_29_february_out_of_every_sample
         assert np.isnan(sample.grids["v"][t].numpy()).all()  # an invalid day: no token, never in a loss
         others = np.delete(sample.grids["v"].numpy(), t, axis=0)
         assert np.isfinite(others).all()
+    from crossmae.data.loader import make_collator
+
+    batch = make_collator(run, train)([train[i] for i in leap])
+    v = batch.modalities["v"]
+    tokens = torch.cat([v.encoder.index, v.hidden.index])  # (b, t, p) of every token
+    for b, i in enumerate(leap):
+        t = day("2000-02-29") - train.starts[i][1]
+        days = set(tokens[tokens[:, 0] == b, 1].tolist())
+        assert t not in days and len(days) == 7  # every other day has tokens
 
 
 def test_grid_config_errors_name_the_key():

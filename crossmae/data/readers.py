@@ -313,6 +313,7 @@ ALL_LEAP_CALENDARS = ("all_leap", "366_day")
 CALENDARS = (*STANDARD_CALENDARS, *NOLEAP_CALENDARS, *ALL_LEAP_CALENDARS, "360_day")
 CALENDAR_360_RULES = ("refuse", "rescale_year", "keep_date")
 AGGREGATES = ("sum", "mean", "min", "max", "last")
+MAX_OPEN_FILES = 8  # files of one grid source kept open at once in each process
 READ_BLOCK_BYTES = 64 * 2**20  # raw steps read at once (float32, after the crop), whatever the window or block
 
 
@@ -547,14 +548,24 @@ def _describe_axis(name: str, coord: np.ndarray) -> str:
 def _align_axis(grid: np.ndarray, other: np.ndarray, longitude: bool, tolerance: float) -> np.ndarray | None:
     """For each grid coordinate the position of the nearest ``other`` coordinate, or None when one is farther
     than ``tolerance`` cells (longitudes compared modulo 360)."""
-    delta = other[None, :] - grid[:, None]  # [n_grid, n_other]
-    delta = np.abs(_wrap(delta) if longitude else delta)
-    nearest = np.argmin(delta, axis=1)
-    step = _spacing(grid) or _spacing(other)
-    limit = tolerance * step if step else 1e-9
-    if np.any(delta[np.arange(len(grid)), nearest] > limit + 1e-9 * max(1.0, float(np.abs(grid).max()))):
+    if len(other) == 0:
         return None
-    return nearest
+    g, o = (grid % 360.0, other % 360.0) if longitude else (grid, other)
+    order = np.argsort(o, kind="stable")
+    ranked = o[order]
+    right = np.searchsorted(ranked, g)  # [n_grid]
+    candidates = np.stack([right - 1, right])  # [2, n_grid]: the neighbours below and above
+    candidates = candidates % len(o) if longitude else np.clip(candidates, 0, len(o) - 1)
+    distance = np.abs(ranked[candidates] - g[None, :])
+    if longitude:
+        distance = np.minimum(distance, 360.0 - distance)
+    best = np.argmin(distance, axis=0)
+    columns = np.arange(len(g))
+    step = _spacing(grid) or _spacing(other)
+    limit = (tolerance * step if step else 0.0) + 1e-9 * max(1.0, float(np.abs(grid).max()))
+    if np.any(distance[best, columns] > limit):
+        return None
+    return order[candidates[best, columns]]
 
 
 @dataclass
@@ -639,9 +650,14 @@ class GridReader:
         self._open, self._cache = {}, None
 
     def _dataset(self, index: int):
-        if index not in self._open:
-            self._open[index] = _open_xarray(self.paths[index], self.fmt, self.what)
-        return self._open[index]
+        """File ``index`` opened (at most :data:`MAX_OPEN_FILES` stay open: the least recently used closes)."""
+        ds = self._open.pop(index, None)
+        if ds is None:
+            ds = _open_xarray(self.paths[index], self.fmt, self.what)
+            if len(self._open) >= MAX_OPEN_FILES:
+                self._open.pop(next(iter(self._open))).close()
+        self._open[index] = ds
+        return ds
 
     # -- construction --
     def _check_variables(self, ds, path: str) -> tuple[str, str]:
