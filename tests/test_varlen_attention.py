@@ -370,3 +370,53 @@ def test_flex_block_mask_is_built_once_per_cu_seqlens_with_a_module_level_mask_m
     again = random_case(4, 20, 14, 2, 16, seed=3, requires_grad=False)  # same lengths, new tensors
     assert_close(varlen_attention(*again.args, backend="flex"), first, atol=0, rtol=0, name="flex, new batch")
     assert len(builds) == 2
+
+
+@pytest.mark.parametrize("lengths_q,lengths_k", [
+    ([0, 233, 60], [163, 279, 0]), ([97, 183], [101, 266]), ([90, 184, 69], [127, 270, 210]), ([0, 235], [283, 0]),
+])
+def test_flex_block_mask_from_tiles_equals_create_block_mask(lengths_q, lengths_k):
+    """The tile-level document mask has the tiles, full tiles and elements of FlexAttention's own dense build."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    packed_q, packed_k = Packed.from_lengths(lengths_q), Packed.from_lengths(lengths_k)
+    ours = external._flex_block_mask(packed_q.cu_seqlens, packed_k.cu_seqlens, packed_q.total, packed_k.total)
+    seg_q, seg_k = packed_q.segment_ids(), packed_k.segment_ids()
+    theirs = create_block_mask(lambda b, h, q_idx, kv_idx: seg_q[q_idx] == seg_k[kv_idx], None, None,
+                               packed_q.total, packed_k.total, device="cpu")
+    assert torch.equal(ours.to_dense(), theirs.to_dense())
+    assert torch.equal(ours.full_kv_num_blocks, theirs.full_kv_num_blocks)
+    q_idx, kv_idx = torch.arange(packed_q.total)[:, None], torch.arange(packed_k.total)[None, :]
+    assert torch.equal(ours.mask_mod(0, 0, q_idx, kv_idx), seg_q[q_idx] == seg_k[kv_idx])
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def test_flex_block_masks_of_new_batches_reuse_the_compiled_graph():
+    """Dynamo's guards (backend aot_eager: the guards, not inductor) hold across batches of new lengths."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=True, backend="aot_eager")
+    before = _unique_graphs()
+    for lengths_q, lengths_k in [([30, 0, 50], [20, 7, 40]), ([64, 3], [10, 90]), ([5, 6, 7, 8], [9, 10, 11, 12])]:
+        case = make_case(lengths_q, lengths_k, heads=2, head_dim=16, requires_grad=False)
+        mask = external._flex_block_mask(case.packed_q.cu_seqlens, case.packed_k.cu_seqlens, case.packed_q.total,
+                                         case.packed_k.total)
+        q, k, v = (t.detach().transpose(0, 1)[None] for t in (case.q, case.k, case.v))  # [1, H, total, D]
+        out = compiled(q, k, v, block_mask=mask, scale=0.25)[0].transpose(0, 1)  # [total_q, H, D]
+        assert_close(out, reference_fn(*case.args, softmax_scale=0.25), atol=2e-5, rtol=2e-5, name="compiled flex")
+    assert _unique_graphs() - before == 1
+
+
+@pytest.mark.gpu
+def test_flex_on_cuda_compiles_once_for_batches_of_new_lengths():
+    before = _unique_graphs()
+    for seed in range(3):
+        case = random_case(6, 200, 150, 2, 32, seed=seed, device="cuda", dtype=torch.bfloat16)
+        out, dq, dk, dv = forward_backward(backend_fn("flex"), case, torch.randn(case.q.shape, device="cuda"))
+        assert torch.isfinite(out).all() and torch.isfinite(dq).all()
+    assert _unique_graphs() - before <= 2, "a new batch recompiled FlexAttention"

@@ -185,28 +185,54 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
-@functools.cache
-def _compiled_create_block_mask():
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    return torch.compile(create_block_mask, dynamic=True)
-
-
 def _same_sample(seg_q: torch.Tensor, seg_k: torch.Tensor, b, h, q_idx, kv_idx):
     """FlexAttention mask_mod (bound to the segment ids by ``functools.partial``): same sample."""
     return seg_q[q_idx] == seg_k[kv_idx]
 
 
-def _flex_block_mask(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int):
-    """The document mask over ``[total_q, total_k]``; compiled on CUDA (dense and slow in eager)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+FLEX_BLOCK = 128  # FlexAttention's default tile, in rows, on both sides
 
-    # one module-level mask_mod with the ids as arguments: compiled code is reused across batches
-    mask_mod = functools.partial(
-        _same_sample, segment_ids(cu_seqlens_q, total_q), segment_ids(cu_seqlens_k, total_k)
+
+def _block_segments(seg: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per tile of FLEX_BLOCK rows: its first and last row's sample, and whether the tile is whole."""
+    starts = torch.arange(0, total, FLEX_BLOCK, device=seg.device)  # [n_blocks]
+    ends = (starts + FLEX_BLOCK).clamp(max=total)  # [n_blocks]
+    return seg[starts], seg[ends - 1], ends - starts == FLEX_BLOCK
+
+
+def _sparse_rows(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool ``[nq, nk]`` tiles → FlexAttention's (count ``[1, 1, nq]``, indices ``[1, 1, nq, nk]``), int32."""
+    count = blocks.sum(dim=-1, dtype=torch.int32)  # [nq]
+    indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)  # [nq, nk]
+    return count[None, None], indices[None, None]
+
+
+def _flex_block_mask(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int):
+    """The document mask over ``[total_q, total_k]``, built tile by tile from the segment ids.
+
+    Samples are contiguous runs of rows, so a query tile and a key tile share a sample only if
+    their ranges of sample ids overlap; such a pair is a full tile when both are whole tiles of
+    one and the same sample, and a partial one (the mask_mod decides per element) otherwise.
+    This is ``O(tiles)`` work, without the dense ``[total_q, total_k]`` mask (or the compile)
+    ``create_block_mask`` needs.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    seg_q = segment_ids(cu_seqlens_q, total_q)  # [total_q]
+    seg_k = segment_ids(cu_seqlens_k, total_k)  # [total_k]
+    first_q, last_q, whole_q = _block_segments(seg_q, total_q)  # [nq] each
+    first_k, last_k, whole_k = _block_segments(seg_k, total_k)  # [nk] each
+    overlap = (first_q[:, None] <= last_k[None, :]) & (first_k[None, :] <= last_q[:, None])  # [nq, nk]
+    one_sample_q = whole_q & (first_q == last_q)  # [nq]
+    one_sample_k = whole_k & (first_k == last_k)  # [nk]
+    full = one_sample_q[:, None] & one_sample_k[None, :] & (first_q[:, None] == first_k[None, :])  # [nq, nk]
+    partial_count, partial_indices = _sparse_rows(overlap & ~full)
+    full_count, full_indices = _sparse_rows(full)
+    return BlockMask.from_kv_blocks(
+        partial_count, partial_indices, full_count, full_indices, BLOCK_SIZE=FLEX_BLOCK,
+        # one module-level mask_mod with the ids as arguments: compiled code is reused across batches
+        mask_mod=functools.partial(_same_sample, seg_q, seg_k), seq_lengths=(total_q, total_k),
     )
-    build = _compiled_create_block_mask() if cu_seqlens_q.is_cuda else create_block_mask
-    return build(mask_mod, None, None, total_q, total_k, device=cu_seqlens_q.device)
 
 
 def flex_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
