@@ -266,12 +266,16 @@ LAT_DESC = [50.75, 50.25, 49.75, 49.25]
 LON_360 = [354.25, 354.75, 355.25, 355.75, 356.25]  # -5.75 .. -3.75
 
 
-def write_mask(path: Path, inside: np.ndarray, lat, lon, dims=("lat", "lon"), variable: str = "mask") -> Path:
+def write_mask(path: Path, inside: np.ndarray, y, x, dims=("lat", "lon"), variable: str = "mask") -> Path:
+    """``inside [len(y), len(x)]`` as a mask (1 inside, NaN outside) with 1-D coordinates ``y`` and ``x``
+    (their units name which is the longitude: ``lon``/``longitude``, else the second)."""
     import xarray as xr
 
+    lon_first = dims[0] in ("lon", "longitude")
+    units = ("degrees_east", "degrees_north") if lon_first else ("degrees_north", "degrees_east")
     values = np.where(inside, 1.0, np.nan)
-    xr.Dataset({variable: (dims, values)}, coords={dims[0]: (dims[0], np.asarray(lat), {"units": "degrees_north"}),
-                                                 dims[1]: (dims[1], np.asarray(lon), {"units": "degrees_east"})}
+    xr.Dataset({variable: (dims, values)}, coords={dims[0]: (dims[0], np.asarray(y), {"units": units[0]}),
+                                                 dims[1]: (dims[1], np.asarray(x), {"units": units[1]})}
                ).to_netcdf(path, engine="h5netcdf")
     return path
 
@@ -294,6 +298,8 @@ def test_mask_on_the_other_latitude_order_and_longitude_convention(tmp_path):
                                             r"\(5 cells, spacing 0.5\), the grid's in '.*g.nc' lon 354.25..356.25 "
                                             r"\(5 cells, spacing 0.5\); expected a mask cell within 0.01 cell"):
         read_basin_mask(str(shifted), "netcdf", "mask", grid, "grid 'v'")
+    named = write_mask(tmp_path / "n.nc", inside.T, LON_360, LAT_DESC, dims=("longitude", "latitude"))
+    np.testing.assert_array_equal(read_basin_mask(str(named), "netcdf", "mask", grid, "grid 'v'"), inside)
     loose = reader(tmp_path / "g.nc", coord_tolerance=0.5)
     np.testing.assert_array_equal(read_basin_mask(str(shifted), "netcdf", "mask", loose, "grid 'v'"), inside)
 

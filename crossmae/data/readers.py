@@ -944,8 +944,8 @@ def read_basin_mask(path: str, fmt: str, variable: str, grid: GridReader, what: 
 
     When the mask's dims and the grid's dims both have 1-D coordinates, each grid cell takes the mask cell
     nearest to it (within ``coord_tolerance`` cells; longitudes modulo 360; either latitude order), so the
-    mask may cover a larger area or be stored the other way up. Otherwise the mask must have the grid's
-    shape, in file order."""
+    mask may cover a larger area or be stored the other way up; dims of other names pair up in order, or
+    by which one is a longitude. Otherwise the mask must have the grid's shape, in file order."""
     ds = _open_xarray(path, fmt, what)
     try:
         if variable not in ds.variables:
@@ -955,6 +955,9 @@ def read_basin_mask(path: str, fmt: str, variable: str, grid: GridReader, what: 
         var = var.squeeze([d for d, n in var.sizes.items() if n == 1])
         if var.ndim == 2 and all(d in grid.dims for d in var.dims):
             var = var.transpose(*grid.dims)
+        elif var.ndim == 2 and [d in ds.variables and _is_longitude(ds[d]) for d in var.dims][::-1] == \
+                list(grid.longitude) and any(grid.longitude):
+            var = var.transpose(*var.dims[::-1])  # other names, stored (lon, lat): put longitude where the grid has it
         values = var.values.astype(np.float64)
         mask_coords = [np.asarray(ds[d].values, dtype=np.float64) if d in ds.variables and ds[d].ndim == 1 else None
                        for d in var.dims]
