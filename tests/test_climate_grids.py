@@ -148,6 +148,12 @@ def test_yearly_files_by_glob_read_as_one_series(tmp_path):
         assert sorted(grid._open) == [1, 2]
     finally:
         readers.CACHE_BYTES, readers.MAX_OPEN_FILES = old
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(grid))  # as a DataLoader worker gets it: no open file, no array
+    assert copy._open == {} and copy._cache is None
+    np.testing.assert_array_equal(copy.read(day("1999-12-31"), day("2001-01-02")), grid.read(day("1999-12-31"),
+                                                                                             day("2001-01-02")))
     noleap = reader(yearly_files(tmp_path / "cmip", [2000, 2001], calendar="noleap"))
     assert "gaps" not in noleap.facts() and day("2000-02-29") not in noleap.days  # 29 February is no gap
 

@@ -774,7 +774,9 @@ class GridReader:
         day = np.floor_divide(instant, 86400)
         keep = np.concatenate([a.keep for a in axes])
         self.dropped_steps = int((~keep).sum())
-        self._step_file, self._step_position, self._step_day = file_of[keep], position[keep], day[keep]
+        self._step_file = file_of[keep].astype(np.int32)  # [S] per kept step: its file,
+        self._step_position = position[keep].astype(np.int32)  # its position there,
+        self._step_day = day[keep].astype(np.int32)  # its real day (days since 1970-01-01)
         self._step_ends_day = (instant[keep] - day[keep] * 86400) > 86400 - 1.5 * step  # the day's final step
         if self._step_day.size == 0:
             raise DataFileError(f"{self.what}: {self.path!r} holds no time step; expected at least one day")
