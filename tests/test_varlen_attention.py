@@ -326,8 +326,10 @@ def test_triton_reasons_name_a_missing_c_compiler(monkeypatch, tmp_path):
     assert triton_attention.c_compiler() is None
     case = make_case([3], [4], heads=1, head_dim=16, requires_grad=False)
     assert "needs a C compiler at run time" in BACKENDS["triton"].reasons(case.q)[0]
-    monkeypatch.setenv("CC", sys.executable)  # any executable named by CC counts
+    monkeypatch.setenv("CC", sys.executable)  # Triton runs whatever program CC names
     assert triton_attention.c_compiler() == sys.executable
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert triton_attention.c_compiler() is None
 
 
 def test_per_cu_seqlens_cache_builds_once_per_pair_and_version():

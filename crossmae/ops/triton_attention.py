@@ -29,15 +29,15 @@ _BWD = "crossmae::varlen_attn_triton_bwd"
 
 
 def c_compiler() -> str | None:
-    """The C compiler Triton would build its launcher with (``$CC``, else cc/gcc/clang on PATH), or None."""
+    """The C compiler Triton would build its launcher with, as Triton looks for it, or None.
+
+    Triton (``triton/runtime/build.py``) takes ``$CC`` as the program to run when it is set,
+    else ``gcc``, else ``clang`` from PATH.
+    """
     from_env = os.environ.get("CC")
-    if from_env:
+    if from_env is not None:
         return shutil.which(from_env)
-    for name in ("cc", "gcc", "clang"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
+    return shutil.which("gcc") or shutil.which("clang")
 
 
 _unavailable: list[str | None] = []  # empty until the first check, then [reason or None]
