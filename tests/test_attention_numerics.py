@@ -128,7 +128,7 @@ def test_the_floor_is_small_next_to_the_gradients():
         assert (floor <= 1e-3 * largest.clamp(min=1.0)).all(), f"{name}: floor {floor} vs largest {largest}"
 
 
-# -- fp32, every backend that runs here -------------------------------------------------------------
+# -- fp32, every backend that runs here ----------------------------------------------------------
 @pytest.mark.parametrize("case_name", list(CASES))
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("seed", [0, 1])
@@ -149,11 +149,28 @@ def test_flex_forward_on_cpu_within_rule(case_name):
     check_backend("flex", case_name, torch.float32, backward=False)
 
 
-# -- bfloat16 where the backend takes it on CPU ------------------------------------------------------
+# -- half precision where the backend takes it on CPU -------------------------------------------------
 @pytest.mark.parametrize("case_name", ["lq0-1-1_lk43-1-111", "block64_edges", "single_key"])
 @pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "math"])
 def test_bf16_forward_backward_within_rule(backend, case_name):
     check_backend(backend, case_name, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["loop", "sdpa_padded"])
+def test_fp16_forward_backward_within_rule(backend):
+    check_backend(backend, "block16_edges", torch.float16)
+
+
+@pytest.mark.skipif(not is_interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("case_name", ["lq0-1-1_lk43-1-111", "single_key"])
+def test_triton_interpreter_fp16_forward_backward_within_rule(case_name):
+    check_backend("triton", case_name, torch.float16)
+
+
+def test_flex_bf16_forward_on_cpu_within_rule():
+    if BACKENDS["flex"].unavailable() is not None:
+        pytest.skip(BACKENDS["flex"].unavailable())
+    check_backend("flex", "block16_edges", torch.bfloat16, backward=False)
 
 
 # -- the same cases on a GPU --------------------------------------------------------------------------
