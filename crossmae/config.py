@@ -318,6 +318,8 @@ class ModelConfig:
         use_fm_layers: encoder layers to mix (indices over ``enc_depth + fusion_depth`` layers; empty = all).
         use_input: also mix the encoder's input embeddings.
         memory: ``joint`` (every modality's visible tokens) or ``own`` (the decoder's own modality).
+        memory_drop: modalities left out of the joint memory (an ablation: no decoder sees them, and their
+            encoders don't run); needs ``memory: joint``.
         attn_backend: varlen attention backend of the packed path (``auto`` or a registry name).
         norm_pix_loss: normalise each target token by its own mean and (unbiased) variance.
         norm_pix_modalities: the modalities ``norm_pix_loss`` applies to (empty = all); each needs
@@ -346,6 +348,7 @@ class ModelConfig:
     use_fm_layers: list[int] = field(default_factory=list)
     use_input: bool = False
     memory: str = "joint"
+    memory_drop: list[str] = field(default_factory=list)
     attn_backend: str = "auto"
     norm_pix_loss: bool = False
     norm_pix_modalities: list[str] = field(default_factory=list)
@@ -614,6 +617,8 @@ def validate_config(config: Config) -> None:
         need(heads >= 1 and dim % heads == 0,
              f"model.{prefix}_dim ({dim}) must be a multiple of model.{prefix}_heads ({heads})")
     need(mo.memory in ("joint", "own"), f"model.memory must be 'joint' or 'own', got {mo.memory!r}")
+    need(not mo.memory_drop or mo.memory == "joint",
+         f"model.memory_drop ({mo.memory_drop}) needs model.memory 'joint', got {mo.memory!r}")
     layers = mo.enc_depth + mo.fusion_depth
     for i in mo.use_fm_layers:
         need(-layers <= i < layers,

@@ -255,7 +255,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str | Path
 
     metrics: dict = {
         "run": str(run_dir), "split": split, "checkpoint": str(ckpt_path), "step": step, "windows": len(dataset),
-        "window_days": data.steps, "mask_seed": seed, "memory": config.model.memory,
+        "window_days": data.steps, "mask_seed": seed, "mask_mode": config.mask.mode, "memory": config.model.memory,
         "mask": {m.name: config.mask.ratio(m.name, m.kind) for m in spec.modalities},
         "modalities": {}, "flow": {},
     }

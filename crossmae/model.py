@@ -154,6 +154,7 @@ class MultimodalCrossMAE(nn.Module):
         self.token_dims = {m.name: (m.channels * patch_size**2 if m.kind == "grid" else m.channels)
                            for m in spec.modalities}
         self._check_options()
+        self.memory_names = tuple(n for n in self.names if n not in cfg.memory_drop)
         self.encoder_path, self.decoder_path = ("packed", "packed") if fused else ("padded", "loop")
         self.layers = cfg.enc_depth + cfg.fusion_depth
         self.fm_layers = sorted({i % self.layers for i in cfg.use_fm_layers}) if cfg.use_fm_layers \
@@ -164,20 +165,22 @@ class MultimodalCrossMAE(nn.Module):
         self.static_token_names, film_names = static_conditioning(spec, cfg)
 
         d = cfg.enc_dim
-        self.embed = nn.ModuleDict({n: nn.Linear(k, d) for n, k in self.token_dims.items()})
-        self.modality_tokens = nn.ParameterDict({n: nn.Parameter(torch.zeros(d)) for n in self.names})
+        encoded = self.memory_names  # the modalities whose encoders run
+        self.embed = nn.ModuleDict({n: nn.Linear(self.token_dims[n], d) for n in encoded})
+        self.modality_tokens = nn.ParameterDict({n: nn.Parameter(torch.zeros(d)) for n in encoded})
         self.encoders = nn.ModuleDict({
             n: nn.ModuleList(Block(d, cfg.enc_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.enc_depth))
-            for n in self.names
+            for n in encoded
         })
-        self.encoder_norms = nn.ModuleDict({n: nn.LayerNorm(d) for n in self.names})
+        self.encoder_norms = nn.ModuleDict({n: nn.LayerNorm(d) for n in encoded})
         # static attributes and their missing flags [B, 2S] → [B, d]
         self.static_embed = nn.Linear(2 * spec.static_dim, d) if has_static else None
-        self.film = nn.ModuleDict({n: nn.ModuleList(FiLM(d, d) for _ in range(cfg.enc_depth)) for n in film_names})
+        self.film = nn.ModuleDict({n: nn.ModuleList(FiLM(d, d) for _ in range(cfg.enc_depth))
+                                   for n in film_names if n in encoded})
         self.fusion = nn.ModuleList(Block(d, cfg.enc_heads, cfg.mlp_ratio, cfg.dropout)
                                     for _ in range(cfg.fusion_depth))
         if cfg.fusion_depth:
-            self.fusion_tokens = nn.ParameterDict({n: nn.Parameter(torch.zeros(d)) for n in self.names})
+            self.fusion_tokens = nn.ParameterDict({n: nn.Parameter(torch.zeros(d)) for n in encoded})
             self.fusion_norm = nn.LayerNorm(d)
         self.decoders = nn.ModuleDict({n: ModalityDecoder(cfg, self.token_dims[n], n_maps) for n in self.names})
 
@@ -212,6 +215,12 @@ class MultimodalCrossMAE(nn.Module):
             raise ValueError(f"model.static must be one of {STATIC_MODES}, got {cfg.static!r}")
         if cfg.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"model.loss_reduction must be one of {LOSS_REDUCTIONS}, got {cfg.loss_reduction!r}")
+        dropped = [n for n in cfg.memory_drop if n not in self.names]
+        if dropped or set(cfg.memory_drop) >= set(self.names):
+            raise ValueError(f"model.memory_drop must name some, not all, of the modalities {self.names}, got "
+                             f"{cfg.memory_drop}")
+        if cfg.memory_drop and cfg.memory != "joint":
+            raise ValueError(f"model.memory_drop needs model.memory 'joint', got {cfg.memory!r}")
         unknown = [n for n in cfg.norm_pix_modalities if n not in self.names]
         if unknown:
             raise ValueError(f"model.norm_pix_modalities names {unknown}, which are not modalities ({self.names})")
@@ -247,6 +256,7 @@ class MultimodalCrossMAE(nn.Module):
             patch_size=self.patch_size, steps=self.steps, memory=self.cfg.memory,
             standard_decoder=not self.cfg.use_cross_attn if standard_decoder is None else standard_decoder,
             static_tokens=self.static_token_names, calendar=self.cfg.day_of_year,
+            memory_modalities=self.memory_names,
         )
 
     def check_batch(self, batch: PackedBatch) -> None:
@@ -268,6 +278,9 @@ class MultimodalCrossMAE(nn.Module):
             problems.append("no day of year (model.day_of_year is on)")
         if want.standard_decoder and not got.standard_decoder:
             problems.append("no standard decoder sequences (model.use_cross_attn is off)")
+        if got.memory_modalities != want.memory_modalities:
+            problems.append(f"memory modalities {list(got.memory_modalities)} (model.memory_drop leaves "
+                            f"{list(want.memory_modalities)})")
         if want.standard_decoder and got.memory != want.memory:
             problems.append(f"memory {got.memory!r} (model.memory is {want.memory!r})")
         if problems:
@@ -314,7 +327,7 @@ class MultimodalCrossMAE(nn.Module):
         static = self._static_embedding(batch)
         keep_maps = cfg.use_weighted_fm
         outs, maps = [], [[] for _ in range(len(self.fm_layers) + int(cfg.use_input))]
-        for name in self.names:
+        for name in self.memory_names:
             enc = batch.modalities[name].encoder
             x = self.embed[name](enc.values) + self._position(name, enc.index, "enc", batch)
             x = x + self.modality_tokens[name]  # [total_vis, enc_dim]
@@ -337,7 +350,8 @@ class MultimodalCrossMAE(nn.Module):
         maps = [torch.cat(per_modality)[order] for per_modality in maps if per_modality]  # [total_mem, enc_dim] each
         if not cfg.fusion_depth:
             return EncoderOutput(torch.cat(outs)[order], maps)  # [total_mem, enc_dim]
-        x = torch.cat([out + self.fusion_tokens[n] for n, out in zip(self.names, outs)])[order]  # [total_mem, d]
+        fused = [out + self.fusion_tokens[n] for n, out in zip(self.memory_names, outs)]
+        x = torch.cat(fused)[order]  # [total_mem, enc_dim]
         layout = self._layout(self.encoder_path, batch.memory.packed, batch.memory.packed, x, cfg.enc_heads)
         x = layout.enter(x)
         for j, block in enumerate(self.fusion):

@@ -62,4 +62,5 @@ def collator_for(cfg: ModelConfig, mask: MaskConfig | None = None, spec: Dataset
     mask = mask or MaskConfig(grid_ratio=0.6, series_ratio=0.5)
     static_tokens, _ = static_conditioning(spec, cfg)
     return MaskingCollator(spec, mask, patch, steps, memory=cfg.memory, standard_decoder=not cfg.use_cross_attn,
-                           static_tokens=static_tokens, calendar=cfg.day_of_year)
+                           static_tokens=static_tokens, calendar=cfg.day_of_year,
+                           memory_modalities=[m.name for m in spec.modalities if m.name not in cfg.memory_drop])

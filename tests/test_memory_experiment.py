@@ -18,6 +18,8 @@ from bench import memory_experiment  # noqa: E402
     (["--seeds", "a"], "--seeds: expected comma-separated integers"),
     (["--splits", "holdout"], "unknown split 'holdout'"),
     (["--lr=1"], "unrecognised argument '--lr=1'"),
+    (["--variants", "joint+shared"], "unknown part 'shared' of 'joint+shared'"),
+    (["--eval-modes", "frame"], "--eval-modes: unknown mode 'frame'"),
 ])
 def test_bad_flags_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -25,19 +27,30 @@ def test_bad_flags_are_named(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_joint_and_own_runs_are_trained_scored_and_written(tmp_path):
+def test_variant_names_map_to_settings():
+    assert memory_experiment.variant_overrides("own+unified+fusion+drop=pre") == [
+        "--model.memory=own", "--mask.mode=unified", "--model.fusion_depth=1", "--model.memory_drop=[pre]"]
+
+
+def test_variant_runs_are_trained_scored_and_written(tmp_path):
     out = tmp_path / "result"
     cmd = [sys.executable, "bench/memory_experiment.py", "--datasets", "synthetic", "--max-steps", "2",
-           "--runs", str(tmp_path / "runs"), "--out", str(out),
+           "--runs", str(tmp_path / "runs"), "--out", str(out), "--variants", "joint,own+unified+fusion",
+           "--eval-modes", "run,free", "--seeds", "0,1",
            "--train.val_every=2", "--train.val_batches=1", "--data.batch_size=2", "--train.log_every=1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.with_suffix(".json").read_text())
     rows = result["rows"]
-    assert [(r["memory"], r["split"]) for r in rows] == [("joint", "val"), ("own", "val")]
+    # --eval-modes run,free: the joint run's own mode is free (scored once); the unified run on its own masks, then free
+    per_seed = [("joint", "free"), ("own+unified+fusion", "unified"), ("own+unified+fusion", "free")]
+    assert [(r["seed"], r["variant"], r["eval_mask_mode"]) for r in rows] == [
+        (seed, *e) for seed in (0, 1) for e in per_seed]
     for row in rows:
         assert row["step"] == 2 and row["flow"] == "streamflow"
         assert row["flow_masked_mse"] > 0 and set(row["masked_mse"]) >= {"streamflow", "precip"}
     assert "--max-steps 2" in result["metadata"]["command"]
     md = out.with_suffix(".md").read_text()
-    assert "| synthetic | 0 | val | 2 | joint |" in md and "| synthetic | 0 | val | 2 | own |" in md
+    assert "| synthetic | 0 | val | free | 2 | joint |" in md
+    assert "| synthetic | 1 | val | unified | 2 | own+unified+fusion |" in md
+    assert "| synthetic | val | free | joint | 2 |" in md  # the summary over the two seeds

@@ -38,6 +38,7 @@ OPTIONS = [
     {"static": "both", "static_on": "series"},
     {"day_of_year": True, "learned_space": True},
     {"loss_reduction": "samples"},
+    {"memory_drop": ["precip"], "fusion_depth": 1, "use_weighted_fm": True},
 ]
 EVERYTHING = {"fusion_depth": 1, "static": "both", "decoder_self_attn": True, "use_weighted_fm": True,
               "use_input": True, "day_of_year": True, "learned_space": True, "loss_reduction": "samples"}
@@ -171,6 +172,27 @@ def test_no_sample_sees_another(options):
         assert torch.equal(pred[others], after.predictions[name][others]), f"{name}: another sample changed"
         moved = moved or not torch.equal(pred[~others], after.predictions[name][~others])
     assert moved, "the perturbed sample's predictions did not change"
+
+
+def test_a_dropped_modality_reaches_no_prediction():
+    cfg = small_model_config(memory_drop=["temp"], fusion_depth=1, static="both")
+    samples = random_samples(3)
+    changed = copy.deepcopy(samples)
+    for s in changed:
+        s.grids["temp"].add_(3.0)
+    collator = collator_for(cfg)
+    model = build(cfg).eval()
+    assert "temp" not in model.encoders and "temp" in model.decoders
+    with torch.no_grad():
+        before, after = model(collator(samples)), model(collator(changed))
+    for name, pred in before.predictions.items():
+        assert torch.equal(pred, after.predictions[name]), name
+    assert collator(samples).memory.packed.total == sum(
+        mb.encoder.seq.total for n, mb in collator(samples).modalities.items() if n != "temp")
+    with pytest.raises(ValueError, match="memory modalities"):
+        build(cfg)(collator_for(small_model_config())(samples))
+    with pytest.raises(ValueError, match="model.memory_drop must name some, not all"):
+        build(small_model_config(memory_drop=["rain"]))
 
 
 def test_output_structure_and_gradients_reach_every_modality():

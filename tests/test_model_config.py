@@ -42,3 +42,8 @@ def test_origin_config_holds_the_seed_settings():
     assert (t.lr, t.beta1, t.beta2, t.weight_decay, t.grad_clip) == (1e-4, 0.9, 0.95, 0.05, 1.0)
     assert m.loss_weights == {"precip": 100.0, "soil_moisture": 10.0, "temperature": 10.0, "evaporation": 1.0,
                               "streamflow": 1.0}
+
+
+def test_memory_drop_needs_the_joint_memory():
+    with pytest.raises(ConfigError, match=r"model.memory_drop \(\['precip'\]\) needs model.memory 'joint'"):
+        resolve_config(None, None, ["model.memory_drop=[precip]", "model.memory=own"])

@@ -55,6 +55,7 @@ class CollateSettings:
         standard_decoder: whether the standard MAE decoder's sequences are built.
         static_tokens: modalities whose encoder sequence starts with a static-attribute token.
         calendar: whether each token's day of year is provided.
+        memory_modalities: the modalities in the joint memory, in modality order.
     """
 
     patch_size: int
@@ -63,6 +64,7 @@ class CollateSettings:
     standard_decoder: bool = False
     static_tokens: tuple[str, ...] = ()
     calendar: bool = False
+    memory_modalities: tuple[str, ...] = ()
 
 
 @dataclass
@@ -184,12 +186,12 @@ class StaticAttributes:
 
 @dataclass
 class JointMemory:
-    """The joint memory's layout: per sample, every modality's encoder rows in modality order.
+    """The joint memory's layout: per sample, every memory modality's encoder rows in modality order.
 
     Attributes:
         packed: boundaries of the memory per sample.
-        order: ``[total_mem]`` int64 rows of ``cat([encoder output of each modality])``.
-        rows: modality → ``[total_seq_m]`` int64 memory row of each of its encoder rows.
+        order: ``[total_mem]`` int64 rows of ``cat([encoder output of each memory modality])``.
+        rows: memory modality → ``[total_seq_m]`` int64 memory row of each of its encoder rows.
     """
 
     packed: Packed
@@ -351,11 +353,13 @@ class MaskingCollator:
         static_tokens: modalities whose encoder sequence starts with a static-attribute token (None:
             every modality when the data set has static attributes; ignored when it has none).
         calendar: provide each window day's day of year (needs ``Sample.first_day``).
+        memory_modalities: the modalities whose encoder rows form the joint memory (None: all).
     """
 
     def __init__(self, spec: DatasetSpec, mask: MaskConfig, patch_size: int, steps: int, *,
                  memory: str = "joint", standard_decoder: bool = False,
-                 static_tokens: Sequence[str] | None = None, calendar: bool = False):
+                 static_tokens: Sequence[str] | None = None, calendar: bool = False,
+                 memory_modalities: Sequence[str] | None = None):
         if memory not in ("joint", "own"):
             raise ValueError(f"memory must be 'joint' or 'own', got {memory!r}")
         if mask.mode not in MASK_MODES:
@@ -368,12 +372,18 @@ class MaskingCollator:
         unknown = [n for n in static_tokens if n not in names]
         if unknown:
             raise ValueError(f"static_tokens names {unknown}, which are not modalities of the data set ({names})")
+        memory_modalities = names if memory_modalities is None else list(memory_modalities)
+        unknown = [n for n in memory_modalities if n not in names]
+        if unknown or not memory_modalities:
+            raise ValueError(f"memory_modalities must name some of the data set's modalities ({names}), got "
+                             f"{memory_modalities}")
         self.spec = spec
         self.mask = mask
         self.groups = self._mask_groups(spec, mask, patch_size)
         self.settings = CollateSettings(
             patch_size=patch_size, steps=steps, memory=memory, standard_decoder=standard_decoder,
             static_tokens=tuple(n for n in names if n in static_tokens), calendar=calendar,
+            memory_modalities=tuple(n for n in names if n in memory_modalities),
         )
 
     @staticmethod
@@ -496,8 +506,9 @@ class MaskingCollator:
                 hidden=HiddenTokens(index=hidden_index, packed=hidden,
                                     predicted_rows=rank_in_hidden[(pb * t + pt) * p + pp]),
             )
-        mem, mem_order, dest = concat_segments([mb.encoder.seq for mb in modalities.values()])
-        memory = JointMemory(packed=mem, order=mem_order, rows=dict(zip(modalities, dest)))
+        in_memory = settings.memory_modalities
+        mem, mem_order, dest = concat_segments([modalities[n].encoder.seq for n in in_memory])
+        memory = JointMemory(packed=mem, order=mem_order, rows=dict(zip(in_memory, dest)))
         if settings.standard_decoder:
             for mb in modalities.values():
                 own = mem if settings.memory == "joint" else mb.encoder.seq

@@ -95,6 +95,7 @@ def make_collator(config: Config, dataset) -> MaskingCollator:
         dataset.spec, config.mask, config.data.patch_size, config.data.steps,
         memory=config.model.memory, standard_decoder=not config.model.use_cross_attn,
         static_tokens=static_tokens, calendar=config.model.day_of_year,
+        memory_modalities=[m.name for m in dataset.spec.modalities if m.name not in config.model.memory_drop],
     )
 
 
