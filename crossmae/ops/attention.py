@@ -42,8 +42,7 @@ def varlen_attention(
             environment variable ``CROSSMAE_ATTN_BACKEND`` if set, else the fastest that can run
             on these inputs. The choice is cached per (name, device, dtype, head dim, backward),
             so a call costs one dict lookup; a backend resolved ahead with
-            :func:`crossmae.ops.resolve_backend` may be passed instead of a name (only its
-            declared device type, dtype and head dims are re-checked).
+            :func:`crossmae.ops.resolve_backend` may be passed instead of a name.
 
     Returns:
         ``[total_q, H, D]`` in q's dtype, differentiable in q, k and v. Zero-length segments are
@@ -74,10 +73,7 @@ def varlen_attention(
 def _backend_for(backend: str | AttentionBackend, q: torch.Tensor, needs_backward: bool) -> AttentionBackend:
     """The backend for this call: a cached resolution, a constant under ``torch.compile``."""
     if isinstance(backend, AttentionBackend):
-        if not backend.accepts(q, needs_backward=needs_backward):
-            why = backend.reasons(q, needs_backward=needs_backward)
-            raise ValueError(f"backend {backend.name!r} can't run on these inputs: " + "; ".join(why))
-        return backend
+        backend = backend.name  # checked again for these inputs: a cached lookup
     head_dim = int(q.shape[-1])
     if torch.compiler.is_compiling():
         index = -1 if q.device.index is None else q.device.index

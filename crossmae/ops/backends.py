@@ -82,15 +82,6 @@ class AttentionBackend:
         """Why this backend can't run on inputs like ``q`` ([total_q, H, D]); empty when it can."""
         return self.reasons_for(device=q.device, dtype=q.dtype, head_dim=q.shape[-1], needs_backward=needs_backward)
 
-    def accepts(self, q: torch.Tensor, *, needs_backward: bool) -> bool:
-        """Cheap re-check for a backend resolved earlier: q's device type, dtype and head dim are declared."""
-        return (
-            q.device.type in self.devices
-            and q.dtype in self.dtypes
-            and self.head_dims[1](q.shape[-1])
-            and (not needs_backward or q.device.type in self.backward_devices)
-        )
-
 
 def _any_head_dim(d: int) -> bool:
     return d > 0
