@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -348,6 +349,23 @@ def data_changes(before: dict, now: dict) -> list[str]:
     return changes
 
 
+def mark_rows_dynamic(obj) -> None:
+    """Mark dim 0 (the packed rows) of every tensor in a batch as dynamic for ``torch.compile``, so a first
+    batch whose row count happens to equal a constant does not get a graph specialised to it."""
+    if isinstance(obj, torch.Tensor):
+        if obj.dim() > 0:
+            torch._dynamo.maybe_mark_dynamic(obj, 0)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            mark_rows_dynamic(getattr(obj, f.name))
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            mark_rows_dynamic(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            mark_rows_dynamic(value)
+
+
 class Trainer:
     """Train a :class:`MultimodalCrossMAE` as ``config`` says.
 
@@ -523,6 +541,9 @@ class Trainer:
         names = self.model.names
         n = len(names)
         self.model.train()
+        if cfg.compile:
+            self.model.check_batch(batch)  # eager, so the compiled graph never sees the check's state change
+            mark_rows_dynamic(batch)
         with self.autocast():
             out = self.forward_model(batch)
         # one reduction: counted values and sums per modality, a non-finite flag and the stop flag
