@@ -2,7 +2,9 @@
 
 One timed call is :meth:`crossmae.engine.Trainer.train_step` on one batch: every modality's
 encoder and decoder forward, the loss, the backward, gradient clipping, the AdamW update and the
-scheduler step, exactly as ``train.py`` runs it (bf16 autocast on a GPU, fp32 on a CPU). The
+scheduler step, exactly as ``train.py`` runs it on a step that does not log (bf16 autocast on a
+GPU, fp32 on a CPU), eager or compiled (``--modes``: ``train.compile=true``, the model compiled
+once by ``torch.compile``). The
 workload is a run preset (``crossmae.config.preset_config``): ``default`` is the multimodal
 synthetic run (three grid and two series modalities plus static attributes), ``seed``, ``wide``,
 ``ragged`` and ``cpu`` the one-grid workloads of docs/presets.md. One batch (the run's first) is
@@ -19,7 +21,13 @@ Variants (CrossMAE variants start from the same weights):
 Per row: ms p20/p50/p80 of the step, samples/s and tokens/s at the median (tokens =
 ``batch.num_tokens``: encoder plus decoder-query tokens, the same for every variant), peak memory
 (after warm-up, optimizer state included in the baseline), the first step's loss (``fused`` and
-``seed`` must agree), and model-FLOPs utilisation:
+``seed`` must agree); per step, counted over one step after warm-up by
+:class:`crossmae.engine.HostSyncCounter`: ``aten_ops`` (every aten op dispatched: a proxy for
+kernel launches) and ``host_syncs`` (``.item()``/``_local_scalar_dense``, ``nonzero``,
+device→host copies and Python-level reads such as ``.tolist()``: each one a wait for the device
+on a GPU). A dispatch mode makes ``torch.compile`` run the model eagerly, so compiled rows give
+instead ``graphs`` (graphs dynamo compiled) and ``graph_breaks``. On a GPU also model-FLOPs
+utilisation and energy per sample (NVML):
 
     model FLOPs = 3 · Σ_linear 2·rows·in·out  +  3.5 · Σ_attention 4·Σ_b Lq_b·Lk_b·H·D
 
@@ -35,6 +43,7 @@ Usage (from the repository root)::
     python bench/train_speed.py                        # default and cpu presets on CPU; default, seed on GPU
     python bench/train_speed.py --preset cpu --rounds 3
     python bench/train_speed.py --compare bench/results/train_speed_default_cpu_cpu.json
+    python bench/train_speed.py --preset cpu --variants fused --modes eager,compiled
 """
 
 from __future__ import annotations
@@ -74,28 +83,30 @@ from bench.harness import (
 from crossmae.config import PRESETS, Config, preset_config
 from crossmae.data.collate import MaskingCollator, PackedBatch
 from crossmae.data.loader import GlobalBatchOrder
-from crossmae.engine import Trainer
-from crossmae.model import MultimodalCrossMAE
+from crossmae.engine import HostSyncCounter, Trainer
+from crossmae.model import MultimodalCrossMAE, static_conditioning
 from crossmae.ops import BACKENDS, select_backend
 from crossmae.presets import attention_flops
 
 PROGRAM = "python bench/train_speed.py"
 VARIANTS = ("fused", "seed", "standard_mae")
-KEY_FIELDS = ("variant", "preset", "B", "steps", "dtype")
+MODES = ("eager", "compiled")
+KEY_FIELDS = ("variant", "mode", "preset", "B", "steps", "dtype")
 ROW_FIELDS = (
     *KEY_FIELDS, "status", "reason", "encoder_path", "decoder_path", "attn_backend", "tokens", "enc_tokens",
     "dec_tokens", "params", "reps", "ms_p20", "ms_p50", "ms_p80", "samples_per_s", "tokens_per_s", "peak_mb",
     "peak_total_mb", "model_gflop", "linear_gflop", "attn_gflop", "model_tflops", "mfu", "peak_tflops",
-    "peak_dtype", "speedup_vs_seed", "speedup_vs_standard_mae", "loss_first_step", "joules_per_step", "power_w",
-    "sm_clock_mhz",
+    "peak_dtype", "speedup_vs_seed", "speedup_vs_standard_mae", "speedup_vs_eager", "loss_first_step", "aten_ops",
+    "host_syncs", "graphs", "graph_breaks", "joules_per_step", "joules_per_sample", "power_w", "sm_clock_mhz",
 )
 
 
-def run_config(preset: str, variant: str, device: torch.device, out_dir: Path, backend: str) -> Config:
-    """The preset's run configuration for one variant (no validation, no checkpoints)."""
+def run_config(preset: str, variant: str, mode: str, device: torch.device, out_dir: Path, backend: str) -> Config:
+    """The preset's run configuration for one variant and mode (no validation, no checkpoints)."""
     config = preset_config(preset)
     config.train.device = str(device)
-    config.train.out_dir = str(out_dir / variant)
+    config.train.out_dir = str(out_dir / f"{variant}_{mode}")
+    config.train.compile = mode == "compiled"
     config.train.val_every = 0
     config.train.fused = variant == "fused"
     config.model.use_cross_attn = variant != "standard_mae"
@@ -166,20 +177,23 @@ class TrainCase:
 def first_batch(trainer: Trainer, config: Config) -> PackedBatch:
     """The run's first batch, with the standard decoder's sequences too (so every variant can use it)."""
     dataset = trainer.train_set
+    static_tokens, _ = static_conditioning(dataset.spec, config.model)
     collator = MaskingCollator(dataset.spec, config.mask, config.data.patch_size, config.data.steps,
-                               memory=config.model.memory, standard_decoder=True)
+                               memory=config.model.memory, standard_decoder=True, static_tokens=static_tokens,
+                               calendar=config.model.day_of_year)
     items = GlobalBatchOrder(len(dataset), config.data.batch_size, config.train.seed).batch(0)
     return collator([dataset[item] for item in items]).to(trainer.device)
 
 
-def plan_preset(run: BenchRun, preset: str, variants: Sequence[str], backend: str, out_dir: Path) -> list[TrainCase]:
-    """Trainers and rows of every variant of one preset (a variant that can't be built gets an error row)."""
+def plan_preset(run: BenchRun, preset: str, variants: Sequence[str], modes: Sequence[str], backend: str,
+                out_dir: Path) -> list[TrainCase]:
+    """Trainers and rows of every variant and mode of one preset (one that can't be built gets an error row)."""
     cases, batch = [], None
-    for variant in variants:
-        config = run_config(preset, variant, run.device, out_dir, backend)
+    for variant, mode in [(v, m) for v in variants for m in modes]:
+        config = run_config(preset, variant, mode, run.device, out_dir, backend)
         encoder_path, decoder_path = paths_of(variant)
         row = dict.fromkeys(ROW_FIELDS)
-        row.update(variant=variant, preset=preset, B=config.data.batch_size, steps=config.data.steps,
+        row.update(variant=variant, mode=mode, preset=preset, B=config.data.batch_size, steps=config.data.steps,
                    dtype="bf16" if run.device.type == "cuda" else "fp32", status="ok", encoder_path=encoder_path,
                    decoder_path=decoder_path, peak_tflops=run.peak.tflops, peak_dtype=run.peak.dtype)
         try:
@@ -209,43 +223,68 @@ def plan_preset(run: BenchRun, preset: str, variants: Sequence[str], backend: st
     return cases
 
 
+def count_step(row: dict, step) -> None:
+    """One warmed-up step's aten ops and host syncs (eager), or the graphs it compiled (compiled)."""
+    from torch._dynamo.utils import counters
+
+    if row["mode"] == "compiled":
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        step()
+        step()
+        row.update(graphs=counters["stats"]["unique_graphs"] - graphs,
+                   graph_breaks=sum(counters["graph_break"].values()) - breaks)
+        return
+    step()
+    with HostSyncCounter() as counter:
+        step()
+    row.update(aten_ops=counter.ops, host_syncs=counter.syncs + counter.reads)
+
+
 def measurement(run: BenchRun, case: TrainCase, args: argparse.Namespace) -> Measurement:
-    """How :func:`bench.harness.run_rounds` times one variant's training step (first loss and peak memory
-    in the first round)."""
+    """How :func:`bench.harness.run_rounds` times one variant's training step (first loss, per-step counts and
+    peak memory in the first round)."""
     row, trainer, batch = case.row, case.trainer, case.batch
 
     def step():
         return trainer.train_step(batch)
 
-    def first_loss() -> None:
-        row["loss_first_step"] = step()["loss"]
+    def first_step() -> None:
+        row["loss_first_step"] = float(step()[0])
+        count_step(row, step)
 
     def time(first: bool) -> Timing | None:
-        return time_row(run, row, step, args, first=first, label=row["variant"], before=first_loss)
+        return time_row(run, row, step, args, first=first, label=f"{row['variant']} {row['mode']}",
+                        before=first_step)
 
-    return Measurement(row, time, f"{row['variant']} {row['preset']}")
+    return Measurement(row, time, f"{row['variant']} {row['mode']} {row['preset']}")
 
 
 def fill_timing(run: BenchRun, row: dict, timing: Timing) -> None:
+    """Timing, throughput and (on a GPU) MFU and energy of a row."""
     seconds = timing.ms_p50 * 1e-3
     model_tflops = row["model_gflop"] * 1e9 / seconds / 1e12
+    gpu = run.device.type == "cuda"
     row.update(reps=timing.reps, ms_p20=timing.ms_p20, ms_p50=timing.ms_p50, ms_p80=timing.ms_p80,
                first_call_ms=timing.first_call_ms,
                samples_per_s=row["B"] / seconds, tokens_per_s=row["tokens"] / seconds, model_tflops=model_tflops,
-               mfu=model_tflops / run.peak.tflops, joules_per_step=timing.joules, power_w=timing.power_w,
-               sm_clock_mhz=timing.sm_clock_mhz)
+               mfu=model_tflops / run.peak.tflops if gpu else None, joules_per_step=timing.joules,
+               joules_per_sample=timing.joules / row["B"] if timing.joules is not None else None,
+               power_w=timing.power_w, sm_clock_mhz=timing.sm_clock_mhz)
 
 
 def add_baseline_speedups(rows: Sequence[dict]) -> None:
-    """``speedup_vs_seed`` and ``speedup_vs_standard_mae`` of every timed row of the same preset."""
-    add_speedups(rows, "variant", ("seed", "standard_mae"), ["preset"])
+    """``speedup_vs_seed`` and ``speedup_vs_standard_mae`` of every timed row of the same preset and mode, and
+    ``speedup_vs_eager`` of each compiled row."""
+    add_speedups(rows, "variant", ("seed", "standard_mae"), ["preset", "mode"])
+    add_speedups(rows, "mode", ("eager",), ["preset", "variant"])
 
 
 TABLE_COLUMNS = [
-    "variant", "preset", "B", ("backend", "attn_backend"), ("p50 ms", "ms_p50"), ("p20 ms", "ms_p20"),
-    ("p80 ms", "ms_p80"), ("samples/s", "samples_per_s"), ("tokens/s", "tokens_per_s"), ("peak MB", "peak_mb"),
-    ("TFLOP/s", "model_tflops"), ("MFU %", "mfu_pct"), ("vs seed", "speedup_vs_seed"),
-    ("vs standard", "speedup_vs_standard_mae"), ("J/step", "joules_per_step"), ("loss step 1", "loss_first_step"),
+    "variant", "mode", "preset", "B", ("backend", "attn_backend"), ("p50 ms", "ms_p50"), ("p20 ms", "ms_p20"),
+    ("p80 ms", "ms_p80"), ("samples/s", "samples_per_s"), ("tokens/s", "tokens_per_s"), ("aten ops", "aten_ops"),
+    ("host syncs", "host_syncs"), ("graphs", "graphs"), ("peak MB", "peak_mb"), ("TFLOP/s", "model_tflops"),
+    ("MFU %", "mfu_pct"), ("vs seed", "speedup_vs_seed"), ("vs standard", "speedup_vs_standard_mae"),
+    ("vs eager", "speedup_vs_eager"), ("J/sample", "joules_per_sample"), ("loss step 1", "loss_first_step"),
 ]
 
 
@@ -257,7 +296,7 @@ def print_results(run: BenchRun) -> None:
         print_table(shown, TABLE_COLUMNS)
     for r in run.rows:
         if r["status"] != "ok":
-            print(f"not run: {r['variant']} ({r['preset']}): {r['reason']}")
+            print(f"not run: {r['variant']} {r['mode']} ({r['preset']}): {r['reason']}")
     print(f"\nmatmul peak: {format_value(run.peak.tflops)} TFLOP/s ({run.peak.dtype}, n={run.peak.n}); "
           f"{run.env['device_name']}; torch {run.env['torch']}; git {run.env['git_sha'][:12]}"
           f"{' (dirty)' if run.env['git_dirty'] else ''}; load average {format_value(run.env['load_avg_1m'])}")
@@ -270,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated run presets of {', '.join(PRESETS)} (default: default,cpu on a CPU, "
                              "default,seed on a GPU)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}")
+    parser.add_argument("--modes", default="eager",
+                        help=f"comma-separated of {', '.join(MODES)}: the model eager, or compiled once by "
+                             "torch.compile (train.compile=true; the first call compiles: minutes on a CPU)")
     parser.add_argument("--backend", default="auto",
                         help=f"attention backend of the fused variant: auto or one of {', '.join(BACKENDS)}")
     parser.add_argument("--json", default=None, metavar="PATH",
@@ -288,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         presets = parse_list(args.preset or ("default,seed" if device.type == "cuda" else "default,cpu"), PRESETS,
                              "--preset")
         variants = parse_list(args.variants, VARIANTS, "--variants")
+        modes = parse_list(args.modes, MODES, "--modes")
         if args.backend != "auto" and args.backend not in BACKENDS:
             raise ValueError(f"--backend must be auto or one of {', '.join(BACKENDS)}, got {args.backend!r}")
         if args.json and args.out:
@@ -309,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
         cases = []
         for preset in presets:
-            cases += plan_preset(run, preset, variants, args.backend, Path(tmp) / preset)
+            cases += plan_preset(run, preset, variants, modes, args.backend, Path(tmp) / preset)
             batch = cases[-1].batch
             if batch is not None:
                 print(f"{preset}: B={batch.batch_size} T={batch.steps} modalities={len(batch.modalities)} "
