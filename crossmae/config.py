@@ -366,14 +366,17 @@ class TrainConfig:
         warmup_steps: steps of linear warm-up.
         weight_decay, beta1, beta2: AdamW.
         grad_clip: clip the global gradient norm to this (0 disables).
-        log_every: steps between metric rows.
+        log_every: steps between reads of the metrics the device accumulates (one ``metrics.csv`` row per
+            step is written at each read; reads also happen at validation and checkpoint steps). Under DDP a
+            stop signal takes effect at the next read.
         val_every: steps between validation passes (0 disables).
         val_batches: batches per validation pass.
         ckpt_every: steps between checkpoints (0: only at the end).
-        keep_checkpoints: how many recent checkpoints to keep.
-        max_nonfinite_steps: consecutive steps with a non-finite loss before the run stops.
+        keep_checkpoints: how many recent checkpoints to keep (at least 1; the one just written is always kept).
+        max_nonfinite_steps: consecutive steps with a non-finite loss or gradient (their updates skipped) before
+            the run stops; checked when the metrics are read.
         amp: ``auto`` (bf16 autocast on CUDA), ``bf16`` or ``none``.
-        compile: wrap the model in ``torch.compile``.
+        compile: compile the whole model once with ``torch.compile`` (packed rows dynamic).
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         seed: seeds weights, sampling order and masks.
         out_dir: the run folder.
