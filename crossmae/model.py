@@ -326,7 +326,8 @@ class MultimodalCrossMAE(nn.Module):
         cfg = self.cfg
         static = self._static_embedding(batch)
         keep_maps = cfg.use_weighted_fm
-        outs, maps = [], [[] for _ in range(len(self.fm_layers) + int(cfg.use_input))]
+        n_encoder_maps = int(cfg.use_input) + sum(i < cfg.enc_depth for i in self.fm_layers) if keep_maps else 0
+        outs, maps = [], [[] for _ in range(n_encoder_maps)]  # per feature map, one entry per modality
         for name in self.memory_names:
             enc = batch.modalities[name].encoder
             x = self.embed[name](enc.values) + self._position(name, enc.index, "enc", batch)
@@ -347,7 +348,7 @@ class MultimodalCrossMAE(nn.Module):
                 for slot, m in zip(maps, layer_maps):
                     slot.append(layout.leave(m))
         order = batch.memory.order
-        maps = [torch.cat(per_modality)[order] for per_modality in maps if per_modality]  # [total_mem, enc_dim] each
+        maps = [torch.cat(per_modality)[order] for per_modality in maps]  # [total_mem, enc_dim] each
         if not cfg.fusion_depth:
             return EncoderOutput(torch.cat(outs)[order], maps)  # [total_mem, enc_dim]
         fused = [out + self.fusion_tokens[n] for n, out in zip(self.memory_names, outs)]
