@@ -17,93 +17,11 @@ requeue with ``--resume``. A second signal aborts at once (no checkpoint).
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-import time
 
-from crossmae.checkpoint import CheckpointError
-from crossmae.config import ConfigError, resolve_config, validate_config
-from crossmae.engine import EXIT_PREEMPTED, Preempted, Trainer, TrainingStopped, load_run_config
+from crossmae.train_cli import build_config, main, parse_args
 
-
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        description="Pretrain the multimodal CrossMAE on water data.",
-        epilog="Any other option of the form --section.key=value overrides a config field, "
-        "e.g. --model.dec_depth=4 --mask.kept_mask_ratio=0.5. "
-        "Exit status: 0 done; 2 bad arguments, config or data, or no intact checkpoint to resume; 3 the run "
-        f"stopped (non-finite loss, checkpoint not writable); {EXIT_PREEMPTED} stopped by SIGTERM/SIGINT after "
-        "finishing the step and writing a checkpoint: requeue with --resume (a second signal aborts at once).",
-    )
-    parser.add_argument("--fused", action="store_true", help="packed path: varlen attention kernels (attn_backend)")
-    parser.add_argument("--preset", help="named preset: default, seed, wide, ragged, cpu")
-    parser.add_argument("--config", help="YAML config file (sections data, mask, model, train)")
-    parser.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
-    parser.add_argument("--out-dir", help="run folder (default runs/<preset>-<time>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out-dir from its newest intact checkpoint")
-    parser.add_argument("--seed", type=int, help="seed of weights, batch order and masks (train.seed)")
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
-    args, rest = parser.parse_known_args(argv)
-    overrides = []
-    for item in rest:
-        if not (item.startswith("--") and "=" in item and "." in item.split("=", 1)[0]):
-            parser.error(f"unrecognised argument {item!r} (config overrides look like --section.key=value)")
-        overrides.append(item[2:])
-    return args, overrides
-
-
-def build_config(args: argparse.Namespace, overrides: list[str]):
-    if args.resume:
-        if not args.out_dir:
-            raise ConfigError("--resume needs --out-dir: the run folder to continue")
-        if args.preset or args.config or overrides or args.seed is not None:
-            raise ConfigError("--resume continues a run with its saved config (--fused included); only "
-                              "--max-steps and --device may be given with it")
-        config = load_run_config(args.out_dir)
-    else:
-        config = resolve_config(args.preset, args.config, overrides)
-        config.train.fused = args.fused
-        if args.seed is not None:
-            config.train.seed = args.seed
-        config.train.out_dir = args.out_dir or f"runs/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if args.max_steps is not None:
-        config.train.max_steps = args.max_steps
-    if args.device is not None:
-        config.train.device = args.device
-    validate_config(config)
-    return config
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        config = build_config(args, overrides)
-        trainer = Trainer(config, resume=args.resume)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if trainer.dist.is_main:
-        n_params = sum(p.numel() for p in trainer.model.parameters())
-        path = "packed (fused)" if config.train.fused else "seed (padded encoder, per-sample loop decoder)"
-        print(f"run {config.train.out_dir}: preset {config.preset}, {n_params / 1e6:.2f}M parameters, "
-              f"{path}, device {trainer.device}, {trainer.dist.world} process(es)")
-    try:
-        last = trainer.fit()
-    except TrainingStopped as exc:
-        print(f"stopped: {exc}", file=sys.stderr)
-        return 3
-    except Preempted as exc:
-        if trainer.dist.is_main:
-            print(f"{exc}; exit {EXIT_PREEMPTED}: continue with --resume --out-dir {config.train.out_dir}",
-                  file=sys.stderr)
-        return EXIT_PREEMPTED
-    if trainer.dist.is_main and last:
-        print(f"done: step {last['step']}, loss {last['loss']:.4f}; metrics in {config.train.out_dir}/metrics.csv")
-    return 0
-
+__all__ = ["build_config", "main", "parse_args"]
 
 if __name__ == "__main__":
     sys.exit(main())
