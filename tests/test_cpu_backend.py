@@ -14,6 +14,7 @@ from attention_cases import (
     assert_within_rule,
     forward_backward,
     make_case,
+    numerics_case,
     random_case,
     reference_fn,
 )
@@ -236,3 +237,40 @@ def test_fallback_when_the_extension_is_absent():
     assert "crossmae._C can't be imported" in reason and "CROSSMAE_SKIP_EXTENSION" in reason
     assert auto != "cpu"
     assert error.startswith("backend 'cpu' can't run on these inputs: the compiled extension crossmae._C")
+
+
+# -- rows whose softmax is one-hot --------------------------------------------------------------------
+SCALE = 5.0  # softmax_scale of these cases
+
+
+def cpu_scaled(*args):
+    return cpu_fn(*args, softmax_scale=SCALE)
+
+
+def test_single_keys_give_exactly_zero_dq_and_dk():
+    """With one key, P = 1 and dS = dP - delta is exactly 0: delta is summed like dP, so no residue is left."""
+    for seed in range(4):
+        case = numerics_case([5, 3, 0, 1], [1, 1, 1, 1], 32, softmax_scale=SCALE, seed=seed)
+        grad_out = torch.randn(case.q.shape, generator=torch.Generator().manual_seed(seed))
+        out, dq, dk, dv = forward_backward(cpu_scaled, case, grad_out)
+        assert not dq.any() and not dk.any(), f"seed {seed}: |dq| {dq.abs().max():.2e}, |dk| {dk.abs().max():.2e}"
+
+
+def test_one_hot_rows_far_below_zero_as_accurate_as_math():
+    """The lengths of issue 10 with logits far below zero and spread over hundreds: the true dq, dk are ~0."""
+    def reference(*args):
+        return reference_fn(*args, softmax_scale=SCALE)
+
+    def plain(*args):
+        return varlen_attention(*args, softmax_scale=SCALE, backend="math")
+
+    for seed in range(8):
+        case = numerics_case([0, 1, 1], [43, 1, 111], 16, patterns=("far_below_spread",), softmax_scale=SCALE,
+                             seed=seed)
+        grad_out = torch.randn(case.q.shape, generator=torch.Generator().manual_seed(seed))
+        ref = forward_backward(reference, case, grad_out, dtype=torch.float64)
+        got = forward_backward(cpu_scaled, case, grad_out)
+        base = forward_backward(plain, case, grad_out)
+        for name, a, r, m in list(zip(("out", "dq", "dk", "dv"), got, ref, base))[1:3]:
+            err, math_err = (a.double() - r).abs().max().item(), (m.double() - r).abs().max().item()
+            assert err <= 10 * math_err + 1e-30, f"seed {seed} {name}: {err:.2e} vs math {math_err:.2e}"

@@ -489,9 +489,15 @@ void bwd(const BwdArgs& a) {
       float* g = a.do_packed + i * dp;
       pack_row(dout, a.dout_stride, row, h, d, dp, 1.f, g);
       const T* o = out + row * a.out_stride.row + h * a.out_stride.head;
-      float acc = 0.f;
-      for (int64_t j = 0; j < d; ++j) acc += g[j] * to_float(o[j * a.out_stride.dim]);
-      a.delta[i] = acc;
+      // the same fused multiply-adds in the same order as dP = dO V^T in gemm_tile: where a row's
+      // softmax is one-hot (out equals one value row bit for bit), dP - delta is then exactly 0,
+      // as the true dS is, rather than a rounding residue that dQ and dK would scale by |K|, |Q|
+      Vec acc(0.f);
+      for (int64_t j = 0; j < d; ++j)
+        acc = at::vec::fmadd(Vec(g[j]), Vec(to_float(o[j * a.out_stride.dim])), acc);
+      float lanes[kVL];
+      acc.store(lanes);
+      a.delta[i] = lanes[0];
     }
     // -- pack k (both ways) and v transposed; zero the gradients nothing else writes --
 #pragma omp for schedule(static)
