@@ -149,7 +149,7 @@ def _flow_names(dataset, spec, flow: list[str] | None) -> list[str]:
 
 def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str | Path | None = None, *, seed: int = 0,
                  overrides: list[str] = (), flow: list[str] | None = None, batch_size: int | None = None,
-                 plot_basins: int = 4, plots: bool = True, device: str = "cpu") -> dict:
+                 plot_basins: int = 4, plots: bool = True, device: str = "cpu", data_root: str | None = None) -> dict:
     """Evaluate ``run_dir`` on ``split``; writes ``eval/metrics_<split>.json`` and the PNGs; returns the metrics.
 
     Args:
@@ -163,7 +163,11 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str | Path
         plot_basins: hydrographs for at most this many basins per series modality.
         plots: draw the PNGs (False: metrics only).
         device: where the model runs.
+        data_root: the folder that holds the run's data files now (replaces ``data.files.root``; without it
+            a run whose data folder moved stops with an error saying so).
     """
+    from crossmae.fill import resolve_data
+
     run_dir = Path(run_dir)
     config, weights, norm_stats, ckpt_path, step = _load(run_dir, Path(checkpoint) if checkpoint else None)
     for item in overrides:
@@ -171,6 +175,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str | Path
             raise ValueError(f"evaluation overrides may only change mask.*, got {item!r}")
     config = apply_overrides(copy.deepcopy(config), list(overrides))
     config.mask.kept_mask_ratio = None
+    config.data = resolve_data(config, None, data_root)
     data = copy.deepcopy(config.data)
     data.stride = data.steps  # non-overlapping windows: each day is reconstructed at most once
     dataset = build_dataset(data, split, norm_stats=norm_stats)
@@ -473,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot-basins", type=int, default=4, help="hydrographs for at most this many basins")
     parser.add_argument("--no-plots", action="store_true", help="metrics only")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-root", help="the folder that holds the run's data files now (a moved folder)")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = []
     for item in rest:
@@ -482,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = evaluate_run(args.run, args.split, args.checkpoint, seed=args.seed, overrides=overrides,
                                flow=args.flow, batch_size=args.batch_size, plot_basins=args.plot_basins,
-                               plots=not args.no_plots, device=args.device)
+                               plots=not args.no_plots, device=args.device, data_root=args.data_root)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -142,6 +142,7 @@ class FilesDataset(Dataset):
 
         self._ranges = {s: self._split_ranges(files, s) for s in {split, "train"}}
         raw_series = {name: [self._dense(t, b) for b, t in enumerate(ts)] for name, ts in tables.items()}
+        self._raw_series = raw_series
         static_raw = self._load_static(files)
         if norm_stats is None:
             norm_stats = self._compute_stats(files, raw_series, static_raw, train_basins)
@@ -459,6 +460,27 @@ class FilesDataset(Dataset):
         if self._static is not None:
             sample.static = torch.from_numpy(self._static[b].copy())  # [S]
         return sample
+
+    def physical_record(self, name: str, basin: int) -> np.ndarray:
+        """Modality ``name`` of basin position ``basin`` over its whole record (``records[basin]``), in physical
+        units as read (NaN = missing): series ``[N, F]`` float64, grid ``[N, C, h, w]`` float32 (the basin's own
+        grid, before padding)."""
+        if name in self._raw_series:
+            return self._raw_series[name][basin]
+        if name not in self._grids:
+            raise ValueError(f"name must be one of {list(self._grids) + list(self._raw_series)}, got {name!r}")
+        first, last = self.records[basin]
+        return self._grids[name][basin].read(first, last + 1)
+
+    def grid_reader(self, name: str, basin: int) -> GridReader:
+        """The reader of grid modality ``name`` for basin position ``basin`` (its ``shape``, ``dims``, ``coords``,
+        ``crop``)."""
+        return self._grids[name][basin]
+
+    def basin_mask(self, name: str, basin: int) -> np.ndarray:
+        """``[h, w]`` bool: the cells of basin position ``basin``'s own grid of modality ``name`` inside the basin."""
+        h, w = self._grids[name][basin].shape
+        return self._masks[name][basin][:h, :w]
 
     def denormalize(self, name: str, values: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """Normalised values of modality ``name`` (grid ``[..., C, H, W]``, series ``[..., F]``) or ``static``

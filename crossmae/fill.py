@@ -1,0 +1,467 @@
+"""Fill the gaps of a record with a trained run: every missing value predicted from what was observed.
+
+    python -m crossmae.fill --run runs/moselle --out filled/ [--config data.yaml] [--data-root DIR]
+                            [--checkpoint PATH] [--stride 15] [--members 8] [--seed 0]
+    crossmae-fill ...                                 # the same, as a console script
+
+What it does
+    Reads the data the run was trained on (its ``data`` section), or the ``data`` section of ``--config``: the
+    same modalities, channels, window length and patch size as the run (a difference stops it before any work,
+    naming it), other basins, periods or files. Every basin's whole record is cut into windows of
+    ``data.steps`` days every ``--stride`` days (default half a window; the last window ends on the record's
+    last day). In each window the missing tokens are the decoder's queries and every observed token is
+    visible to the encoders. A day predicted by several windows gets the mean of their predictions, taken in
+    physical units. Observed values are written as read, unchanged. A grid patch with some missing cells is
+    predicted whole, and only its missing cells are filled.
+
+Ensemble spread (``--members M``)
+    M further passes, each also hiding a random ``--extra-ratio`` of the observed tokens (seeded by
+    ``--seed``, the member and the window), give M predictions of every filled value; their 10 % and 90 %
+    quantiles are written beside the filled value (which comes from the pass that hides only the missing
+    tokens).
+
+Files (written atomically: a temporary file, then a rename)
+    ``OUT/<modality>/<basin>.csv`` for a series modality: three comment lines (``# run:``, ``# checkpoint:``
+        with its step, ``# written:`` UTC time), then the header ``date,<column>...,<column>_flag...`` (and
+        ``<column>_q10,<column>_q90`` with ``--members``), one row per record day; the flag is ``observed``,
+        ``filled`` or ``missing`` (not predicted: a modality the run reconstructs only up to its scale,
+        ``model.norm_pix_loss``). Read it back with the project's CSV reader: ``format: csv``,
+        ``skip_rows: [0, 1, 2]``.
+    ``OUT/<modality>/<basin>.nc`` for a grid modality: each variable ``(time, y, x)`` filled, ``filled``
+        ``(time, y, x)`` uint8 (1 = filled), with ``--members`` ``<variable>_q10`` and ``<variable>_q90``; the
+        grid's coordinates after the crop; attributes ``crossmae_run``, ``crossmae_checkpoint``,
+        ``crossmae_step``, ``crossmae_written``.
+
+A basin-modality with no observed value in its whole record is not filled (that would be noise): it is
+reported and skipped. A record shorter than one window is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crossmae.config import Config, DataConfig, SplitConfig, load_yaml
+from crossmae.data.collate import MaskingCollator, unpatchify
+from crossmae.data.loader import make_collator
+from crossmae.data.readers import day_to_iso
+from crossmae.data.sample import Sample
+from crossmae.model import MultimodalCrossMAE
+
+log = logging.getLogger(__name__)
+
+QUANTILES = (0.1, 0.9)
+
+
+# -- the run and its data -----------------------------------------------------------------------------------
+def _source_channels(data: DataConfig) -> dict[str, tuple[str, list[str]]]:
+    """modality → (kind, declared channels; empty when a series takes every column of its file)."""
+    files = data.files
+    out = {g.name: ("grid", list(g.variables or [g.name])) for g in files.grids}
+    out.update({s.name: ("series", list(s.columns)) for s in files.series})
+    return out
+
+
+def check_same_modalities(run: DataConfig, other: DataConfig, what: str) -> None:
+    """Raise ValueError naming every difference in modalities, kinds, channels, static columns, window length
+    or patch size between the run's data section and ``other`` (``what`` names where ``other`` came from)."""
+    if run.source != "files" or other.source != "files":
+        raise ValueError(f"{what}: fill and embed read files (data.source: files); the run has data.source "
+                         f"{run.source!r} and {what} {other.source!r}")
+    differences = []
+    for key in ("steps", "patch_size"):
+        if getattr(run, key) != getattr(other, key):
+            differences.append(f"data.{key}: the run has {getattr(run, key)}, {what} has {getattr(other, key)}")
+    mine, theirs = _source_channels(run), _source_channels(other)
+    if list(mine) != list(theirs):
+        differences.append(f"modalities: the run has {list(mine)}, {what} has {list(theirs)}")
+    for name in mine.keys() & theirs.keys():
+        if mine[name][0] != theirs[name][0]:
+            differences.append(f"{name!r} is a {mine[name][0]} in the run, a {theirs[name][0]} in {what}")
+        elif mine[name][1] != theirs[name][1]:
+            differences.append(f"{name!r} channels: the run has {mine[name][1]}, {what} has {theirs[name][1]}")
+    if run.files.static.columns != other.files.static.columns:
+        differences.append(f"static columns: the run has {run.files.static.columns}, {what} has "
+                           f"{other.files.static.columns}")
+    if differences:
+        raise ValueError(f"{what} does not match the run's data: " + "; ".join(differences))
+
+
+def resolve_data(config: Config, config_file: str | None = None, data_root: str | None = None) -> DataConfig:
+    """The data section to read: the run's, or ``config_file``'s (checked against the run's), with
+    ``data.files.root`` replaced by ``data_root`` when given (a moved data folder)."""
+    data = copy.deepcopy(config.data)
+    if config_file:
+        from crossmae.config import resolve_config
+
+        other = resolve_config(None, config_file, [])
+        if not load_yaml(config_file).get("data"):
+            raise ValueError(f"--config {config_file!r} has no data section")
+        check_same_modalities(config.data, other.data, f"--config {config_file!r}")
+        data = copy.deepcopy(other.data)
+    if data_root:
+        if not os.path.isdir(data_root):
+            raise FileNotFoundError(f"--data-root {data_root!r} is not a folder")
+        data.files.root = os.path.abspath(data_root)
+    elif data.source == "files" and data.files.root and not os.path.isdir(data.files.root):
+        raise FileNotFoundError(f"data.files.root {data.files.root!r} of the run does not exist (moved?); pass "
+                                "--data-root with the folder that holds the run's data files now")
+    return data
+
+
+def whole_record_dataset(data: DataConfig, norm_stats: dict):
+    """A files data set of every configured basin over its whole record, with the run's statistics."""
+    from crossmae.data.files import FilesDataset
+
+    data = copy.deepcopy(data)
+    data.files.split = SplitConfig(by="period")
+    data.val_fraction = 0.0
+    data.stride = data.steps
+    return FilesDataset(data, "train", norm_stats=norm_stats)
+
+
+def record_windows(dataset, stride: int) -> tuple[list[tuple[int, int]], dict[str, str]]:
+    """Window starts ``(basin position, first day)`` covering each basin's whole record every ``stride``
+    days, the last ending on the record's last day; and the basins skipped (id → why)."""
+    steps = dataset.steps
+    starts, skipped = [], {}
+    for b, (first, last) in enumerate(dataset.records):
+        if last - first + 1 < steps:
+            skipped[dataset.basins[b]] = f"its record has {last - first + 1} days, fewer than one window ({steps})"
+            continue
+        days = list(range(first, last - steps + 2, stride))
+        if days[-1] != last - steps + 1:
+            days.append(last - steps + 1)
+        starts += [(b, d) for d in days]
+    return starts, skipped
+
+
+@dataclass
+class InferenceRun:
+    """A trained run ready to predict on a data set.
+
+    Attributes:
+        run_dir, checkpoint, step: where the weights came from.
+        config: the run's config (``data`` replaced by the data read).
+        model: the model, in eval mode.
+        dataset: every basin's whole record (``crossmae.data.files.FilesDataset``).
+    """
+
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    config: Config
+    model: MultimodalCrossMAE
+    dataset: object
+
+
+def open_run(run_dir: str | Path, checkpoint: str | Path | None = None, config_file: str | None = None,
+             data_root: str | None = None, device: str = "cpu") -> InferenceRun:
+    """Load a run's weights and build the whole-record data set it will read (see the module docstring)."""
+    from crossmae.evaluate import _load
+
+    run_dir = Path(run_dir)
+    config, weights, norm_stats, path, step = _load(run_dir, Path(checkpoint) if checkpoint else None)
+    data = resolve_data(config, config_file, data_root)
+    config = copy.deepcopy(config)
+    config.data = data
+    dataset = whole_record_dataset(data, norm_stats)
+    model = MultimodalCrossMAE(dataset.spec, config.model, patch_size=data.patch_size, steps=data.steps,
+                               fused=config.train.fused)
+    model.load_state_dict(weights)
+    model.to(device).eval()
+    return InferenceRun(run_dir, path, step, config, model, dataset)
+
+
+# -- masks: the missing tokens are the queries ----------------------------------------------------------------
+class GapCollator(MaskingCollator):
+    """A collator whose hidden tokens are the missing ones (and, with ``extra_ratio > 0``, a random share of
+    the observed ones): a missing token inside the basin becomes a query; every other observed token stays
+    visible. Build it with :meth:`from_collator` from the run's collator (same settings, so the model accepts
+    its batches).
+
+    Attributes:
+        extra_ratio: share of each sample-modality's observed tokens also hidden (0: none).
+        stream: a further seed of the extra hiding (an ensemble member).
+    """
+
+    extra_ratio: float = 0.0
+    stream: int = 0
+
+    @classmethod
+    def from_collator(cls, base: MaskingCollator, extra_ratio: float = 0.0, stream: int = 0) -> GapCollator:
+        out = cls.__new__(cls)
+        out.__dict__.update(base.__dict__)
+        out.extra_ratio, out.stream, out._missing = extra_ratio, stream, {}
+        return out
+
+    def _tokens(self, m, samples):
+        values, valid, weight = super()._tokens(m, samples)
+        present = (weight > 0).any(-1)[:, None].expand_as(valid)  # [B, T, P]: the patch holds a basin cell
+        self._missing[m.name] = present & ~valid
+        return values, valid | present, weight
+
+    def _masks(self, samples, valid):
+        out = {}
+        for i, m in enumerate(self.spec.modalities):
+            missing = self._missing[m.name]
+            hidden = missing.clone()
+            if self.extra_ratio > 0:
+                noise = torch.stack([
+                    torch.rand(missing.shape[1:], generator=torch.Generator().manual_seed(
+                        (int(s.noise_seed) * 1009 + self.stream) * 1009 + i)) for s in samples])  # [B, T, P]
+                hidden |= valid[m.name] & ~missing & (noise < self.extra_ratio)
+            out[m.name] = (hidden, hidden)
+        return out
+
+
+# -- filling ------------------------------------------------------------------------------------------------
+@dataclass
+class FillReport:
+    """What :func:`fill_run` wrote and skipped.
+
+    Attributes:
+        files: the files written.
+        filled: ``"<modality>/<basin>"`` → number of values filled.
+        skipped: ``"<modality>/<basin>"`` (or a basin id) → why it was not filled.
+    """
+
+    files: list[Path] = field(default_factory=list)
+    filled: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def predict_record(run: InferenceRun, starts: list[tuple[int, int]], *, extra_ratio: float = 0.0, stream: int = 0,
+                   batch_size: int = 8) -> dict[str, list[np.ndarray | None]]:
+    """The model's prediction of every hidden value, averaged over the windows that predicted it, in physical
+    units: modality → per basin position ``[N, F]`` (series) or ``[N, C, h, w]`` (grid) float64 over the
+    record, NaN where nothing was predicted (None for a basin without windows). Modalities the run reconstructs
+    only up to scale (``model.norm_pix_loss``) are left out."""
+    dataset, model, steps = run.dataset, run.model, run.dataset.steps
+    collator = GapCollator.from_collator(make_collator(run.config, dataset), extra_ratio, stream)
+    names = [m.name for m in dataset.spec.modalities if m.name not in model.norm_pix_names]
+    sums: dict[str, list] = {n: [None] * len(dataset.basins) for n in names}
+    counts: dict[str, list] = {n: [None] * len(dataset.basins) for n in names}
+    dataset.starts = list(starts)
+    for first in range(0, len(starts), batch_size):
+        samples: list[Sample] = [dataset[(i, i)] for i in range(first, min(first + batch_size, len(starts)))]
+        batch = collator(samples)
+        with torch.no_grad():
+            predictions = model(batch.to(next(model.parameters()).device)).predictions
+        for name in names:
+            m = dataset.spec[name]
+            mb = batch.modalities[name]
+            pred = predictions[name].float().cpu()  # [total_pred, token_dim]
+            rows, cols = mb.patch_grid
+            tokens = torch.full((len(samples), steps, rows * cols, pred.shape[1]), float("nan"))
+            b_i, t_i, p_i = mb.queries.index.unbind(1)
+            tokens[b_i, t_i, p_i] = pred  # [B, T, P, token_dim]
+            if m.kind == "grid":
+                recon = unpatchify(tokens, m.height, m.width, m.channels, dataset.config.patch_size)  # [B,T,C,H,W]
+            else:
+                recon = tokens[:, :, 0]  # [B, T, F]
+            recon = dataset.denormalize(name, recon.double()).numpy()
+            for k, s in enumerate(samples):
+                b, start = dataset.starts[s.meta["index"]]
+                first_day, last_day = dataset.records[b]
+                if sums[name][b] is None:
+                    shape = (last_day - first_day + 1, m.channels)
+                    if m.kind == "grid":
+                        shape += dataset.grid_reader(name, b).shape
+                    sums[name][b], counts[name][b] = np.zeros(shape), np.zeros(shape)
+                values = recon[k]
+                if m.kind == "grid":
+                    values = values[..., :sums[name][b].shape[2], :sums[name][b].shape[3]]  # the basin's own grid
+                rows_of = slice(start - first_day, start - first_day + steps)
+                seen = np.isfinite(values)
+                sums[name][b][rows_of][seen] += values[seen]
+                counts[name][b][rows_of] += seen
+    return {n: [None if s is None else np.where(c > 0, s / np.maximum(c, 1), np.nan)
+                for s, c in zip(sums[n], counts[n])] for n in names}
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, then rename the temporary file onto ``path`` (nothing half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_series_csv(path: Path, header: list[str], days: np.ndarray, columns: list[str], values: np.ndarray,
+                      flags: np.ndarray, band: np.ndarray | None) -> None:
+    """One CSV: comment ``header`` lines, then date, values ``[N, F]`` (repr precision), flags ``[N, F]`` and
+    the band ``[2, N, F]``."""
+    names = ["date", *columns, *[f"{c}_flag" for c in columns]]
+    if band is not None:
+        names += [f"{c}_{q}" for c in columns for q in ("q10", "q90")]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            f.writelines(f"# {line}\n" for line in header)
+            f.write(",".join(names) + "\n")
+            for i, day in enumerate(days):
+                row = [day_to_iso(int(day)), *[repr(float(v)) if np.isfinite(v) else "nan" for v in values[i]],
+                       *flags[i]]
+                if band is not None:
+                    row += [repr(float(band[q, i, c])) if np.isfinite(band[q, i, c]) else "nan"
+                            for c in range(values.shape[1]) for q in range(2)]
+                f.write(",".join(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    _atomic_write(path, write)
+
+
+def _write_grid_netcdf(path: Path, attrs: dict, days: np.ndarray, variables: list[str], values: np.ndarray,
+                       filled: np.ndarray, band: np.ndarray | None, reader) -> None:
+    """One NetCDF: each variable of ``values [N, C, h, w]`` on ``(time, y, x)``, ``filled [N, h, w]`` uint8,
+    the band ``[2, N, C, h, w]``, the grid's coordinates after the crop."""
+    import xarray as xr
+
+    y_dim, x_dim = reader.dims
+    dims = ("time", y_dim, x_dim)
+    crop = reader.crop or ((0, reader.full_shape[0]), (0, reader.full_shape[1]))
+    coords = {"time": days.astype("datetime64[D]").astype("datetime64[ns]")}
+    for dim, coord, (lo, hi) in zip(reader.dims, reader.coords, crop):
+        if coord is not None:
+            coords[dim] = coord[lo:hi]
+    data_vars = {v: (dims, values[:, c].astype(np.float32)) for c, v in enumerate(variables)}
+    data_vars["filled"] = (dims, filled.astype(np.uint8))
+    if band is not None:
+        for c, v in enumerate(variables):
+            data_vars[f"{v}_q10"] = (dims, band[0, :, c].astype(np.float32))
+            data_vars[f"{v}_q90"] = (dims, band[1, :, c].astype(np.float32))
+    ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    _atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
+
+
+def fill_run(run_dir: str | Path, out_dir: str | Path, *, config_file: str | None = None,
+             checkpoint: str | Path | None = None, data_root: str | None = None, stride: int | None = None,
+             members: int = 0, extra_ratio: float = 0.25, seed: int = 0, batch_size: int = 8,
+             device: str = "cpu") -> FillReport:
+    """Fill every missing value of the data a run reads; write one file per modality and basin.
+
+    Args:
+        run_dir: the run folder.
+        out_dir: where ``<modality>/<basin>.csv|nc`` go.
+        config_file: a YAML file whose ``data`` section replaces the run's (same modalities and channels).
+        checkpoint: a checkpoint folder (default the run's latest).
+        data_root: the run's data folder when it moved (replaces ``data.files.root``).
+        stride: days between window starts (default half a window, at least 1).
+        members: ensemble passes for the 10–90 % band (0: none).
+        extra_ratio: share of the observed tokens each ensemble pass also hides, in (0, 1).
+        seed: seed of the ensemble passes.
+        batch_size: windows per forward.
+        device: where the model runs.
+    """
+    for key, value, ok in (("stride", stride, stride is None or stride >= 1), ("members", members, members >= 0),
+                           ("extra_ratio", extra_ratio, 0.0 < extra_ratio < 1.0),
+                           ("batch_size", batch_size, batch_size >= 1)):
+        if not ok:
+            raise ValueError(f"{key} is out of range: {value}")
+    run = open_run(run_dir, checkpoint, config_file, data_root, device)
+    dataset = run.dataset
+    stride = stride or max(1, dataset.steps // 2)
+    starts, short = record_windows(dataset, stride)
+    report = FillReport(skipped=dict(short))
+    central = predict_record(run, starts, batch_size=batch_size)
+    draws = [predict_record(run, starts, extra_ratio=extra_ratio, stream=seed * 1009 + j + 1, batch_size=batch_size)
+             for j in range(members)]
+    written = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out_dir = Path(out_dir)
+    for m in dataset.spec.modalities:
+        if m.name not in central:
+            report.skipped[m.name] = "the run reconstructs it only up to its scale (model.norm_pix_loss)"
+            continue
+        for b, basin in enumerate(dataset.basins):
+            key = f"{m.name}/{basin}"
+            if central[m.name][b] is None:
+                continue
+            observed = dataset.physical_record(m.name, b).astype(np.float64)
+            seen = np.isfinite(observed)
+            if not seen.any():
+                report.skipped[key] = "no observed value in the whole record"
+                log.warning("%s: no observed value in the whole record; not filled", key)
+                continue
+            predicted = central[m.name][b]
+            if m.kind == "grid":
+                fill = ~seen & np.isfinite(predicted) & dataset.basin_mask(m.name, b)
+            else:
+                fill = ~seen & np.isfinite(predicted)
+            values = np.where(fill, predicted, observed)
+            band = None
+            if draws:
+                stack = np.stack([d[m.name][b] for d in draws])  # [M, N, ...]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # values no member predicted: NaN
+                    band = np.nanquantile(stack, QUANTILES, axis=0)  # [2, N, ...]
+                band = np.where(fill[None], band, np.nan)
+            first, last = dataset.records[b]
+            days = np.arange(first, last + 1)
+            names = dataset.channel_names[m.name]
+            header = [f"run: {run.run_dir.resolve()}", f"checkpoint: {run.checkpoint.resolve()} (step {run.step})",
+                      f"written: {written}"]
+            if m.kind == "series":
+                flags = np.where(seen, "observed", np.where(fill, "filled", "missing"))
+                path = out_dir / m.name / f"{basin}.csv"
+                _write_series_csv(path, header, days, names, values, flags, band)
+            else:
+                attrs = {"crossmae_run": str(run.run_dir.resolve()),
+                         "crossmae_checkpoint": str(run.checkpoint.resolve()),
+                         "crossmae_step": run.step, "crossmae_written": written}
+                path = out_dir / m.name / f"{basin}.nc"
+                _write_grid_netcdf(path, attrs, days, names, values, fill.any(1), band,
+                                   dataset.grid_reader(m.name, b))
+            report.files.append(path)
+            report.filled[key] = int(fill.sum())
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description="Fill the gaps of a record with a trained run.")
+    parser.add_argument("--run", required=True, help="the run folder")
+    parser.add_argument("--out", required=True, help="output folder: <modality>/<basin>.csv or .nc")
+    parser.add_argument("--config", help="YAML whose data section replaces the run's (same modalities)")
+    parser.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
+    parser.add_argument("--data-root", help="the run's data folder, when it moved")
+    parser.add_argument("--stride", type=int, help="days between window starts (default half a window)")
+    parser.add_argument("--members", type=int, default=0, help="ensemble passes for a 10-90 %% band")
+    parser.add_argument("--extra-ratio", type=float, default=0.25, help="observed share each pass also hides")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        report = fill_run(args.run, args.out, config_file=args.config, checkpoint=args.checkpoint,
+                          data_root=args.data_root, stride=args.stride, members=args.members,
+                          extra_ratio=args.extra_ratio, seed=args.seed, batch_size=args.batch_size,
+                          device=args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for key, count in report.filled.items():
+        print(f"{key}: {count} values filled")
+    for key, why in report.skipped.items():
+        print(f"skipped {key}: {why}")
+    print(f"{len(report.files)} file(s) in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
