@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -162,7 +163,9 @@ class StopSignals:
     """While active, the first SIGTERM or SIGINT only sets :attr:`received` (its name); a second one
     restores the default action and re-sends itself, so the process ends at once.
 
-    Installed only in the main thread (Python delivers signals there); elsewhere it does nothing.
+    Installed only in the main thread (Python delivers signals there); elsewhere it does nothing. A
+    process forked while it is active ignores the signals it inherits this handler for; DataLoader
+    workers are shielded by :func:`shield_workers`.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -170,8 +173,11 @@ class StopSignals:
     def __init__(self):
         self.received: str | None = None
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:  # a forked child: the main process decides
+            return
         if self.received is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
@@ -181,6 +187,7 @@ class StopSignals:
                     f"(send it again to abort at once)\n".encode())
 
     def __enter__(self) -> StopSignals:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -190,6 +197,21 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def _ignore_stop_signals(worker_id: int, then=None) -> None:
+    for sig in StopSignals.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
+
+
+def shield_workers(loader: torch.utils.data.DataLoader) -> torch.utils.data.DataLoader:
+    """Make ``loader``'s worker processes ignore SIGTERM and SIGINT (set when each starts, after PyTorch's own
+    worker handlers), so a signal sent to the whole process group (Ctrl-C, a scheduler) leaves the data
+    flowing while the main process finishes its step; workers still exit with the main process."""
+    loader.worker_init_fn = functools.partial(_ignore_stop_signals, then=loader.worker_init_fn)
+    return loader
 
 
 class HostSyncCounter(TorchDispatchMode):
@@ -586,8 +608,8 @@ class Trainer:
         names = self.model.names
         batches = FixedBatches(len(self.val_set), self.config.data.batch_size, self.config.train.val_batches,
                                seed=self.config.train.seed + 1, rank=self.dist.rank, world=self.dist.world)
-        loader = make_loader(self.val_set, batches, self.collator, self.config.data.num_workers,
-                             self.device.type == "cuda")
+        loader = shield_workers(make_loader(self.val_set, batches, self.collator, self.config.data.num_workers,
+                                            self.device.type == "cuda"))
         totals = torch.zeros(2 * len(names), dtype=torch.float64, device=self.device)
         self.model.eval()
         for batch in loader:
@@ -681,8 +703,6 @@ class Trainer:
             self.val_log.truncate_after(self.step)
         batches = GlobalBatchOrder(len(self.train_set), data.batch_size, cfg.seed, self.dist.rank, self.dist.world,
                                    start_step=self.step)
-        loader = iter(make_loader(self.train_set, batches, self.collator, data.num_workers,
-                                  self.device.type == "cuda"))
         progress = None
         if self.dist.is_main:
             from tqdm import tqdm
@@ -692,6 +712,8 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             with self.signals:
+                loader = iter(shield_workers(make_loader(self.train_set, batches, self.collator, data.num_workers,
+                                                         self.device.type == "cuda")))
                 while self.step < cfg.max_steps:
                     if not self.dist.enabled and self.signals.received:
                         stopped_by = self.signals.received

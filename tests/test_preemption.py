@@ -9,10 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import torch
 from test_train import TINY, read_metrics, run_train
 
 from crossmae.checkpoint import check_run, latest_checkpoint, load_checkpoint
-from crossmae.engine import EXIT_PREEMPTED
+from crossmae.engine import EXIT_PREEMPTED, StopSignals, shield_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 18
@@ -25,10 +27,13 @@ def torchrun(port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
 
 
-def signal_mid_run(cmd: list[str], out: Path, min_rows: int = 3) -> tuple[subprocess.CompletedProcess, int]:
-    """Start ``cmd``, send SIGTERM once ``min_rows`` metric rows are written; (the finished process, rows then)."""
+def signal_mid_run(cmd: list[str], out: Path, min_rows: int = 3, group: bool = False, sig=signal.SIGTERM
+                   ) -> tuple[subprocess.CompletedProcess, int]:
+    """Start ``cmd``, send ``sig`` once ``min_rows`` metric rows are written (to its whole process group when
+    ``group``, as a terminal's Ctrl-C or a scheduler does); (the finished process, rows then)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=group)
     metrics = out / "metrics.csv"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -36,7 +41,10 @@ def signal_mid_run(cmd: list[str], out: Path, min_rows: int = 3) -> tuple[subpro
             break
         time.sleep(0.02)
     rows = len(read_metrics(metrics)) if metrics.is_file() else 0
-    proc.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     output, _ = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(cmd, proc.returncode, output, ""), rows
 
@@ -73,6 +81,42 @@ def test_sigterm_checkpoints_the_step_exits_75_and_resume_matches_an_uninterrupt
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {step}" in resumed.stdout
     assert_same_losses(whole, stopped)
+
+
+class SignalsItself(torch.utils.data.Dataset):
+    """Each item sends SIGTERM, then SIGINT, to the process reading it (a DataLoader worker)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        return torch.tensor(index)
+
+
+def test_shielded_data_loader_workers_survive_stop_signals():
+    loader = torch.utils.data.DataLoader(SignalsItself(), batch_size=2, num_workers=1)
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        list(loader)  # unshielded, PyTorch's own handler ends a worker on SIGTERM
+    with StopSignals() as signals:
+        batches = list(shield_workers(torch.utils.data.DataLoader(SignalsItself(), batch_size=2, num_workers=1)))
+    assert [b.tolist() for b in batches] == [[0, 1], [2, 3]]
+    assert signals.received is None  # a worker's signal is not the main process's
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_process_group_spares_the_data_loader_workers(tmp_path, sig):
+    """Ctrl-C (or a scheduler) reaches every process of the group, DataLoader workers included: they keep serving
+    batches while the main process finishes its step and checkpoints."""
+    out = tmp_path / "run"
+    proc, rows_before = signal_mid_run([sys.executable, str(ROOT / "train.py"), *COMMON, "--data.num_workers=1",
+                                        "--out-dir", str(out)], out, group=True, sig=sig)
+    assert proc.returncode == EXIT_PREEMPTED, proc.stdout[-3000:]
+    found = re.search(rf"stopped by {sig.name} at step (\d+)", proc.stdout)
+    assert found and rows_before <= int(found.group(1)) < STEPS, proc.stdout[-3000:]
+    assert proc.stdout.count(f"{sig.name} received") == 1, proc.stdout[-3000:]
+    assert [c.step for c in check_run(out)] == [int(found.group(1))]
 
 
 def test_sigterm_to_torchrun_stops_both_processes_at_one_step_and_resume_matches(tmp_path):
