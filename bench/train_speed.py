@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,8 +97,9 @@ ROW_FIELDS = (
     *KEY_FIELDS, "status", "reason", "encoder_path", "decoder_path", "attn_backend", "tokens", "enc_tokens",
     "dec_tokens", "params", "reps", "ms_p20", "ms_p50", "ms_p80", "samples_per_s", "tokens_per_s", "peak_mb",
     "peak_total_mb", "model_gflop", "linear_gflop", "attn_gflop", "model_tflops", "mfu", "peak_tflops",
-    "peak_dtype", "speedup_vs_seed", "speedup_vs_standard_mae", "speedup_vs_eager", "loss_first_step", "aten_ops",
-    "host_syncs", "graphs", "graph_breaks", "joules_per_step", "joules_per_sample", "power_w", "sm_clock_mhz",
+    "peak_dtype", "speedup_vs_seed", "speedup_vs_standard_mae", "speedup_vs_eager", "loss_first_step",
+    "first_step_ms", "aten_ops", "host_syncs", "graphs", "graph_breaks", "joules_per_step", "joules_per_sample",
+    "power_w", "sm_clock_mhz",
 )
 
 
@@ -223,18 +225,21 @@ def plan_preset(run: BenchRun, preset: str, variants: Sequence[str], modes: Sequ
     return cases
 
 
-def count_step(row: dict, step) -> None:
-    """One warmed-up step's aten ops and host syncs (eager), or the graphs it compiled (compiled)."""
+def first_steps(row: dict, step) -> None:
+    """The first step's loss and time (compilation included); then one warmed-up step's aten ops and host
+    syncs (eager), or the graphs and graph breaks dynamo compiled over the first three steps (compiled)."""
     from torch._dynamo.utils import counters
 
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    start = time.perf_counter()
+    row["loss_first_step"] = float(step()[0])  # the read waits for the step
+    row["first_step_ms"] = (time.perf_counter() - start) * 1e3
+    step()
     if row["mode"] == "compiled":
-        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-        step()
         step()
         row.update(graphs=counters["stats"]["unique_graphs"] - graphs,
                    graph_breaks=sum(counters["graph_break"].values()) - breaks)
         return
-    step()
     with HostSyncCounter() as counter:
         step()
     row.update(aten_ops=counter.ops, host_syncs=counter.syncs + counter.reads)
@@ -248,15 +253,11 @@ def measurement(run: BenchRun, case: TrainCase, args: argparse.Namespace) -> Mea
     def step():
         return trainer.train_step(batch)
 
-    def first_step() -> None:
-        row["loss_first_step"] = float(step()[0])
-        count_step(row, step)
-
-    def time(first: bool) -> Timing | None:
+    def timed(first: bool) -> Timing | None:
         return time_row(run, row, step, args, first=first, label=f"{row['variant']} {row['mode']}",
-                        before=first_step)
+                        before=lambda: first_steps(row, step))
 
-    return Measurement(row, time, f"{row['variant']} {row['mode']} {row['preset']}")
+    return Measurement(row, timed, f"{row['variant']} {row['mode']} {row['preset']}")
 
 
 def fill_timing(run: BenchRun, row: dict, timing: Timing) -> None:
@@ -285,6 +286,7 @@ TABLE_COLUMNS = [
     ("host syncs", "host_syncs"), ("graphs", "graphs"), ("peak MB", "peak_mb"), ("TFLOP/s", "model_tflops"),
     ("MFU %", "mfu_pct"), ("vs seed", "speedup_vs_seed"), ("vs standard", "speedup_vs_standard_mae"),
     ("vs eager", "speedup_vs_eager"), ("J/sample", "joules_per_sample"), ("loss step 1", "loss_first_step"),
+    ("step 1 ms", "first_step_ms"),
 ]
 
 
