@@ -290,7 +290,7 @@ def predict_record(run: InferenceRun, starts: list[tuple[int, int]], *, extra_ra
                 for s, c in zip(sums[n], counts[n])] for n in names}
 
 
-def _atomic_write(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     """Call ``write(tmp_path)``, then rename the temporary file onto ``path`` (nothing half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -324,7 +324,7 @@ def _write_series_csv(path: Path, header: list[str], days: np.ndarray, columns: 
             f.flush()
             os.fsync(f.fileno())
 
-    _atomic_write(path, write)
+    write_atomic(path, write)
 
 
 def _write_grid_netcdf(path: Path, attrs: dict, days: np.ndarray, variables: list[str], values: np.ndarray,
@@ -347,7 +347,7 @@ def _write_grid_netcdf(path: Path, attrs: dict, days: np.ndarray, variables: lis
             data_vars[f"{v}_q10"] = (dims, band[0, :, c].astype(np.float32))
             data_vars[f"{v}_q90"] = (dims, band[1, :, c].astype(np.float32))
     ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)
-    _atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
+    write_atomic(path, lambda tmp: ds.to_netcdf(tmp, engine="h5netcdf"))
 
 
 def fill_run(run_dir: str | Path, out_dir: str | Path, *, config_file: str | None = None,

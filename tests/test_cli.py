@@ -1,9 +1,17 @@
-"""Command lines: ``--resume`` takes the run's own flags again and refuses conflicting ones."""
+"""Command lines: ``--resume`` takes the run's own flags again and refuses conflicting ones; every console
+script of pyproject.toml names an importable ``main``."""
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
+import pytest
+
 from crossmae.checkpoint import latest_checkpoint, load_checkpoint
 from crossmae.train_cli import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
     "--data.synthetic.num_basins=2", "--data.synthetic.record_days=120", "--data.synthetic.grid_size=8",
@@ -32,3 +40,12 @@ def test_resume_accepts_the_same_command_and_names_both_values_of_a_conflict(tmp
     assert "train.seed: the run has 3, the command gives 5" in err, err
     assert train_main(["--resume", "--out-dir", str(run), "--max-steps", "5"]) == 0
 
+
+
+def test_console_scripts_name_importable_mains():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"crossmae-train", "crossmae-eval", "crossmae-fill", "crossmae-embed"}
+    for target in scripts.values():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), target
