@@ -83,6 +83,21 @@ def test_sigterm_checkpoints_the_step_exits_75_and_resume_matches_an_uninterrupt
     assert_same_losses(whole, stopped)
 
 
+def test_a_second_signal_aborts_at_once():
+    code = ("import os, signal, time\n"
+            "from crossmae.engine import StopSignals\n"
+            "with StopSignals() as signals:\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(0.2)\n"
+            "    print('first:', signals.received, flush=True)\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(5)\n"
+            "    print('still running', flush=True)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "first: SIGTERM" in result.stdout and "still running" not in result.stdout, result.stdout
+    assert result.returncode == -signal.SIGTERM, result.returncode
+
+
 class SignalsItself(torch.utils.data.Dataset):
     """Each item sends SIGTERM, then SIGINT, to the process reading it (a DataLoader worker)."""
 
