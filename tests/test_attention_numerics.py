@@ -149,6 +149,19 @@ def test_flex_forward_on_cpu_within_rule(case_name):
     check_backend("flex", case_name, torch.float32, backward=False)
 
 
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b in ("math", "cpu")])
+def test_single_keys_give_exactly_zero_dq_and_dk(backend):
+    """One key per sample: P = 1, so the true dq and dk are exactly 0 whatever the logits.
+
+    Held by the backends whose ``dP - delta`` cancels exactly there; SDPA's fused CPU backward
+    (loop, sdpa_padded) and the Triton kernels leave a rounding residue (within the rule above).
+    """
+    case = numerics_case([5, 3, 0, 1], [1, 1, 1, 1], 32, seed=3)
+    grad_out = torch.randn(case.q.shape, generator=torch.Generator().manual_seed(3))
+    out, dq, dk, dv = forward_backward(call(backend, case.softmax_scale), case, grad_out)
+    assert not dq.any() and not dk.any(), f"{backend}: |dq| {dq.abs().max():.2e}, |dk| {dk.abs().max():.2e}"
+
+
 # -- half precision where the backend takes it on CPU -------------------------------------------------
 @pytest.mark.parametrize("case_name", ["lq0-1-1_lk43-1-111", "block64_edges", "single_key"])
 @pytest.mark.parametrize("backend", [b for b in cpu_backends() if b != "math"])
