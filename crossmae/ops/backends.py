@@ -214,7 +214,13 @@ def resolve_backend(
 
     ``"auto"`` reads ``CROSSMAE_ATTN_BACKEND`` and otherwise takes the first backend of
     :data:`AUTO_ORDER` for the device type that can run. The result can be kept (a layer
-    resolves once) and passed as ``varlen_attention(..., backend=resolved)``.
+    resolves once) and passed as ``varlen_attention(..., backend=resolved)``; the op checks it
+    again for each call's inputs with one cached lookup. For example, in a layer built on its
+    device and dtype::
+
+        self.attn_backend = resolve_backend(backend, device=device, dtype=dtype, head_dim=dim // heads)
+        ...
+        out = varlen_attention(q, k, v, ..., backend=self.attn_backend)
 
     Raises:
         ValueError: ``name`` is not registered, or no backend it means can run, with the reasons.
