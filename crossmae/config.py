@@ -261,7 +261,7 @@ class DataConfig:
     files: FilesConfig = field(default_factory=FilesConfig)
 
 
-MASK_MODES = ("free", "frame", "unified")
+MASK_MODES = ("free", "frame", "unified", "span")
 
 
 @dataclass
@@ -275,7 +275,9 @@ class MaskConfig:
         mode: ``free`` (each modality drawn alone, uniform over the sample's valid tokens), ``frame``
             (the ratio within each time step's valid patches; series as in ``free``) or ``unified``
             (one draw shared by all grid modalities and one by all series: the same (t, p) positions
-            hidden in each, over the union of their valid positions).
+            hidden in each, over the union of their valid positions) or ``span`` (each modality hides runs of
+            whole days, as real gaps are: a series' days, a grid's frames).
+        span_days: ``[shortest, longest]`` run of hidden days in ``span`` mode, each run's length uniform.
         kept_mask_ratio: fraction of *all* of a sample's valid tokens that are predicted (CrossMAE's
             partial reconstruction: at most the mask ratio); empty (None) predicts every hidden token.
     """
@@ -284,6 +286,7 @@ class MaskConfig:
     series_ratio: float = 0.5
     ratios: dict[str, float] = field(default_factory=dict)
     mode: str = "free"
+    span_days: list[int] = field(default_factory=lambda: [3, 60])
     kept_mask_ratio: float | None = None
 
     def ratio(self, modality: str, kind: str) -> float:
@@ -609,6 +612,8 @@ def validate_config(config: Config) -> None:
                     *[(f"mask.ratios.{k}", v) for k, v in m.ratios.items()]]:
         need(0.0 <= r < 1.0, f"{name} must be in [0, 1), got {r}")
     need(m.mode in MASK_MODES, f"mask.mode must be one of {list(MASK_MODES)}, got {m.mode!r}")
+    need(len(m.span_days) == 2 and 1 <= m.span_days[0] <= m.span_days[1],
+         f"mask.span_days must be [shortest, longest] days with 1 <= shortest <= longest, got {m.span_days}")
     if m.kept_mask_ratio is not None:
         lowest = min([m.grid_ratio, m.series_ratio, *m.ratios.values()])
         need(0.0 < m.kept_mask_ratio <= lowest,

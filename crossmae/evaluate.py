@@ -1,7 +1,9 @@
 """Evaluate a trained run: masked reconstruction per modality, NSE/KGE of streamflow, maps and hydrographs.
 
     python -m crossmae.evaluate --run runs/moselle [--split val|test] [--checkpoint PATH] [--seed 0]
-                                [--mask.ratios.discharge=0.9 ...]
+                                [--mask.ratios.discharge=0.9 ...] [--data-root DIR]
+    python -m crossmae.evaluate --run runs/moselle --gaps 30    # N-day streamflow gaps vs baselines
+                                                                # (crossmae/gaps.py)
 
 What it does
     Loads the run's configuration and checkpoint (the latest, or ``--checkpoint``), rebuilds the split's data
@@ -479,12 +481,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-plots", action="store_true", help="metrics only")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--data-root", help="the folder that holds the run's data files now (a moved folder)")
+    parser.add_argument("--gaps", type=int, metavar="N",
+                        help="score N-day streamflow gaps against baselines instead (crossmae/gaps.py)")
+    parser.add_argument("--stride", type=int, help="--gaps: days between window starts (default one window)")
+    parser.add_argument("--precip", help="--gaps: the precipitation as modality[:channel] (default: by name)")
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     overrides = []
     for item in rest:
         if not (item.startswith("--mask.") and "=" in item):
             parser.error(f"unrecognised argument {item!r} (mask overrides look like --mask.key=value)")
         overrides.append(item[2:])
+    if args.gaps is not None:
+        from crossmae.gaps import evaluate_gaps, format_gaps
+
+        if overrides:
+            parser.error("--gaps hides its own gaps; it takes no --mask.* overrides")
+        try:
+            metrics = evaluate_gaps(args.run, args.gaps, args.split, args.checkpoint, seed=args.seed,
+                                    stride=args.stride, flow=args.flow, precip=args.precip,
+                                    batch_size=args.batch_size, device=args.device, data_root=args.data_root)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(format_gaps(metrics))
+        return 0
     try:
         metrics = evaluate_run(args.run, args.split, args.checkpoint, seed=args.seed, overrides=overrides,
                                flow=args.flow, batch_size=args.batch_size, plot_basins=args.plot_basins,

@@ -328,6 +328,56 @@ def draw_masks(valid: torch.Tensor, noise: torch.Tensor, ratio: float, kept: flo
     return masked, predicted
 
 
+def draw_span_masks(valid: torch.Tensor, generators: Sequence[torch.Generator], kept_noise: torch.Tensor,
+                    ratio: float, kept: float | None, span_days: Sequence[int]):
+    """Hidden runs of whole days (``mask.mode: span``; rules: ``docs/masking.md``).
+
+    Each sample draws runs (length uniform in ``span_days``, start uniform over the starts that overlap the
+    window) from its generator and hides their days, day by day in time order, until ``hidden_count`` of its
+    valid tokens are hidden (a day hides every valid patch of it, so a grid may hide a few more); with at
+    least 2 valid tokens and all of them hidden, the first valid one stays visible.
+
+    Args:
+        valid: ``[B, T, P]`` bool.
+        generators: one per sample.
+        kept_noise: ``[B, T, P]`` uniform noise choosing the predicted subset.
+        ratio: fraction of valid tokens hidden.
+        kept: fraction of the valid tokens predicted (None = every hidden token).
+        span_days: ``(shortest, longest)`` run length in days.
+
+    Returns:
+        masked, predicted: ``[B, T, P]`` bool.
+    """
+    b, t, p = valid.shape
+    n_valid = valid.sum((1, 2))  # [B]
+    target = hidden_count(n_valid, ratio)  # [B]
+    per_day = valid.sum(-1)  # [B, T]
+    masked = torch.zeros_like(valid)
+    shortest, longest = int(span_days[0]), int(span_days[1])
+    for i in range(b):
+        hidden_days = torch.zeros(t, dtype=torch.bool)
+        count, goal = 0, int(target[i])
+        for _ in range(4 * t):
+            if count >= goal:
+                break
+            length = int(torch.randint(shortest, longest + 1, (1,), generator=generators[i]))
+            start = int(torch.randint(1 - length, t, (1,), generator=generators[i]))
+            for day in range(max(start, 0), min(start + length, t)):
+                if count >= goal:
+                    break
+                if not hidden_days[day]:
+                    hidden_days[day] = True
+                    count += int(per_day[i, day])
+        masked[i] = valid[i] & hidden_days[:, None]
+        if n_valid[i] >= 2 and int(masked[i].sum()) == int(n_valid[i]):
+            first = valid[i].flatten().nonzero()[0, 0]
+            masked[i].view(-1)[first] = False
+    kept_score = torch.where(masked, kept_noise, 2.0).reshape(b, t * p)
+    kept_rank = _rank_within(kept_score).reshape(b, t, p)
+    n_pred = predicted_count(n_valid, masked.sum((1, 2)), kept).view(b, 1, 1)  # [B, 1, 1]
+    return masked, masked & (kept_rank < n_pred)
+
+
 def _packed_rows(selected: torch.Tensor) -> tuple[torch.Tensor, Packed]:
     """``selected [B, T, P]`` bool → its (b, t, p) indices ``[n, 3]`` in order and their boundaries."""
     index = selected.nonzero()  # [n, 3], sorted by (b, t, p)
@@ -444,6 +494,13 @@ class MaskingCollator:
             first = group[0]
             stream = self.spec.modalities.index(first) + (1000 if len(group) > 1 else 0)
             per_frame = self.mask.mode == "frame" and first.kind == "grid"
+            if self.mask.mode == "span":
+                generators = [torch.Generator().manual_seed(int(s.noise_seed) * 1009 + stream + 500) for s in samples]
+                masked, predicted = draw_span_masks(
+                    union, generators, self._noise(samples, stream, tuple(union.shape[1:]))[1],
+                    self.mask.ratio(first.name, first.kind), self.mask.kept_mask_ratio, self.mask.span_days)
+                out.update({m.name: (masked & valid[m.name], predicted & valid[m.name]) for m in group})
+                continue
             masked, predicted = draw_masks(union, self._noise(samples, stream, tuple(union.shape[1:])),
                                            self.mask.ratio(first.name, first.kind), self.mask.kept_mask_ratio,
                                            per_frame)

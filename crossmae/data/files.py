@@ -472,6 +472,12 @@ class FilesDataset(Dataset):
         first, last = self.records[basin]
         return self._grids[name][basin].read(first, last + 1)
 
+    def split_ranges(self, split: str) -> dict[int, tuple[int, int]]:
+        """Basin position → the inclusive day range of ``split`` (this data set's split, or ``train``)."""
+        if split not in self._ranges:
+            raise ValueError(f"split must be one of {sorted(self._ranges)}, got {split!r}")
+        return dict(self._ranges[split])
+
     def grid_reader(self, name: str, basin: int) -> GridReader:
         """The reader of grid modality ``name`` for basin position ``basin`` (its ``shape``, ``dims``, ``coords``,
         ``crop``)."""
