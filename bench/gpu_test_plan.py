@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from bench.harness import dtype_name
+
 TEST_FILES = ("tests/test_varlen_attention_gpu.py",)
 MARKERS = "gpu and not slow"
 MAX_COMPILES = 30
@@ -111,11 +113,6 @@ class TestPlan:
             f"fp32 cases: {sum(1 for c in self.cases if c[2] == 'fp32')}; order: "
             + ("fp32 and flex last" if not self.order_errors else "; ".join(self.order_errors)),
         ]
-
-
-def dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16").replace(
-        "float32", "fp32")
 
 
 def case_kind(backend: str, dtype: str) -> str:

@@ -685,9 +685,9 @@ def run_rounds(run: BenchRun, measurements: Sequence[Measurement], *, rounds: in
                 fill(m.row, merged)
             if derive is not None:
                 derive(run.rows)
-            compiled = (f"  first call {format_value(timing.first_call_ms)} ms"
-                        if round_ == 0 and timing.first_call_ms is not None else "")
-            print(f"  {m.label:<36} p50 {format_value(timing.ms_p50):>8} ms{compiled}"
+            first_call = (f"  first call {format_value(timing.first_call_ms)} ms"
+                          if round_ == 0 and timing.first_call_ms is not None else "")
+            print(f"  {m.label:<36} p50 {format_value(timing.ms_p50):>8} ms{first_call}"
                   + (f"  (round {round_ + 1} of {rounds})" if rounds > 1 else ""), flush=True)
             run.save(out)
 

@@ -200,7 +200,7 @@ def test_add_speedups_divides_the_baseline_median_within_a_group():
     assert [r.get("speedup_vs_loop") for r in rows] == [1.0, 5.0, None, None]
 
 
-@pytest.mark.parametrize("how", [["bench/attention_speed.py"], ["-m", "bench.decoder_speed"], ["bench/train_speed.py"]])
+@pytest.mark.parametrize("how", [["bench/train_speed.py"], ["-m", "bench.decoder_speed"]])
 def test_benchmarks_run_as_a_file_and_as_a_module(how):
     result = subprocess.run([sys.executable, *how, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
