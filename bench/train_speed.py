@@ -21,7 +21,9 @@ Variants (CrossMAE variants start from the same weights):
 Per row: ms p20/p50/p80 of the step, samples/s and tokens/s at the median (tokens =
 ``batch.num_tokens``: encoder plus decoder-query tokens, the same for every variant), peak memory
 (after warm-up, optimizer state included in the baseline), the first step's loss (``fused`` and
-``seed`` must agree); per step, counted over one step after warm-up by
+``seed`` must agree), the first step's wall time (compilation included), ``cpu_ms`` the CPU time
+the process spends per step (all its threads; steadier than wall time on a loaded machine); per
+step, counted over one step after warm-up by
 :class:`crossmae.engine.HostSyncCounter`: ``aten_ops`` (every aten op dispatched: a proxy for
 kernel launches) and ``host_syncs`` (``.item()``/``_local_scalar_dense``, ``nonzero``,
 device→host copies and Python-level reads such as ``.tolist()``: each one a wait for the device
@@ -49,6 +51,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -98,8 +101,8 @@ ROW_FIELDS = (
     "dec_tokens", "params", "reps", "ms_p20", "ms_p50", "ms_p80", "samples_per_s", "tokens_per_s", "peak_mb",
     "peak_total_mb", "model_gflop", "linear_gflop", "attn_gflop", "model_tflops", "mfu", "peak_tflops",
     "peak_dtype", "speedup_vs_seed", "speedup_vs_standard_mae", "speedup_vs_eager", "loss_first_step",
-    "first_step_ms", "aten_ops", "host_syncs", "graphs", "graph_breaks", "joules_per_step", "joules_per_sample",
-    "power_w", "sm_clock_mhz",
+    "first_step_ms", "cpu_ms", "aten_ops", "host_syncs", "graphs", "graph_breaks", "joules_per_step",
+    "joules_per_sample", "power_w", "sm_clock_mhz",
 )
 
 
@@ -226,17 +229,22 @@ def plan_preset(run: BenchRun, preset: str, variants: Sequence[str], modes: Sequ
 
 
 def first_steps(row: dict, step) -> None:
-    """The first step's loss and time (compilation included); then one warmed-up step's aten ops and host
-    syncs (eager), or the graphs and graph breaks dynamo compiled over the first three steps (compiled)."""
+    """The first step's loss and time (compilation included); the process's CPU time per step (median of 3);
+    then one warmed-up step's aten ops and host syncs (eager), or the graphs and graph breaks dynamo compiled
+    over these steps (compiled)."""
     from torch._dynamo.utils import counters
 
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     start = time.perf_counter()
     row["loss_first_step"] = float(step()[0])  # the read waits for the step
     row["first_step_ms"] = (time.perf_counter() - start) * 1e3
-    step()
+    cpu_ms = []
+    for _ in range(3):
+        start = time.process_time()
+        float(step()[0])
+        cpu_ms.append((time.process_time() - start) * 1e3)
+    row["cpu_ms"] = statistics.median(cpu_ms)
     if row["mode"] == "compiled":
-        step()
         row.update(graphs=counters["stats"]["unique_graphs"] - graphs,
                    graph_breaks=sum(counters["graph_break"].values()) - breaks)
         return
@@ -286,7 +294,7 @@ TABLE_COLUMNS = [
     ("host syncs", "host_syncs"), ("graphs", "graphs"), ("peak MB", "peak_mb"), ("TFLOP/s", "model_tflops"),
     ("MFU %", "mfu_pct"), ("vs seed", "speedup_vs_seed"), ("vs standard", "speedup_vs_standard_mae"),
     ("vs eager", "speedup_vs_eager"), ("J/sample", "joules_per_sample"), ("loss step 1", "loss_first_step"),
-    ("step 1 ms", "first_step_ms"),
+    ("step 1 ms", "first_step_ms"), ("CPU ms", "cpu_ms"),
 ]
 
 
