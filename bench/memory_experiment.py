@@ -86,6 +86,15 @@ def _run(cmd: list[str], log_path: Path) -> None:
     print(f"  done in {time.perf_counter() - start:.0f} s (log {log_path})", flush=True)
 
 
+def _finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run whose newest checkpoint is at its ``train.max_steps``."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return False
+    steps = yaml.safe_load(config.read_text())["train"]["max_steps"]
+    return (run_dir / "checkpoints" / f"step_{steps:08d}").is_dir()
+
+
 def _last_val(run_dir: Path) -> dict[str, float]:
     """The last row of the run's val_metrics.csv (validation loss during training, random masks)."""
     import csv
@@ -105,6 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--splits", default="val", help="comma-separated evaluation splits (moselle also has test)")
     p.add_argument("--variants", default="joint,own",
                    help="comma-separated variants: joint, own, fusion, unified, drop=<modality>, joined by '+'")
+    p.add_argument("--reuse", action="store_true",
+                   help="don't train a run whose folder in --runs already holds its final checkpoint; score it again")
     p.add_argument("--eval-modes", default="run",
                    help="comma-separated mask modes to evaluate every run with: run (its own), free, unified")
     p.add_argument("--runs", default=None, help="folder for the runs (default: a new temporary folder)")
@@ -158,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                 if args.max_steps:
                     cmd += ["--max-steps", str(args.max_steps)]
                 started_run = time.perf_counter()
-                _run(cmd, runs / f"{run_dir.name}.train.log")
-                train_s = time.perf_counter() - started_run
+                if args.reuse and _finished(run_dir):
+                    print(f"reusing the finished run {run_dir}", flush=True)
+                    train_s = None
+                else:
+                    _run(cmd, runs / f"{run_dir.name}.train.log")
+                    train_s = round(time.perf_counter() - started_run, 1)
                 val = _last_val(run_dir)
                 run_mode = yaml.safe_load((run_dir / "config.yaml").read_text())["mask"]["mode"]
                 modes = dict.fromkeys(run_mode if m == "run" else m for m in args.eval_modes)  # each mode once
@@ -178,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                             "median_nse": scores.get("median_nse"), "median_kge": scores.get("median_kge"),
                             "interp_nse": scores.get("baseline_interp", {}).get("median_nse"),
                             "interp_kge": scores.get("baseline_interp", {}).get("median_kge"),
-                            "train_val_loss_flow": val.get(f"val_loss_{flow}"), "train_s": round(train_s, 1),
+                            "train_val_loss_flow": val.get(f"val_loss_{flow}"), "train_s": train_s,
                             "run": str(run_dir),
                         })
     finished = datetime.datetime.now(datetime.timezone.utc)

@@ -54,3 +54,12 @@ def test_variant_runs_are_trained_scored_and_written(tmp_path):
     assert "| synthetic | 0 | val | free | 2 | joint |" in md
     assert "| synthetic | 1 | val | unified | 2 | own+unified+fusion |" in md
     assert "| synthetic | val | free | joint | 2 |" in md  # the summary over the two seeds
+    # --reuse: a finished run is scored again, not trained again
+    again = tmp_path / "again"
+    cmd = [*cmd[:cmd.index("--out") + 1], str(again), "--variants", "joint", "--seeds", "0", "--eval-modes", "run",
+           "--reuse", *cmd[cmd.index("--seeds") + 2:]]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "reusing the finished run" in proc.stdout and "train.py" not in proc.stdout
+    row = json.loads(again.with_suffix(".json").read_text())["rows"][0]
+    assert row["train_s"] is None and row["flow_masked_mse"] == rows[0]["flow_masked_mse"]
