@@ -10,8 +10,9 @@
 # Triton builds a small C launcher for every kernel at run time: without a C compiler (and Python's
 # headers) the triton backend can't run, and the check says so at the top.
 # Stages, ordered so that the first five minutes give the headline rows (budget in seconds):
+#   setup      15  environment.txt and the imports (always first)
 #   attention  75  varlen attention alone, seed and wide, bf16, fwd+bwd: torch_varlen, triton (and loop for
-#                  the ratio); each row's first_call_ms is its compile + autotuning, timed on its own, timed on its own
+#                  the ratio); each row's first_call_ms is its compile + autotuning, timed on its own
 #   decoder    75  the headline: one decoder training step at seed, every variant
 #   tests      90  the GPU tests, one Triton config per kernel (python -m bench.gpu_test_plan --run)
 #   wide       60  the decoder step at wide
