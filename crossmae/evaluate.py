@@ -52,6 +52,7 @@ from crossmae.checkpoint import latest_checkpoint, load_checkpoint
 from crossmae.config import Config, apply_overrides, config_from_dict
 from crossmae.data.collate import unpatchify
 from crossmae.data.loader import build_dataset, make_collator
+from crossmae.data.normstats import NormStats
 from crossmae.model import MultimodalCrossMAE
 
 log = logging.getLogger(__name__)
@@ -124,15 +125,14 @@ def _day_label(day: int, dated: bool):
     return np.datetime64(int(day), "D") if dated else day
 
 
-def _load(run_dir: Path, checkpoint: Path | None) -> tuple[Config, dict, dict, Path, int]:
-    """(config, weights, norm_stats, checkpoint path, step) of a run."""
+def _load(run_dir: Path, checkpoint: Path | None) -> tuple[Config, dict, NormStats, Path, int]:
+    """(config, weights, normalisation statistics, checkpoint path, step) of a run."""
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"run {str(run_dir)!r} has no checkpoint (expected {run_dir}/checkpoints/latest)")
     weights, state = load_checkpoint(path)
     config = config_from_dict(json.loads(state["config"]))
-    stats_path = run_dir / "norm_stats.json"
-    norm_stats = json.loads(stats_path.read_text()) if stats_path.is_file() else json.loads(state["norm_stats"])
+    norm_stats = NormStats.load(run_dir, state)
     return config, weights, norm_stats, path, int(state["step"])
 
 

@@ -54,6 +54,7 @@ import torch
 from torch.utils.data import Dataset
 
 from crossmae.config import DataConfig, FilesConfig, GridSource, SeriesSource
+from crossmae.data.normstats import NormStats
 from crossmae.data.readers import (
     DataFileError,
     GridOptions,
@@ -99,12 +100,14 @@ class FilesDataset(Dataset):
         data: the data section (``source: files``); ``data.files.root`` should be absolute (relative: the
             working directory).
         split: ``train``, ``val`` or ``test``.
-        norm_stats: the training split's statistics (val and test); None computes them from the training
-            split, whatever ``split`` is.
+        norm_stats: the training split's statistics (val and test), a saved dict or a
+            :class:`crossmae.data.normstats.NormStats`; None computes them from the training split, whatever
+            ``split`` is.
 
     Attributes:
         spec: the modalities (grids, then series, in config order) and the static attribute count.
-        norm_stats: normalisation (JSON-serialisable), see the module docstring.
+        norm_stats: normalisation (JSON-serialisable, the saved form), see the module docstring.
+        stats: the same as a :class:`crossmae.data.normstats.NormStats` (normalize, denormalize).
         basins: the basin ids this data set read (its split's basins, plus the training basins when it
             computed the statistics).
         starts: ``(basin position, first day)`` of each window.
@@ -112,7 +115,7 @@ class FilesDataset(Dataset):
         flow_modalities: series modalities marked ``flow: true`` (streamflow-like, for NSE/KGE).
     """
 
-    def __init__(self, data: DataConfig, split: str = "train", norm_stats: dict | None = None):
+    def __init__(self, data: DataConfig, split: str = "train", norm_stats: dict | NormStats | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         files = data.files
@@ -146,20 +149,23 @@ class FilesDataset(Dataset):
         static_raw = self._load_static(files)
         if norm_stats is None:
             norm_stats = self._compute_stats(files, raw_series, static_raw, train_basins)
-        self._check_stats(norm_stats, files)
-        self.norm_stats = norm_stats
+        kinds = {**{g.name: "grid" for g in files.grids}, **{s.name: "series" for s in files.series}}
+        self.stats = NormStats.coerce(norm_stats, kinds)
+        self.stats.check({name: (kinds[name], self.channel_names[name]) for name in kinds}, files.static.columns)
+        self.norm_stats = norm_stats if isinstance(norm_stats, dict) else self.stats.to_dict()
 
         modalities = [ModalitySpec(s.name, "grid", len(self.channel_names[s.name]), *self._grid_shape[s.name])
                       for s in files.grids]
         modalities += [ModalitySpec(s.name, "series", len(self.channel_names[s.name])) for s in files.series]
-        self.static_names = list(norm_stats["static"]["names"])
+        self.static_names = list(self.stats.static_names)
         self.spec = DatasetSpec(tuple(modalities), static_dim=len(self.static_names))
-        self._series = {name: [self._normalise(name, x) for x in per_basin] for name, per_basin in raw_series.items()}
+        self._series = {name: [self.stats.normalize(name, x) for x in per_basin]
+                        for name, per_basin in raw_series.items()}
         self._static = None
         if self.static_names:
             keep = [files.static.columns.index(n) for n in self.static_names]
-            st = norm_stats["static"]
-            self._static = ((static_raw[:, keep] - np.asarray(st["mean"])) / np.asarray(st["std"])).astype(np.float32)
+            self._static = ((static_raw[:, keep] - np.asarray(self.stats.static_mean))
+                            / np.asarray(self.stats.static_std)).astype(np.float32)
         self.starts = self._windows()
         for grid_files in self._grids.values():
             for g in grid_files:
@@ -408,31 +414,7 @@ class FilesDataset(Dataset):
                      out["dropped"], len(rows))
         return out
 
-    def _check_stats(self, stats: dict, files: FilesConfig) -> None:
-        for src in [*files.grids, *files.series]:
-            entry = stats.get("modalities", {}).get(src.name)
-            channels = self.channel_names[src.name]
-            if (not entry or entry.get("channels") != channels or len(entry.get("mean", [])) != len(channels)
-                    or len(entry.get("std", [])) != len(channels) or len(entry.get("transform", [])) != len(channels)):
-                raise ValueError(f"norm_stats['modalities'][{src.name!r}] must hold the channels {channels} with a "
-                                 f"transform, mean and std each, got {entry!r}")
-        static = stats.get("static", {})
-        unknown = [n for n in static.get("names", []) if n not in files.static.columns]
-        if unknown or len(static.get("mean", [])) != len(static.get("names", [])):
-            raise ValueError(f"norm_stats['static'] must name configured static columns with a mean and std each; "
-                             f"{unknown} are not in data.files.static.columns")
-
     # -- samples -------------------------------------------------------------------------------------------
-    def _normalise(self, name: str, x: np.ndarray) -> np.ndarray:
-        """Physical ``[..., C, H, W]`` (grid) or ``[..., F]`` (series) → transformed and standardised float32."""
-        entry = self.norm_stats["modalities"][name]
-        axis = -3 if entry["kind"] == "grid" else -1
-        out = np.empty(x.shape, dtype=np.float32)
-        for c, (tr, mean, std) in enumerate(zip(entry["transform"], entry["mean"], entry["std"], strict=True)):
-            index = (Ellipsis, c, slice(None), slice(None)) if axis == -3 else (Ellipsis, c)
-            out[index] = (_transform(x[index], tr) - mean) / std
-        return out
-
     def __len__(self) -> int:
         return len(self.starts)
 
@@ -444,7 +426,7 @@ class FilesDataset(Dataset):
             "index": index,
         })
         for name, grids in self._grids.items():
-            x = self._normalise(name, grids[b].read(start, start + self.steps))  # [T, C, h, w]
+            x = self.stats.normalize(name, grids[b].read(start, start + self.steps))  # [T, C, h, w]
             inside = self._masks[name][b]  # [H, W], padded
             height, width = self._grid_shape[name]
             if x.shape[-2:] != (height, width):
@@ -490,28 +472,5 @@ class FilesDataset(Dataset):
 
     def denormalize(self, name: str, values: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """Normalised values of modality ``name`` (grid ``[..., C, H, W]``, series ``[..., F]``) or ``static``
-        (``[..., S]``) → physical units, undoing the standardisation and each channel's transform. Tensor or
-        ndarray in, same type out."""
-        if name == "static":
-            st = self.norm_stats["static"]
-            mean, std, transforms, axis = st["mean"], st["std"], ["none"] * len(st["mean"]), -1
-        else:
-            if name not in self.norm_stats["modalities"]:
-                raise ValueError(f"name must be one of {list(self.norm_stats['modalities']) + ['static']}, "
-                                 f"got {name!r}")
-            entry = self.norm_stats["modalities"][name]
-            mean, std, transforms = entry["mean"], entry["std"], entry["transform"]
-            axis = -3 if entry["kind"] == "grid" else -1
-        shape = (-1, 1, 1) if axis == -3 else (-1,)
-        if isinstance(values, torch.Tensor):
-            out = values * torch.tensor(std, dtype=values.dtype, device=values.device).view(shape) \
-                + torch.tensor(mean, dtype=values.dtype, device=values.device).view(shape)
-            expm1 = torch.expm1
-        else:
-            out = np.asarray(values) * np.asarray(std).reshape(shape) + np.asarray(mean).reshape(shape)
-            expm1 = np.expm1
-        for c, tr in enumerate(transforms):
-            if tr == "log1p":
-                index = (Ellipsis, c, slice(None), slice(None)) if axis == -3 else (Ellipsis, c)
-                out[index] = expm1(out[index])
-        return out
+        (``[..., S]``) → physical units (:meth:`crossmae.data.normstats.NormStats.denormalize`)."""
+        return self.stats.denormalize(name, values)

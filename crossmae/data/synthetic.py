@@ -72,13 +72,13 @@ Splits and normalisation
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import torch
 
 from crossmae.config import DataConfig
+from crossmae.data.normstats import NormStats
 from crossmae.data.sample import DatasetSpec, ModalitySpec, Sample, window_key
 
 GRID_NAMES = ("precip", "temperature", "soil_moisture")
@@ -253,13 +253,14 @@ class SyntheticWaterDataset(torch.utils.data.Dataset):
     Args:
         config: ``data`` section; everything derives from ``config.seed`` and ``config.synthetic``.
         split: ``train`` or ``val`` (the last ``val_fraction`` of every basin's record).
-        norm_stats: statistics from the training split (``dataset.norm_stats``); None computes them from the
-            training period of this config (never from validation days).
+        norm_stats: statistics from the training split (``dataset.norm_stats`` or ``dataset.stats``); None
+            computes them from the training period of this config (never from validation days).
 
     Attributes:
         spec: grid modalities in config order, then series in config order; ``static_dim``.
         norm_stats: JSON-serialisable ``{"modalities": {name: {"transform", "mean", "std"}},
             "static": {"names", "mean", "std"}}``.
+        stats: the same as a :class:`crossmae.data.normstats.NormStats` (normalize, denormalize).
         basin_masks: ``[num_basins, H, W]`` bool.
         static_raw: ``[num_basins, S]`` float32 attributes in physical units (NaN = unknown).
         records: physical daily basin series ``[num_basins, record_days]`` float64 for evaluation:
@@ -269,7 +270,7 @@ class SyntheticWaterDataset(torch.utils.data.Dataset):
         starts: ``[(basin, first day)]`` of this split's windows, in index order.
     """
 
-    def __init__(self, config: DataConfig, split: str = "train", norm_stats: dict | None = None):
+    def __init__(self, config: DataConfig, split: str = "train", norm_stats: dict | NormStats | None = None):
         syn = config.synthetic
         for key, names, allowed in (("grids", syn.grids, GRID_NAMES), ("series", syn.series, SERIES_NAMES)):
             unknown = [n for n in names if n not in allowed]
@@ -317,8 +318,12 @@ class SyntheticWaterDataset(torch.utils.data.Dataset):
         self._build_basins(config.patch_size, syn.basin_patches)
         self._build_weather()
         train_stats = self._simulate()
-        self.norm_stats = copy.deepcopy(norm_stats) if norm_stats is not None else train_stats
-        self._check_stats(self.norm_stats)
+        self.stats = NormStats.coerce(norm_stats if norm_stats is not None else train_stats,
+                                      {m.name: m.kind for m in self.spec.modalities})
+        self.stats.check({m.name: (m.kind, m.channels) for m in self.spec.modalities})
+        if self.spec.static_dim and len(self.stats.static_mean) != self.spec.static_dim:
+            raise ValueError(f"norm_stats['static'] must hold {self.spec.static_dim} mean and std values")
+        self.norm_stats = self.stats.to_dict()
         self._normalise_series_and_static()
 
         first, last = (0, self.n_train) if split == "train" else (self.n_train, self.record_days)
@@ -532,31 +537,21 @@ class SyntheticWaterDataset(torch.utils.data.Dataset):
                         free_from = start + length + 1
         return gaps
 
-    def _check_stats(self, stats: dict) -> None:
-        for m in self.spec.modalities:
-            entry = stats.get("modalities", {}).get(m.name)
-            if (not entry or len(entry.get("mean", [])) != m.channels or len(entry.get("std", [])) != m.channels
-                    or entry.get("transform") not in ("log1p", "none")):
-                raise ValueError(f"norm_stats['modalities'][{m.name!r}] must hold a transform ('log1p' or 'none') "
-                                 f"and {m.channels} mean and std values, got {entry!r}")
-        if self.spec.static_dim and len(stats.get("static", {}).get("mean", [])) != self.spec.static_dim:
-            raise ValueError(f"norm_stats['static'] must hold {self.spec.static_dim} mean and std values")
-
     def _normalise_series_and_static(self) -> None:
         """Standardised series ``[B, record_days]`` and static attributes ``[B, S]``, kept for ``__getitem__``."""
         self._series = {}
         for name in self.series_names:
             x = self.records[name]
-            x = np.log1p(x) if self.norm_stats["modalities"][name]["transform"] == "log1p" else x
+            x = np.log1p(x) if self.stats.modalities[name].transforms[0] == "log1p" else x
             self._series[name] = self._standardise(name, x).astype(np.float32)  # [B, record_days]
         self._static = None
         if self.spec.static_dim:
-            st = self.norm_stats["static"]
-            self._static = ((self.static_raw - np.asarray(st["mean"])) / np.asarray(st["std"])).astype(np.float32)
+            self._static = ((self.static_raw - np.asarray(self.stats.static_mean))
+                            / np.asarray(self.stats.static_std)).astype(np.float32)
 
     def _standardise(self, name: str, x: np.ndarray) -> np.ndarray:
-        entry = self.norm_stats["modalities"][name]
-        return (x - np.asarray(entry["mean"][0], x.dtype)) * np.asarray(1.0 / entry["std"][0], x.dtype)
+        entry = self.stats.modalities[name]
+        return (x - np.asarray(entry.mean[0], x.dtype)) * np.asarray(1.0 / entry.std[0], x.dtype)
 
     # -- samples ----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -572,7 +567,7 @@ class SyntheticWaterDataset(torch.utils.data.Dataset):
                         meta={"basin": basin, "start": start, "split": self.split, "index": index})
         for name in self.grid_names:
             x = fields[name]
-            x = np.log1p(x) if self.norm_stats["modalities"][name]["transform"] == "log1p" else x
+            x = np.log1p(x) if self.stats.modalities[name].transforms[0] == "log1p" else x
             x = self._standardise(name, x)  # [T, H, W], a new float32 array
             x *= mask
             x[outage] = np.nan
@@ -615,22 +610,5 @@ class SyntheticWaterDataset(torch.utils.data.Dataset):
 
     def denormalize(self, name: str, values: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """Normalised values of modality ``name`` (grid ``[..., C, H, W]``, series ``[..., F]``) or ``static``
-        (``[..., S]``) → physical units (undoing the standardisation and any log1p). Tensor or ndarray in,
-        same type out."""
-        if name == "static":
-            st = self.norm_stats["static"]
-            mean, std, shape, transform = st["mean"], st["std"], (-1,), "none"
-        else:
-            names = [m.name for m in self.spec.modalities]
-            if name not in names:
-                raise ValueError(f"name must be one of {names + ['static']}, got {name!r}")
-            entry, kind = self.norm_stats["modalities"][name], self.spec[name].kind
-            mean, std, transform = entry["mean"], entry["std"], entry["transform"]
-            shape = (-1, 1, 1) if kind == "grid" else (-1,)
-        if isinstance(values, torch.Tensor):
-            mean_t = torch.tensor(mean, dtype=values.dtype, device=values.device).view(shape)
-            std_t = torch.tensor(std, dtype=values.dtype, device=values.device).view(shape)
-            out = values * std_t + mean_t
-            return torch.expm1(out) if transform == "log1p" else out
-        out = np.asarray(values) * np.asarray(std).reshape(shape) + np.asarray(mean).reshape(shape)
-        return np.expm1(out) if transform == "log1p" else out
+        (``[..., S]``) → physical units (:meth:`crossmae.data.normstats.NormStats.denormalize`)."""
+        return self.stats.denormalize(name, values)
