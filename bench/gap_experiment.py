@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default="moselle,camels_us")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--max-steps", type=int, default=600)
+    p.add_argument("--max-steps", default="600",
+                   help="optimizer steps of every run, or per data set: moselle=600,camels_us=3000")
     p.add_argument("--steps", type=int, default=96, help="window days (data.steps)")
     p.add_argument("--gap", type=int, default=30, help="gap days")
     p.add_argument("--span", default="5,60", help="shortest,longest hidden run in training (mask.span_days)")
@@ -78,6 +79,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         p.error(f"--datasets names {unknown}; expected some of {list(DATASETS)}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    if "=" in args.max_steps:
+        pairs = dict(item.split("=", 1) for item in args.max_steps.split(","))
+        missing = [d for d in args.datasets if d not in pairs]
+        if missing:
+            p.error(f"--max-steps gives no steps for {missing}")
+        args.max_steps = {d: int(pairs[d]) for d in args.datasets}
+    else:
+        args.max_steps = {d: int(args.max_steps) for d in args.datasets}
     args.splits = [s for s in args.splits.split(",") if s]
     return args
 
@@ -96,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.datasets:
             run = runs / f"{name}_seed{seed}"
             cmd = [sys.executable, "train.py", "--fused", "--config", str(ROOT / "configs" / f"{name}.yaml"),
-                   "--seed", str(seed), "--max-steps", str(args.max_steps), "--out-dir", str(run),
+                   "--seed", str(seed), "--max-steps", str(args.max_steps[name]), "--out-dir", str(run),
                    f"--data.steps={args.steps}", "--mask.mode=span", f"--mask.span_days=[{lo}, {hi}]",
                    "--model.day_of_year=true", "--train.val_every=0", "--train.log_every=50",
-                   f"--train.ckpt_every={args.max_steps}", *DATASETS[name]]
+                   f"--train.ckpt_every={args.max_steps[name]}", *DATASETS[name]]
             train_seconds = _run(cmd, runs / f"{name}_seed{seed}.train.log")
             for split in args.splits:
                 ev = [sys.executable, "-m", "crossmae.evaluate", "--run", str(run), "--split", split,
@@ -149,10 +158,10 @@ def write(out: Path, meta: dict, rows: list[dict], complete: bool) -> None:
     lines = [f"# {meta['gap_days']}-day streamflow gaps: model vs baselines",
              "", f"- command: `{meta['command']}`", f"- machine: {machine_summary(env)}",
              f"- load average at the start: {env.get('load_avg_1m')} (the CPU was shared with other work)",
-             f"- runs: {meta['runs']}; windows of {meta['window_days']} days, {meta['max_steps']} steps, span masks "
+             f"- runs: {meta['runs']}; windows of {meta['window_days']} days, steps {meta['max_steps']}, span masks "
              f"{meta['span_days']} days; evaluation windows every {meta['eval_stride']} days, one gap each",
              f"- complete: {complete}" + ("" if complete else " (PARTIAL: not every run has finished)"), "",
-             "Median NSE over the basins (Moselle at Perl + the CAMELS-US basins that ran) of the gap days, mean ± "
+             "Median NSE over the basins that ran (Moselle at Perl, the CAMELS-US basins) of the gap days, mean ± "
              "sd over seeds:", "",
              "| split | " + " | ".join(METHODS) + " | best baseline | model − best | seeds |",
              "|---|" + "---:|" * len(METHODS) + "---|---:|---:|", *table, "",
