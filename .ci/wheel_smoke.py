@@ -3,9 +3,10 @@
     python .ci/wheel_smoke.py PIP_LOG     # PIP_LOG: pip's output of installing the wheel
 
 Checks that the installed package (not a source checkout) imports, carries one version, has its
-compiled extension, and computes: the ``cpu`` backend (crossmae._C) against the ``math`` reference,
-forward and backward, on a small ragged batch; and that installing the wheel pulled no torch and no
-CUDA library (torch was installed before it, from the pinned CPU build).
+compiled extension and its console scripts' functions, and computes: the ``cpu`` backend
+(crossmae._C) against the ``math`` reference, forward and backward, on a small ragged batch; and that
+installing the wheel pulled no torch and no CUDA library (torch was installed before it, from the
+pinned CPU build).
 """
 
 import importlib.metadata
@@ -29,6 +30,10 @@ def main(pip_log: str) -> int:
     installed = importlib.metadata.version("crossmae")
     if installed != crossmae.__version__:
         raise SystemExit(f"version: metadata says {installed}, crossmae.__version__ {crossmae.__version__}")
+    scripts = [ep for ep in importlib.metadata.distribution("crossmae").entry_points if ep.group == "console_scripts"]
+    for ep in scripts:
+        if not callable(ep.load()):
+            raise SystemExit(f"console script {ep.name} = {ep.value} is not callable")
     if cpu_attention.unavailable_reason() is not None:
         raise SystemExit(f"the cpu backend can't run: {cpu_attention.unavailable_reason()}")
 
@@ -55,8 +60,8 @@ def main(pip_log: str) -> int:
     if cuda:
         raise SystemExit(f"CUDA libraries in the venv: {', '.join(sorted(cuda))}")
     print(f"crossmae {installed} from {where.parent}; crossmae_kernels from {Path(crossmae_kernels.__file__).parent}; "
-          f"torch {torch.__version__}; cpu backend matches math; the wheel installed {len(pulled)} packages, "
-          "no torch, no CUDA")
+          f"console scripts {', '.join(ep.name for ep in scripts) or 'none'}; torch {torch.__version__}; "
+          f"cpu backend matches math; the wheel installed {len(pulled)} packages, no torch, no CUDA")
     return 0
 
 
