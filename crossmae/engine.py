@@ -30,6 +30,7 @@ after the signal: at most ``train.log_every`` steps later.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import dataclasses
@@ -97,6 +98,13 @@ class DistInfo:
         return self.rank == 0
 
 
+def _leave_process_group() -> None:
+    """Tear the process group down before the interpreter does (a process that exits holding its gloo
+    connections can abort while a peer is still closing)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -104,6 +112,7 @@ def init_distributed(device_type: str) -> DistInfo:
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        atexit.register(_leave_process_group)
     return DistInfo(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", 0)))
 
 
