@@ -273,9 +273,115 @@ def unpatchify(tokens: torch.Tensor, height: int, width: int, channels: int, pat
     return x[..., :height, :width]
 
 
-def _rank_within(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry along the last dim (0 = smallest)."""
-    return torch.argsort(torch.argsort(scores, dim=-1), dim=-1)
+@dataclass
+class TokenValues:
+    """A modality's token values; a batch copies out only the rows it uses.
+
+    Attributes:
+        tokens: ``[B, T, P, token_dim]`` the values, cells outside the basin multiplied by 0; may hold
+            non-finite values (in missing tokens) unless ``finite``.
+        finite: every value of ``tokens`` is finite (then rows need no clean-up).
+    """
+
+    tokens: torch.Tensor
+    finite: bool
+
+    def rows(self, b: torch.Tensor, t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """``[n, token_dim]`` the values of tokens (b, t, p) (``[n]`` int64 each), non-finite values 0."""
+        _, steps, patches, dim = self.tokens.shape
+        x = self.tokens.view(-1, dim).index_select(0, (b * steps + t) * patches + p)  # [n, token_dim]
+        return x if self.finite else torch.nan_to_num_(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def grid_tokens(grids: Sequence[torch.Tensor], basin: torch.Tensor, patch_size: int) -> tuple[TokenValues,
+                                                                                             torch.Tensor,
+                                                                                             torch.Tensor]:
+    """A grid modality's tokens: :func:`patchify`'s, with the outside cells 0, and their validity.
+
+    Each sample's grid is copied once, straight into the batch's token layout (no stacked copy first). A token
+    is valid when its patch holds a basin cell and every basin cell of it is finite that day. Whether a grid
+    holds a non-finite value at all is one read (its sum is finite only when every value is); without any,
+    validity is the basin's alone.
+
+    Args:
+        grids: B tensors ``[T, C, H, W]`` of one shape (NaN = missing).
+        basin: ``[B, H, W]`` bool, True inside the basin.
+
+    Returns:
+        values (:class:`TokenValues`), valid ``[B, T, P]`` bool, cell weight ``[B, P, C·ps²]`` float (1 inside).
+    """
+    t, c, h, w = grids[0].shape
+    b = len(grids)
+    rows, cols = patch_grid_shape(h, w, patch_size)
+    pad_h, pad_w = rows * patch_size - h, cols * patch_size - w
+    tokens = torch.empty(b, t, rows, cols, c, patch_size, patch_size)  # [B, T, R, Q, C, ps, ps]
+    finite = not (pad_h or pad_w)  # padding cells are NaN
+    for i, grid in enumerate(grids):
+        if grid.shape != grids[0].shape:
+            raise ValueError(f"grids of one batch must share a shape: sample {i} has {tuple(grid.shape)}, sample 0 "
+                             f"{tuple(grids[0].shape)}")
+        grid = grid.float()
+        finite = finite and bool(torch.isfinite(grid.sum()))
+        if pad_h or pad_w:
+            grid = torch.nn.functional.pad(grid, (0, pad_w, 0, pad_h), value=float("nan"))
+        cells = grid.reshape(t, c, rows, patch_size, cols, patch_size)  # [T, C, R, ps, Q, ps]
+        tokens[i].copy_(cells.permute(0, 2, 4, 1, 3, 5))
+    tokens = tokens.view(b, t, rows * cols, c * patch_size**2)  # [B, T, P, C·ps²]
+    if pad_h or pad_w:
+        basin = torch.nn.functional.pad(basin, (0, pad_w, 0, pad_h), value=False)
+    m = basin.reshape(b, rows, patch_size, cols, patch_size).permute(0, 1, 3, 2, 4)  # [B, R, Q, ps, ps]
+    m = m.reshape(b, rows * cols, 1, patch_size**2).expand(b, rows * cols, c, patch_size**2)  # [B, P, C, ps²]
+    inside = m.reshape(b, rows * cols, c * patch_size**2)  # [B, P, C·ps²]
+    inside_any = inside.any(-1)[:, None]  # [B, 1, P]
+    if finite:
+        valid = inside_any.expand(b, t, rows * cols).contiguous()  # [B, T, P]
+    else:
+        valid = (torch.isfinite(tokens) | ~inside[:, None]).all(-1) & inside_any  # [B, T, P]
+    tokens.mul_(inside[:, None])  # outside cells carry 0 (NaN · 0 stays NaN: rows() clears it)
+    return TokenValues(tokens=tokens, finite=finite), valid, inside.float()
+
+
+def _lowest(scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """True at the ``count`` smallest entries along the last dim: ``rank < count``, where an entry's rank is its
+    place in ``torch.argsort(scores)`` (ties in argsort's order).
+
+    A selection (``np.partition``, linear time) finds each row's ``count``-th smallest value v; when no tie
+    straddles it (exactly ``count`` entries ≤ v, as with continuous noise but for a rare draw), those entries
+    are the answer whatever the tie order; otherwise the rows are ranked by ``torch.argsort``.
+
+    Args:
+        scores: ``[..., N]`` float.
+        count: ``[..., 1]`` int (broadcast over the last dim), at most N.
+
+    Returns:
+        ``[..., N]`` bool.
+    """
+    n = scores.shape[-1]
+    flat = scores.reshape(-1, n)  # [rows, N]
+    k = count.expand(*scores.shape[:-1], 1).reshape(-1)  # [rows]
+    kth = sorted(set((k[k > 0] - 1).tolist()))
+    if kth:
+        part = torch.from_numpy(np.partition(flat.numpy(), kth, axis=-1))  # [rows, N]
+        value = part.gather(1, (k - 1).clamp_min(0)[:, None])  # [rows, 1]: the count-th smallest
+        chosen = (flat <= value) & (k > 0)[:, None]
+    else:
+        chosen = torch.zeros(flat.shape, dtype=torch.bool)
+    if torch.equal(chosen.sum(-1), k):
+        return chosen.view(scores.shape)
+    order = torch.argsort(scores, dim=-1)  # [..., N]: entry at each rank
+    kept = (torch.arange(n) < count).expand(scores.shape)  # [..., N]: ranks below count
+    return torch.zeros(scores.shape, dtype=torch.bool).scatter_(-1, order, kept)
+
+
+def _predicted(masked: torch.Tensor, noise: torch.Tensor, n_valid: torch.Tensor, kept: float | None) -> torch.Tensor:
+    """The predicted subset of ``masked [B, T, P]``: its ``predicted_count`` entries of lowest ``noise [B, T, P]``
+    (every masked entry when ``kept`` is None: they all rank before the unmasked ones)."""
+    if kept is None:
+        return masked.clone()
+    b, t, p = masked.shape
+    kept_score = torch.where(masked, noise, 2.0).reshape(b, t * p)
+    n_pred = predicted_count(n_valid, masked.sum((1, 2)), kept).view(b, 1)  # [B, 1]
+    return masked & _lowest(kept_score, n_pred).view(b, t, p)
 
 
 def _round_half_up(x: torch.Tensor) -> torch.Tensor:
@@ -315,17 +421,13 @@ def draw_masks(valid: torch.Tensor, noise: torch.Tensor, ratio: float, kept: flo
     b, t, p = valid.shape
     score = torch.where(valid, noise[0], 2.0)  # invalid tokens rank last
     if per_frame:
-        rank = _rank_within(score)  # [B, T, P]
         n_mask = hidden_count(valid.sum(-1, keepdim=True), ratio)  # [B, T, 1]
+        lowest = _lowest(score, n_mask)  # [B, T, P]
     else:
-        rank = _rank_within(score.reshape(b, t * p)).reshape(b, t, p)
-        n_mask = hidden_count(valid.sum((1, 2)), ratio).view(b, 1, 1)  # [B, 1, 1]
-    masked = valid & (rank < n_mask)
-    kept_score = torch.where(masked, noise[1], 2.0).reshape(b, t * p)
-    kept_rank = _rank_within(kept_score).reshape(b, t, p)
-    n_pred = predicted_count(valid.sum((1, 2)), masked.sum((1, 2)), kept).view(b, 1, 1)  # [B, 1, 1]
-    predicted = masked & (kept_rank < n_pred)
-    return masked, predicted
+        n_mask = hidden_count(valid.sum((1, 2)), ratio).view(b, 1)  # [B, 1]
+        lowest = _lowest(score.reshape(b, t * p), n_mask).view(b, t, p)
+    masked = valid & lowest
+    return masked, _predicted(masked, noise[1], valid.sum((1, 2)), kept)
 
 
 def draw_span_masks(valid: torch.Tensor, generators: Sequence[torch.Generator], kept_noise: torch.Tensor,
@@ -372,10 +474,7 @@ def draw_span_masks(valid: torch.Tensor, generators: Sequence[torch.Generator], 
         if n_valid[i] >= 2 and int(masked[i].sum()) == int(n_valid[i]):
             first = valid[i].flatten().nonzero()[0, 0]
             masked[i].view(-1)[first] = False
-    kept_score = torch.where(masked, kept_noise, 2.0).reshape(b, t * p)
-    kept_rank = _rank_within(kept_score).reshape(b, t, p)
-    n_pred = predicted_count(n_valid, masked.sum((1, 2)), kept).view(b, 1, 1)  # [B, 1, 1]
-    return masked, masked & (kept_rank < n_pred)
+    return masked, _predicted(masked, kept_noise, n_valid, kept)
 
 
 def _packed_rows(selected: torch.Tensor) -> tuple[torch.Tensor, Packed]:
@@ -462,21 +561,14 @@ class MaskingCollator:
         return self.settings.steps
 
     def _tokens(self, m: ModalitySpec, samples: Sequence[Sample]):
-        """values ``[B, T, P, token_dim]`` (NaN-free), valid ``[B, T, P]``, cell weight ``[B, P, token_dim]``."""
+        """values (:class:`TokenValues`), valid ``[B, T, P]``, cell weight ``[B, P, token_dim]``."""
         if m.kind == "grid":
-            grid = torch.stack([s.grids[m.name] for s in samples])  # [B, T, C, H, W]
             basin = torch.stack([s.basin_masks[m.name] for s in samples]).bool()  # [B, H, W]
-            values, inside = patchify(grid.float(), basin, self.patch_size)
-            ok = torch.isfinite(values) | ~inside[:, None]  # every basin cell finite
-            valid = ok.all(-1) & inside.any(-1)[:, None]  # [B, T, P]
-            weight = inside.float()  # [B, P, token_dim]
-        else:
-            values = torch.stack([s.series[m.name] for s in samples]).float()[:, :, None, :]  # [B, T, 1, F]
-            valid = torch.isfinite(values).all(-1)  # [B, T, 1]
-            weight = torch.ones(values.shape[0], 1, values.shape[-1])  # [B, 1, F]
-        values = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-        values = values * (weight[:, None] > 0)  # outside cells carry 0
-        return values, valid, weight
+            return grid_tokens([s.grids[m.name] for s in samples], basin, self.patch_size)
+        series = torch.stack([s.series[m.name] for s in samples]).float()[:, :, None, :]  # [B, T, 1, F]
+        valid = torch.isfinite(series).all(-1)  # [B, T, 1]
+        return TokenValues(tokens=series, finite=bool(valid.all())), valid, torch.ones(len(samples), 1,
+                                                                                       series.shape[-1])
 
     def _noise(self, samples: Sequence[Sample], stream: int, shape: tuple[int, int]) -> torch.Tensor:
         """``[2, B, T, P]`` uniform noise; each sample's from its own generator."""
@@ -540,7 +632,7 @@ class MaskingCollator:
 
         modalities = {}
         for m in self.spec.modalities:
-            values, valid, weight = tokens[m.name]  # [B, T, P, K], [B, T, P], [B, P, K]
+            values, valid, weight = tokens[m.name]  # TokenValues, [B, T, P], [B, P, K]
             t, p = valid.shape[1:]
             masked, predicted = masks[m.name]
             vis_index, vis = _packed_rows(valid & ~masked)  # [total_vis, 3]
@@ -552,14 +644,16 @@ class MaskingCollator:
                 seq, order = vis, torch.arange(vis.total)
             rank_in_hidden = torch.cumsum(masked.flatten(), 0) - 1  # [B·T·P]
             pb, pt, pp = pred_index.unbind(1)
-            target_weight = weight[pb, pp]  # [total_pred, K]
+            target_weight = weight.reshape(-1, weight.shape[-1]).index_select(0, pb * p + pp)  # [total_pred, K]
             vb, vt, vp = vis_index.unbind(1)
             grid_shape = patch_grid_shape(m.height, m.width, self.patch_size) if m.kind == "grid" else (1, 1)
             modalities[m.name] = ModalityBatch(
                 name=m.name, kind=m.kind, patch_grid=grid_shape,
-                encoder=EncoderTokens(values=values[vb, vt, vp], index=vis_index, visible=vis, seq=seq, order=order),
+                encoder=EncoderTokens(values=values.rows(vb, vt, vp), index=vis_index, visible=vis, seq=seq,
+                                      order=order),
                 queries=Queries(index=pred_index, packed=pred),
-                targets=Targets(values=values[pb, pt, pp], weight=target_weight, count=float(target_weight.sum())),
+                targets=Targets(values=values.rows(pb, pt, pp), weight=target_weight,
+                                count=float(target_weight.sum())),
                 hidden=HiddenTokens(index=hidden_index, packed=hidden,
                                     predicted_rows=rank_in_hidden[(pb * t + pt) * p + pp]),
             )

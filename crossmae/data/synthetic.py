@@ -566,9 +566,12 @@ class SyntheticWaterDataset(torch.utils.data.Dataset):
         sample = Sample(noise_seed=noise_seed, first_day=start,  # the record starts on 1970-01-01
                         meta={"basin": basin, "start": start, "split": self.split, "index": index})
         for name in self.grid_names:
-            x = fields[name]
-            x = np.log1p(x) if self.stats.modalities[name].transforms[0] == "log1p" else x
-            x = self._standardise(name, x)  # [T, H, W], a new float32 array
+            x = fields[name]  # [T, H, W], a new array of this call: transformed in place
+            entry = self.stats.modalities[name]
+            if entry.transforms[0] == "log1p":
+                np.log1p(x, out=x)
+            np.subtract(x, np.asarray(entry.mean[0], x.dtype), out=x)  # as _standardise, without new arrays
+            np.multiply(x, np.asarray(1.0 / entry.std[0], x.dtype), out=x)
             x *= mask
             x[outage] = np.nan
             sample.grids[name] = torch.from_numpy(x[:, None])  # [T, 1, H, W]
