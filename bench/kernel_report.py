@@ -6,19 +6,25 @@ No GPU is needed: Triton's compiler and the CUDA tools bundled with the triton p
 GPU is lent, this report is the evidence that the kernels are built for the hardware.
 
 Method
-    1. Jobs. For each kernel (forward, backward preprocess, backward dK/dV, backward dQ), each
-       dtype (bf16, fp16) and head dim (16, 32, 64, 128), every autotune configuration that
-       ``prune_configs`` keeps, that is, exactly the configurations the autotuner may pick.
-       The preprocess kernel has no autotuner: it runs with BLOCK_M=64 and Triton's default
-       num_warps=4, num_stages=3.
+    1. Jobs. For each kernel (forward, backward preprocess, backward dK/dV, backward dQ, and
+       the dK/dV kernel with atomic dQ that ``deterministic=False`` launches), each dtype and
+       head dim of ``DEFAULT_HEAD_DIMS`` (bf16 at every head dim the launcher accepts, fp16 at
+       16/32/64/128, fp32 at 16/32/64), every autotune configuration that ``prune_configs``
+       keeps, that is, exactly the configurations the autotuner may pick. The preprocess
+       kernel has no autotuner: it runs with BLOCK_M=64 and Triton's default num_warps=4,
+       num_stages=3.
     2. Compile. ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` with the
        signature the launcher's arguments specialise to at run time, as Triton's JIT would:
-         - tensors: ``*bf16``/``*fp16`` (q, k, v, out, grads), ``*fp32`` (lse, delta),
+         - tensors: ``*bf16``/``*fp16``/``*fp32`` (q, k, v, out, grads), ``*fp32`` (lse, delta,
+           the atomic dQ accumulator),
            ``*i32`` (cu_seqlens), all 16-byte aligned (``tt.divisibility = 16``);
          - last-dim strides (``stride_*d``) equal 1, which the JIT turns into the constant 1;
          - token and head strides of q/k/v/out/dO/dq/dk/dv are multiples of 16 (they are
-           ``H * D`` and ``D``, and every head dim in the report is a multiple of 16);
-           strides of lse/delta and ``total_q`` (both the token count) get no hint;
+           ``H * D`` and ``D`` of the power-of-two head dim the launcher pads to); strides of
+           lse/delta and ``total_q`` (both the token count) get no hint;
+         - HEAD_DIM: ``static_constexprs`` of the kernel module where it has one (the padded
+           head dim; the report's D column is the caller's head dim, and the fraction of peak
+           counts only its FLOPs);
          - constexprs as the launchers pass them: HEAD_DIM, BLOCK_D = block_head_dim(HEAD_DIM),
            BLOCK_M, BLOCK_N, DOT_PRECISION = "ieee" (16-bit inputs);
          - options num_warps / num_stages from the configuration, FP fusion at Triton's default.
@@ -60,14 +66,28 @@ When HGMMA is expected (Triton's MMAv3 rule)
     replicated across warpgroups (e.g. BLOCK_M=64 with 8 warps: two warpgroups compute the
     same 64 rows). The report flags such a dot as "redundant warpgroups".
 
-    A configuration is ok when it does not spill, fits shared memory, uses HGMMA exactly
-    where the rule expects it, and has no redundant warpgroups.
+    A configuration is ok when it does not spill, uses at most 240 registers per thread (the
+    headroom under sm_90's 255), fits shared memory, uses HGMMA exactly where the rule expects
+    it, and has no redundant warpgroups.
+
+The inner-loop profile (``profile_main_loop``)
+    For each attention kernel with a key or query loop, the main loop of the SASS is counted
+    per score tile (HGMMA, MUFU/EX2, FP32 ALU, LDS/STS, BAR.SYNC, all instructions) and costed
+    on one H200 SM by three bounds (tensor cores, MUFU, instruction issue) into a predicted
+    fraction of peak; the model and its rates are in the docstrings of ``SmRates`` and
+    ``profile_main_loop`` and in the report. ``--baseline REV`` profiles the kernel file of a
+    git revision too, for a before/after table; ``--other-triton JSON`` adds the rows of a
+    report written under another Triton version (the GPU machine's).
 
 Run
     python bench/kernel_report.py                 # full matrix, writes bench/results/kernel_report.{md,json}
     python bench/kernel_report.py --head-dims 64 --dtypes bf16 --out-dir /tmp/report
     python bench/kernel_report.py --all-configs   # also the configurations prune_configs drops
     python bench/kernel_report.py --no-loss       # the attention kernels only
+    # the committed report: the triton 3.6 subset first (installed aside), then the full matrix
+    PYTHONPATH=/path/to/triton36 python bench/kernel_report.py --head-dims 16 64 --dtypes bf16 --no-loss \
+        --kernels fwd bwd_dkdv bwd_dq bwd_dkdv_atomic --jobs 1 --out-dir /tmp/t36
+    python bench/kernel_report.py --baseline 323d6e9 --other-triton /tmp/t36/kernel_report.json
 Exit status 1 when a configuration the autotuner may pick, or a loss kernel job, is not ok.
 """
 
@@ -91,12 +111,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TARGET_ARCH = 90
-HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = ("bf16", "fp16")
-KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq")
+HEAD_DIMS = tuple(range(16, 129, 8))  # every head dim the launcher accepts
+POW2_HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = ("bf16", "fp16", "fp32")
+# The default matrix: bf16 at every head dim (one between two powers of two runs padded to the larger); fp16
+# (the same code as bf16 but for one conversion) at the power-of-two dims; fp32 at 16, 32 and 64, where its
+# FMA-unit tile compiles without spills (128 still spills).
+DEFAULT_HEAD_DIMS = {"bf16": HEAD_DIMS, "fp16": POW2_HEAD_DIMS, "fp32": (16, 32, 64)}
+HEADLINE_HEAD_DIMS = {"seed": 16, "wide": 64}  # the presets' decoder head dims (dec_dim / heads)
+# predicted fraction of H200 bf16 peak the kernels aim at, per preset and pass
+TARGETS = {("seed", "fwd"): 0.30, ("seed", "bwd"): 0.25, ("wide", "fwd"): 0.60, ("wide", "bwd"): 0.45}
+KERNELS = ("fwd", "bwd_preprocess", "bwd_dkdv", "bwd_dq", "bwd_dkdv_atomic")
 PREPROCESS_BLOCK_M = 64  # what varlen_attn_bwd launches the preprocess kernel with
 PREPROCESS_NUM_WARPS, PREPROCESS_NUM_STAGES = 4, 3  # Triton defaults: the launch passes neither
 SM90_MAX_SMEM_PER_BLOCK = 227 * 1024
+MAX_REGISTERS = 240  # leaves ptxas headroom under sm_90's 255: a kernel at the limit is one change from spilling
 REPORT_NAME = "kernel_report"
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 
@@ -106,6 +135,8 @@ _KERNEL_SOURCES = {
     "bwd_preprocess": ("_varlen_attn_bwd_preprocess_kernel", None, None),
     "bwd_dkdv": ("_varlen_attn_bwd_dkdv_kernel", "dkdv", "BWD_DKDV_CONFIGS"),
     "bwd_dq": ("_varlen_attn_bwd_dq_kernel", "dq", "BWD_DQ_CONFIGS"),
+    # the dK/dV kernel with ATOMIC_DQ: dQ accumulated with atomics in the same pass (deterministic=False)
+    "bwd_dkdv_atomic": ("_varlen_attn_bwd_dkdv_kernel", "dkdv_atomic", "BWD_DKDV_CONFIGS"),
 }
 
 _ALIGNED = [["tt.divisibility", 16]]
@@ -132,6 +163,7 @@ class KernelJob:
     num_warps: int
     num_stages: int
     autotuned: bool = True  # False: prune_configs drops it (compiled only with --all-configs)
+    source_rev: str | None = None  # compile the kernel file of this git revision instead of the work tree
 
 
 @dataclass
@@ -160,6 +192,9 @@ class KernelResult:
     plain_dots: int  # dots left as tt.dot after lowering (MMAv2 or FMA)
     redundant_warpgroup_dots: int  # warpgroup dots whose MMA layout repeats rows across warpgroups
     compile_seconds: float
+    loop: LoopProfile | None = None
+    tma_loads: int = 0  # UTMALDG (tensor-memory-accelerator loads) in the SASS
+    warp_specialized: bool = False  # the TTGIR has a ttg.warp_specialize region
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -190,6 +225,9 @@ class KernelResult:
             "plain_dots": self.plain_dots,
             "redundant_warpgroup_dots": self.redundant_warpgroup_dots,
             "compile_seconds": round(self.compile_seconds, 2),
+            "loop": self.loop.row() if self.loop else None,
+            "load_path": ("TMA" if self.tma_loads else "pointers")
+                         + (", warp-specialized" if self.warp_specialized else ""),
             "ok": self.ok,
             "problems": self.problems,
         }
@@ -225,19 +263,46 @@ def tool_version(path: str) -> str:
 # --------------------------------------------------------------------------------------
 # Jobs
 # --------------------------------------------------------------------------------------
-def _kernel_module():
-    from crossmae_kernels import varlen_attention
+_REV_MODULES: dict[str, object] = {}
 
-    return varlen_attention
+
+def _kernel_module(rev: str | None = None):
+    """``crossmae_kernels.varlen_attention``, or the kernel file as it was at git revision ``rev``."""
+    if rev is None:
+        from crossmae_kernels import varlen_attention
+
+        return varlen_attention
+    if rev not in _REV_MODULES:
+        import importlib.util
+
+        repo = Path(__file__).resolve().parents[1]
+        try:
+            text = subprocess.run(["git", "show", f"{rev}:kernels/varlen_attention.py"], cwd=repo,
+                                  capture_output=True, text=True, check=True).stdout
+        except subprocess.CalledProcessError as err:
+            raise ValueError(f"--baseline {rev!r}: git cannot show kernels/varlen_attention.py there: "
+                             f"{err.stderr.strip()}") from err
+        folder = Path(tempfile.mkdtemp(prefix="kernel_report_"))
+        path = folder / f"varlen_attention_{re.sub(r'[^0-9A-Za-z]', '_', rev)}.py"
+        path.write_text(text)  # Triton's JIT reads a kernel's source from its file
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        _REV_MODULES[rev] = module
+    return _REV_MODULES[rev]
 
 
 def build_jobs(kernels: Iterable[str] = KERNELS, dtypes: Iterable[str] = DTYPES,
-               head_dims: Iterable[int] = HEAD_DIMS, all_configs: bool = False) -> list[KernelJob]:
+               head_dims: Iterable[int] | None = None, all_configs: bool = False,
+               source_rev: str | None = None) -> list[KernelJob]:
     """The compilations the report needs: the configurations ``prune_configs`` keeps.
 
-    With ``all_configs`` the dropped configurations are added, marked ``autotuned=False``.
+    ``head_dims`` None: ``DEFAULT_HEAD_DIMS`` of each dtype. With ``all_configs`` the dropped
+    configurations are added, marked ``autotuned=False``. ``source_rev``: the kernel file of that
+    git revision (its own configuration lists and pruning).
     """
-    va = _kernel_module()
+    va = _kernel_module(source_rev)
     jobs = []
     for kernel in kernels:
         if kernel not in _KERNEL_SOURCES:
@@ -245,12 +310,15 @@ def build_jobs(kernels: Iterable[str] = KERNELS, dtypes: Iterable[str] = DTYPES,
         _, kind, list_name = _KERNEL_SOURCES[kernel]
         for dtype in dtypes:
             torch_dtype = _torch_dtype(dtype)
-            for head_dim in head_dims:
+            for head_dim in DEFAULT_HEAD_DIMS[dtype] if head_dims is None else head_dims:
                 if not va.head_dim_supported(head_dim):
                     raise ValueError(f"head dim {head_dim} is not supported by the triton kernels")
+                if kernel == "bwd_dkdv_atomic" and (not hasattr(va, "ATOMIC_DQ_MAX_HEAD_DIM")
+                                                    or va.block_head_dim(head_dim) > va.ATOMIC_DQ_MAX_HEAD_DIM):
+                    continue  # no atomic dQ in that revision, or the launcher runs the two-pass backward there
                 if kind is None:
                     jobs.append(KernelJob(kernel, dtype, head_dim, PREPROCESS_BLOCK_M, None,
-                                          PREPROCESS_NUM_WARPS, PREPROCESS_NUM_STAGES))
+                                          PREPROCESS_NUM_WARPS, PREPROCESS_NUM_STAGES, source_rev=source_rev))
                     continue
                 configs = getattr(va, list_name)
                 kept = va.prune_configs(configs, head_dim, torch_dtype, kind)
@@ -259,16 +327,16 @@ def build_jobs(kernels: Iterable[str] = KERNELS, dtypes: Iterable[str] = DTYPES,
                     if autotuned or all_configs:
                         jobs.append(KernelJob(
                             kernel, dtype, head_dim, config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"],
-                            config.num_warps, config.num_stages, autotuned,
+                            config.num_warps, config.num_stages, autotuned, source_rev,
                         ))
     return jobs
 
 
 def pruned_configs(kernels: Iterable[str] = KERNELS, dtypes: Iterable[str] = DTYPES,
-                   head_dims: Iterable[int] = HEAD_DIMS) -> list[dict]:
+                   head_dims: Iterable[int] | None = None) -> list[dict]:
     """Configurations of the autotune lists that ``prune_configs`` drops (for the report)."""
     return [
-        {k: v for k, v in dataclasses.asdict(job).items() if k != "autotuned"}
+        {k: v for k, v in dataclasses.asdict(job).items() if k not in ("autotuned", "source_rev")}
         for job in build_jobs(kernels, dtypes, head_dims, all_configs=True)
         if not job.autotuned
     ]
@@ -278,7 +346,7 @@ def _torch_dtype(dtype: str):
     import torch
 
     try:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     except KeyError:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}") from None
 
@@ -287,7 +355,7 @@ def make_source(job: KernelJob):
     """The ASTSource the JIT would build for this job (see the module docstring)."""
     from triton.compiler import ASTSource
 
-    va = _kernel_module()
+    va = _kernel_module(job.source_rev)
     fn = getattr(va, _KERNEL_SOURCES[job.kernel][0])
     constexpr_values = {
         "HEAD_DIM": job.head_dim,
@@ -295,7 +363,10 @@ def make_source(job: KernelJob):
         "BLOCK_M": job.block_m,
         "BLOCK_N": job.block_n,
         "DOT_PRECISION": "ieee",
+        "ATOMIC_DQ": job.kernel == "bwd_dkdv_atomic",
     }
+    if hasattr(va, "static_constexprs"):  # the launcher's further compile-time choices
+        constexpr_values.update(va.static_constexprs(job.head_dim, _torch_dtype(job.dtype)))
     signature: dict[str, str] = {}
     constexprs: dict[str, object] = {}
     attrs: dict[tuple[int], list] = {}
@@ -309,7 +380,7 @@ def make_source(job: KernelJob):
         elif name.startswith("cu_seqlens"):
             signature[name] = "*i32"
             attrs[(index,)] = _ALIGNED
-        elif name in ("Lse", "Delta"):
+        elif name in ("Lse", "Delta", "DQAccum"):
             signature[name] = "*fp32"
             attrs[(index,)] = _ALIGNED
         elif name[0].isupper():
@@ -328,6 +399,214 @@ def make_source(job: KernelJob):
         else:
             raise ValueError(f"{fn.__name__}: don't know how the launcher passes parameter {name!r}")
     return ASTSource(fn, signature, constexprs, attrs)
+
+
+# --------------------------------------------------------------------------------------
+# Inner-loop profile: what one tile of the main loop costs on an H200 SM
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SmRates:
+    """Per-SM throughputs of an H200 SXM (sm_90), per clock.
+
+    Sources: NVIDIA H100/H200 datasheets (dense bf16 989.4 TFLOP/s at a 1.83 GHz boost clock on
+    132 SMs: 989.4e12 / (132 * 1.83e9) = 4096 FLOP/clk/SM; tf32 half of that) and the CUDA C++
+    Programming Guide's arithmetic-instruction throughput table for compute capability 9.0
+    (fp32 add/multiply/fma 128 results/clk/SM; exp2/log2/rcp on the MUFU 16 results/clk/SM);
+    the Hopper tuning guide: 4 SM sub-partitions, each with one warp scheduler issuing one
+    warp-instruction per clock and one tensor core (a warpgroup MMA uses all four).
+    """
+
+    mma_flops_16bit: int = 4096
+    mma_flops_tf32: int = 2048
+    fp32_flops: int = 256  # 128 FFMA lanes x 2 FLOP: the peak of fp32 "ieee" dots, which run as FFMA
+    mufu_lanes: int = 16
+    issue_warp_instructions: int = 4
+
+
+H200 = SmRates()
+
+# matmuls per score tile in each kernel's main loop: fwd S, PV; dK/dV S^T, dV, dP^T, dK; dQ S, dP, dQ
+_LOOP_MATMULS = {"fwd": 2, "bwd_dkdv": 4, "bwd_dq": 3, "bwd_dkdv_atomic": 5}
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Za-z0-9_]+)*)([^;]*);")
+_HGMMA_SHAPE = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)\.")
+_FP32_ALU = ("FFMA", "FMUL", "FADD", "FMNMX")
+
+
+@dataclass(frozen=True)
+class SassInstruction:
+    address: int
+    opcode: str  # with modifiers, e.g. "HGMMA.64x64x16.F32.BF16"
+    operands: str
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".", 1)[0]
+
+
+def parse_sass(sass: str) -> list[SassInstruction]:
+    """The instructions of a one-kernel ``cuobjdump -sass`` listing, in address order."""
+    return [SassInstruction(int(a, 16), op, rest.strip()) for a, op, rest in _SASS_LINE.findall(sass)]
+
+
+def find_loops(instructions: Sequence[SassInstruction]) -> list[tuple[int, int]]:
+    """(first, last) instruction indices of every loop: a branch back to a lower address."""
+    index = {ins.address: i for i, ins in enumerate(instructions)}
+    loops = []
+    for i, ins in enumerate(instructions):
+        if ins.base == "BRA":
+            target = re.search(r"0x([0-9a-f]+)", ins.operands)
+            if target and int(target[1], 16) <= ins.address and int(target[1], 16) in index:
+                loops.append((index[int(target[1], 16)], i))
+    return loops
+
+
+@dataclass
+class LoopProfile:
+    """Counts per iteration of a kernel's main loop (one BLOCK_M x BLOCK_N score tile), per warp,
+    and the cycles the whole CTA's tile costs one SM by each bound (see ``profile_main_loop``)."""
+
+    loop_bytes: tuple[int, int]  # SASS address range
+    instructions: int
+    hgmma: int
+    mufu: int
+    ex2: int
+    fp32_alu: int
+    lds_sts: int
+    bar_sync: int
+    unroll: int  # score tiles per loop iteration (1 unless the compiler unrolled)
+    tensor_cycles: float
+    mufu_cycles: float
+    issue_cycles: float
+    overlapped_issue_cycles: float  # issued while a warpgroup MMA is in flight
+    predicted_cycles: float
+    useful_flops: int  # matmul FLOPs of the tile at the true head dim
+    peak_flops_per_clk: int
+    predicted_fraction: float
+
+    def row(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def profile_main_loop(sass: str, job: KernelJob, rates: SmRates = H200,
+                      tf32: bool = False) -> LoopProfile | None:
+    """Count the main loop of ``sass`` and bound its cost per score tile on one SM.
+
+    Main loop: of the loops (backward branches) holding the most matmul work (HGMMA, or FFMA
+    for fp32 "ieee" dots), the first in address order: the unmasked key/query loop (the masked
+    tail loop comes after it). Counts are per warp and per tile; every warp of the CTA runs
+    the same instructions.
+
+    Bounds per tile, cycles of one SM for the whole CTA:
+      tensor = sum over HGMMA of 2*M*N*K (one per warpgroup) / MMA FLOP per clock
+      mufu   = MUFU instructions * warps * 32 lanes / MUFU lanes per clock
+      issue  = instructions * warps / 4 schedulers
+    Overlap, read from the SASS: a warpgroup MMA group runs from its first HGMMA to the
+    ``WARPGROUP.DEPBAR`` that waits for it (walked twice round the loop, so a group issued at
+    the end of one iteration and waited on in the next counts). Instructions issued inside a
+    group's window run beside it; the rest wait for it or it waits for them. So
+      predicted = sum over groups of max(tensor_g, issue and MUFU of the window)
+                  + max(issue, MUFU) of everything outside a window,
+    which is the serial sum tensor + max(issue, MUFU) for a kernel whose softmax waits on the
+    MMA it follows, and approaches max(tensor, MUFU, issue) when the compiler defers the waits
+    (software pipelining, warp specialization). One CTA per SM is assumed: overlap between
+    co-resident CTAs is not credited (a conservative model).
+    """
+    instructions = parse_sass(sass)
+    loops = find_loops(instructions)
+    if not loops:
+        return None
+
+    def work(loop):
+        body = instructions[loop[0]:loop[1] + 1]
+        hgmma = sum(ins.base == "HGMMA" for ins in body)
+        return hgmma if hgmma else sum(ins.base == "FFMA" for ins in body)
+
+    most = max(work(loop) for loop in loops)
+    first, last = min((loop for loop in loops if work(loop) == most), key=lambda loop: loop[0])
+    body = [ins for ins in instructions[first:last + 1] if ins.base != "NOP"]
+    warps = job.num_warps
+    warpgroups = max(warps // 4, 1)
+    mma_rate = rates.mma_flops_tf32 if tf32 else rates.mma_flops_16bit
+
+    def hgmma_cycles(ins: SassInstruction) -> float:
+        m, n, k = map(int, _HGMMA_SHAPE.search(ins.opcode).groups())
+        return 2 * m * n * k * warpgroups / mma_rate
+
+    def mufu_cost(ins: SassInstruction) -> float:
+        return warps * 32 / rates.mufu_lanes if ins.base == "MUFU" else 0.0
+
+    issue_cost = warps / rates.issue_warp_instructions
+    # Walk the loop twice. Groups still in flight when the first pass ends are the previous
+    # iteration's last groups: in the second pass their window is counted, and each is merged with
+    # the group the second pass leaves in flight in the same place (same HGMMAs, next iteration).
+    groups: list[dict] = []  # in flight, oldest first: {"tensor", "issue", "mufu"}
+    closed: list[dict] = []
+    exposed = {"issue": 0.0, "mufu": 0.0}
+    carried: list[dict] = []
+    for pass_index in range(2):
+        counting = pass_index == 1
+        if counting:
+            carried = list(groups)
+        open_group = None
+        for ins in body:
+            if ins.base == "HGMMA":
+                if open_group is None:
+                    open_group = {"tensor": 0.0, "issue": 0.0, "mufu": 0.0}
+                    groups.append(open_group)
+                open_group["tensor"] += hgmma_cycles(ins)
+                if "gsb0" in ins.operands:
+                    open_group = None
+            elif ins.opcode.startswith("WARPGROUP.DEPBAR"):
+                pending = int(re.search(r"0x([0-9a-f]+)", ins.operands)[1], 16)
+                while len(groups) > pending:
+                    done = groups.pop(0)
+                    if counting and not any(done is c for c in carried):
+                        closed.append(done)
+            if counting:
+                target = groups[0] if groups else exposed
+                target["issue"] += issue_cost
+                target["mufu"] += mufu_cost(ins)
+    if len(groups) != len(carried):
+        raise ValueError(f"{job}: the loop does not leave the same MMA groups in flight on each iteration")
+    closed += [{"tensor": g["tensor"], "issue": g["issue"] + c["issue"], "mufu": g["mufu"] + c["mufu"]}
+               for g, c in zip(groups, carried, strict=True)]
+    predicted = sum(max(g["tensor"], g["issue"], g["mufu"]) for g in closed) + max(exposed["issue"], exposed["mufu"])
+
+    count = {name: 0 for name in ("hgmma", "mufu", "ex2", "fp32_alu", "lds_sts", "bar_sync")}
+    hgmma_flops = 0
+    for ins in body:
+        count["hgmma"] += ins.base == "HGMMA"
+        count["mufu"] += ins.base == "MUFU"
+        count["ex2"] += ins.opcode.startswith("MUFU.EX2")
+        count["fp32_alu"] += ins.base in _FP32_ALU
+        count["lds_sts"] += ins.base in ("LDS", "STS", "LDSM", "STSM")
+        count["bar_sync"] += ins.opcode.startswith("BAR.SYNC")
+        if ins.base == "HGMMA":
+            m, n, k = map(int, _HGMMA_SHAPE.search(ins.opcode).groups())
+            hgmma_flops += 2 * m * n * k * warpgroups
+    block_d = _kernel_module(job.source_rev).block_head_dim(job.head_dim)
+    tile_flops = _LOOP_MATMULS[job.kernel] * 2 * job.block_m * job.block_n
+    unroll = max(round(hgmma_flops / (tile_flops * block_d)), 1) if hgmma_flops else 1
+    useful = tile_flops * job.head_dim
+    if count["hgmma"]:
+        peak = mma_rate
+    else:
+        peak = rates.fp32_flops
+    tensor = sum(g["tensor"] for g in closed)
+    return LoopProfile(
+        loop_bytes=(body[0].address, body[-1].address),
+        instructions=round(len(body) / unroll),
+        **{name: round(value / unroll) for name, value in count.items()},
+        unroll=unroll,
+        tensor_cycles=tensor / unroll,
+        mufu_cycles=sum(mufu_cost(ins) for ins in body) / unroll,
+        issue_cycles=len(body) * issue_cost / unroll,
+        overlapped_issue_cycles=sum(g["issue"] for g in closed) / unroll,
+        predicted_cycles=predicted / unroll,
+        useful_flops=useful,
+        peak_flops_per_clk=peak,
+        predicted_fraction=useful / (peak * predicted / unroll),
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -424,6 +703,9 @@ def compile_and_inspect(job: KernelJob) -> KernelResult:
         plain_dots=plain_dots,
         redundant_warpgroup_dots=redundant,
         compile_seconds=seconds,
+        loop=profile_main_loop(sass, job) if job.kernel in _LOOP_MATMULS else None,
+        tma_loads=len(re.findall(r"\bUTMALDG\b", sass)),
+        warp_specialized="ttg.warp_specialize" in compiled.asm["ttgir"],
     )
     result.problems = find_problems(result)
     return result
@@ -434,6 +716,8 @@ def find_problems(result: KernelResult) -> list[str]:
     problems = []
     if result.spill_bytes or result.spill_instructions:
         problems.append(f"spills ({result.spill_bytes} B stack per thread, {result.spill_instructions} LDL/STL)")
+    if result.registers > MAX_REGISTERS:
+        problems.append(f"{result.registers} registers per thread > {MAX_REGISTERS}")
     if result.shared_bytes > SM90_MAX_SMEM_PER_BLOCK:
         problems.append(f"shared memory {result.shared_bytes} B > {SM90_MAX_SMEM_PER_BLOCK} B")
     allowed = sum(d.mmav3_allowed for d in result.dots)
@@ -616,6 +900,100 @@ def summarise(rows: Sequence[dict], pruned: Sequence[dict]) -> list[dict]:
     return summary
 
 
+def _cycles_per_score(row: dict) -> float:
+    return row["loop"]["predicted_cycles"] / (row["block_m"] * row["block_n"])
+
+
+def headline(rows: Sequence[dict], rates: SmRates = H200) -> list[dict]:
+    """Per dtype and head dim: the predicted fraction of peak of the best configuration.
+
+    Forward: the best forward configuration. Backward: the best dK/dV plus the best dQ
+    configuration, cycles per score added, against the useful work of a backward pass, 5
+    matmuls (S, dP, dV, dK, dQ: 2.5x the forward's FLOPs, FlashAttention's count) although the
+    deterministic two-pass scheme runs 7 (S and dP twice). Backward with atomic dQ
+    (``deterministic=False``): the best ``bwd_dkdv_atomic`` configuration alone, which runs the
+    5. The preprocess kernel (O(D) per query row, not per score) and the final dQ conversion of
+    the atomic path (O(D) per query row) are left out.
+    """
+    out = []
+    keys = sorted({(r["dtype"], r["head_dim"]) for r in rows if r.get("loop")},
+                  key=lambda k: (DTYPES.index(k[0]), k[1]))
+    for dtype, head_dim in keys:
+        best = {}
+        for kernel in _LOOP_MATMULS:
+            group = [r for r in rows if (r["kernel"], r["dtype"], r["head_dim"]) == (kernel, dtype, head_dim)
+                     and r["autotuned"] and r.get("loop")]
+            if group:
+                best[kernel] = min(group, key=_cycles_per_score)
+        if any(kernel not in best for kernel in ("fwd", "bwd_dkdv", "bwd_dq")):
+            continue
+        peak = best["fwd"]["loop"]["peak_flops_per_clk"]
+        fwd = best["fwd"]["loop"]["predicted_fraction"]
+        bwd_cycles = _cycles_per_score(best["bwd_dkdv"]) + _cycles_per_score(best["bwd_dq"])
+        atomic = best.get("bwd_dkdv_atomic")
+        out.append({"dtype": dtype, "head_dim": head_dim, "peak_flops_per_clk": peak,
+                    "fwd_fraction": round(fwd, 3), "bwd_fraction": round(10 * head_dim / (peak * bwd_cycles), 3),
+                    "bwd_atomic_fraction": (round(10 * head_dim / (peak * _cycles_per_score(atomic)), 3)
+                                            if atomic else None),
+                    "atomic_config": _config_label(atomic) if atomic else None,
+                    "fwd_config": _config_label(best["fwd"]), "dkdv_config": _config_label(best["bwd_dkdv"]),
+                    "dq_config": _config_label(best["bwd_dq"]), "best": best})
+    return out
+
+
+def _caps(rows: Sequence[dict], head_dim: int) -> dict:
+    """Fraction of peak each bound alone would allow ``rows`` (kernels run one after another)."""
+    peak = rows[0]["loop"]["peak_flops_per_clk"]
+    useful = _LOOP_MATMULS[rows[0]["kernel"]] if len(rows) == 1 else 5  # matmuls per score tile
+    caps = {}
+    for bound in ("tensor_cycles", "mufu_cycles", "issue_cycles", "predicted_cycles"):
+        per_score = sum(r["loop"][bound] / (r["block_m"] * r["block_n"]) for r in rows)
+        caps[bound] = round(2 * useful * head_dim / (peak * per_score), 3) if per_score else None
+    return caps
+
+
+def target_rows(rows: Sequence[dict]) -> list[dict]:
+    """The presets' targets against the best bf16 configurations, with what bounds them."""
+    now = {h["head_dim"]: h for h in headline(rows) if h["dtype"] == "bf16"}
+    out = []
+    for (preset, pass_), target in TARGETS.items():
+        head_dim = HEADLINE_HEAD_DIMS[preset]
+        if head_dim not in now:
+            continue
+        best = now[head_dim]["best"]
+        variants = [("fwd", [best["fwd"]])] if pass_ == "fwd" else [("bwd", [best["bwd_dkdv"], best["bwd_dq"]])]
+        if pass_ == "bwd" and "bwd_dkdv_atomic" in best:
+            variants.append(("bwd, atomic dQ", [best["bwd_dkdv_atomic"]]))
+        for label, kernels in variants:
+            caps = _caps(kernels, head_dim)
+            out.append({"preset": preset, "head_dim": head_dim, "pass": label, "target": target,
+                        "predicted": caps["predicted_cycles"], "tensor_cap": caps["tensor_cycles"],
+                        "mufu_cap": caps["mufu_cycles"], "issue_cap": caps["issue_cycles"],
+                        "met": caps["predicted_cycles"] >= target})
+    return out
+
+
+POLY_EXP2_INSTRUCTIONS = 9  # clamp, 2 FADD round-to-integer, FADD fraction, 3 FFMA (degree 3), shift + add
+
+
+def exp_emulation_bound(row: dict, rates: SmRates = H200) -> dict:
+    """What moving k exponentials per thread and tile from the MUFU to a polynomial on the FMA
+    units (``POLY_EXP2_INSTRUCTIONS`` each) could give the main loop of ``row``, at best: the k
+    that balances the MUFU and issue bounds, and the fraction of peak if the tensor cores then
+    overlapped completely (max of the three bounds)."""
+    loop, warps = row["loop"], row["num_warps"]
+    mufu_per = warps * 32 / rates.mufu_lanes
+    issue_per = POLY_EXP2_INSTRUCTIONS * warps / rates.issue_warp_instructions
+    k = max((loop["mufu_cycles"] - loop["issue_cycles"]) / (mufu_per + issue_per), 0.0)
+    bound = max(loop["tensor_cycles"], loop["mufu_cycles"] - k * mufu_per, loop["issue_cycles"] + k * issue_per)
+    return {"exps_moved": round(k, 1), "exps": loop["ex2"], "cycles": round(bound, 1),
+            "fraction": round(loop["useful_flops"] / (loop["peak_flops_per_clk"] * bound), 3)}
+
+
+def _config_label(row: dict) -> str:
+    return f"{row['block_m']}x{row['block_n']}/{row['num_warps']}w/{row['num_stages']}s"
+
+
 def _group_key(row: dict) -> tuple[str, str, int]:
     return row["kernel"], row["dtype"], row["head_dim"]
 
@@ -679,8 +1057,154 @@ def _git_sha() -> str:
     return f"{sha} + uncommitted changes to {', '.join(dirty)}" if dirty else sha
 
 
+LOOP_COLUMNS = [
+    ("kernel", "kernel"), ("dtype", "dtype"), ("head_dim", "D"), ("config", "config"), ("instructions", "instr"),
+    ("hgmma", "HGMMA"), ("ex2", "EX2"), ("fp32_alu", "FP32"), ("lds_sts", "LDS/STS"), ("bar_sync", "BAR"),
+    ("tensor_cycles", "tensor clk"), ("mufu_cycles", "MUFU clk"), ("issue_cycles", "issue clk"),
+    ("overlapped_issue_cycles", "overlapped issue clk"), ("predicted_cycles", "predicted clk"),
+    ("predicted_fraction", "fraction"),
+]
+
+
+def loop_table_rows(rows: Sequence[dict]) -> list[dict]:
+    return [{**{k: r[k] for k in ("kernel", "dtype", "head_dim")}, "config": _config_label(r), **r["loop"]}
+            for r in rows if r["autotuned"] and r.get("loop")]
+
+
+def render_profile(rows: Sequence[dict], baseline: dict | None) -> list[str]:
+    """The inner-loop profile section of the markdown report."""
+    rates = H200
+    lines = [
+        "## Inner-loop profile: predicted fraction of peak on an H200",
+        "",
+        "Method: `profile_main_loop` in `bench/kernel_report.py`. The main loop of each kernel (the first loop, a",
+        "backward branch in the SASS, with the most HGMMA) is one BLOCK_M x BLOCK_N score tile; its",
+        "instructions are counted per warp, and the whole CTA's tile is costed on one SM by three bounds:",
+        "",
+        f"- tensor: each HGMMA.MxNxK (run once per warpgroup) costs 2MNK / {rates.mma_flops_16bit} FLOP per clock "
+        f"(dense 16-bit; tf32 {rates.mma_flops_tf32});",
+        f"- MUFU: each MUFU instruction costs warps x 32 lanes / {rates.mufu_lanes} lanes per clock;",
+        f"- issue: each instruction costs warps / {rates.issue_warp_instructions} schedulers (one warp-instruction "
+        "per scheduler per clock); FP32 ALU work (128 lanes/clk/SM) is bounded by issue.",
+        "",
+        "H200 SXM per-SM rates: dense bf16 989.4 TFLOP/s at the 1.83 GHz boost clock over 132 SMs = 4096",
+        "FLOP/clk/SM (NVIDIA H100/H200 datasheets); MUFU ex2 16/clk/SM and fp32 FMA 128/clk/SM (CUDA C++",
+        "Programming Guide, arithmetic instruction throughput, compute capability 9.0); 4 sub-partitions, one",
+        "scheduler issuing one warp-instruction per clock each (Hopper tuning guide). fp32 dots with \"ieee\"",
+        f"precision run as FFMA: their peak is {rates.fp32_flops} FLOP/clk/SM, and their fraction is of that.",
+        "",
+        "Overlap is read from the SASS: a warpgroup-MMA group runs from its first HGMMA to the",
+        "`WARPGROUP.DEPBAR` that waits for it; what is issued inside that window runs beside the tensor cores,",
+        "everything else is serial with them. predicted = sum over groups of max(tensor, issue, MUFU of the",
+        "window) + max(issue, MUFU) outside any window: the serial sum tensor + max(issue, MUFU) when the softmax",
+        "waits on the MMA it follows, approaching max(tensor, MUFU, issue) when the waits are deferred.",
+        "Assumptions: one CTA per SM (co-resident CTAs overlapping each other is not credited); no memory or",
+        "latency stalls (loads are pipelined by `num_stages`); every instruction of the loop body counts, the",
+        "branches inside it taken. fraction = the tile's matmul FLOPs at the true head dim / (peak x predicted):",
+        "padding a head dim up to a power of two shows as lost fraction. Backward: best dK/dV + best dQ cycles",
+        "per score against 5 useful matmuls (the two-pass scheme runs 7).",
+        "",
+    ]
+    now = {(h["dtype"], h["head_dim"]): h for h in headline(rows)}
+    if baseline:
+        before = {(h["dtype"], h["head_dim"]): h for h in headline(baseline["rows"])}
+        lines += [f"### Before ({baseline['rev']}) and after, bf16, best configuration of each", "",
+                  "| preset | D | pass | before | after | before config | after config |",
+                  "|---|---|---|---|---|---|---|"]
+        for preset, head_dim in HEADLINE_HEAD_DIMS.items():
+            b, a = before.get(("bf16", head_dim)), now.get(("bf16", head_dim))
+            if not (a and b):
+                continue
+            lines.append(f"| {preset} | {head_dim} | fwd | {b['fwd_fraction']} | {a['fwd_fraction']} "
+                         f"| {b['fwd_config']} | {a['fwd_config']} |")
+            lines.append(f"| {preset} | {head_dim} | bwd | {b['bwd_fraction']} | {a['bwd_fraction']} "
+                         f"| dkdv {b['dkdv_config']}, dq {b['dq_config']} "
+                         f"| dkdv {a['dkdv_config']}, dq {a['dq_config']} |")
+            if a["bwd_atomic_fraction"] is not None:
+                lines.append(f"| {preset} | {head_dim} | bwd, atomic dQ | - | {a['bwd_atomic_fraction']} | - "
+                             f"| {a['atomic_config']} |")
+        over = sorted({_label(r) + f": {r['registers']} registers" for r in baseline["rows"]
+                       if r["autotuned"] and r["registers"] > MAX_REGISTERS})
+        if over:
+            lines += ["", f"Before, these configurations used more than {MAX_REGISTERS} registers per thread, which "
+                      "the report no longer allows (a kernel at sm_90's 255 is one change from spilling); the "
+                      "autotune lists now leave them out, so an after fraction can be below a before one that "
+                      "counted them:", ""]
+            lines += [f"- {label}" for label in over]
+        lines += ["", "Main loop of those configurations, per tile and warp (before -> after):", "",
+                  "| preset | kernel | instr | HGMMA | EX2 | FP32 | LDS/STS | BAR | tensor clk | MUFU clk "
+                  "| issue clk | predicted clk | fraction |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for preset, head_dim in HEADLINE_HEAD_DIMS.items():
+            b, a = before.get(("bf16", head_dim)), now.get(("bf16", head_dim))
+            if not (a and b):
+                continue
+            for kernel in (k for k in _LOOP_MATMULS if k in b["best"] and k in a["best"]):
+                lb, la = b["best"][kernel]["loop"], a["best"][kernel]["loop"]
+                cells = [f"{lb[k]} -> {la[k]}" for k in ("instructions", "hgmma", "ex2", "fp32_alu", "lds_sts",
+                                                          "bar_sync", "tensor_cycles", "mufu_cycles",
+                                                          "issue_cycles", "predicted_cycles", "predicted_fraction")]
+                lines.append(f"| {preset} D={head_dim} | {kernel} | " + " | ".join(cells) + " |")
+        lines.append("")
+    targets = target_rows(rows)
+    if targets:
+        lines += ["### Targets (bf16, predicted fraction of peak)", "",
+                  "The cap columns: the fraction each bound alone would allow (useful FLOPs / (peak x that bound's",
+                  "cycles)); the tensor cap is below 1 where the tile pads the head dim or the scheme repeats matmuls",
+                  "(the two-pass backward runs 7 for 5 useful). A target above the MUFU or issue cap cannot be met",
+                  "without fewer MUFU or fewer instructions per score, whatever the overlap.", "",
+                  "| preset | D | pass | target | predicted | tensor cap | MUFU cap | issue cap | met |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {t['preset']} | {t['head_dim']} | {t['pass']} | {t['target']} | {t['predicted']} "
+                  f"| {t['tensor_cap']} | {t['mufu_cap']} | {t['issue_cap']} | {_cell(t['met'])} |" for t in targets]
+        lines.append("")
+        seed = {h["head_dim"]: h for h in headline(rows) if h["dtype"] == "bf16"}.get(HEADLINE_HEAD_DIMS["seed"])
+        if seed:
+            fwd = seed["best"]["fwd"]
+            emu = exp_emulation_bound(fwd)
+            lines += [f"Exponentials on the FMA units (not implemented): in the best `seed` forward loop "
+                      f"({_config_label(fwd)}, {emu['exps']} EX2 per warp and tile), moving {emu['exps_moved']} "
+                      f"of them to a {POLY_EXP2_INSTRUCTIONS}-instruction polynomial balances the MUFU and issue "
+                      f"bounds at {emu['cycles']} cycles: at most {emu['fraction']} of peak even with the tensor "
+                      "cores fully overlapped, because the loop is nearly issue-bound already. The `seed` forward "
+                      "target needs fewer instructions per score as well as fewer MUFU operations.", ""]
+    lines += ["### Best configuration per dtype and head dim", "",
+              "bwd: deterministic two-pass (dK/dV + dQ); bwd atomic: `deterministic=False`, one pass with fp32 "
+              "atomics for dQ.", "",
+              "| dtype | D | peak FLOP/clk/SM | fwd fraction | bwd fraction | bwd atomic fraction | fwd config "
+              "| dK/dV config | dQ config | atomic config |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for h in now.values():
+        lines.append(f"| {h['dtype']} | {h['head_dim']} | {h['peak_flops_per_clk']} | {h['fwd_fraction']} "
+                     f"| {h['bwd_fraction']} | {_cell(h['bwd_atomic_fraction'])} | {h['fwd_config']} "
+                     f"| {h['dkdv_config']} | {h['dq_config']} | {_cell(h['atomic_config'])} |")
+    lines += ["", "### Main loop of every autotuner configuration (per tile; counts per warp, cycles per SM)", "",
+              format_table(loop_table_rows(rows), markdown=True, columns=LOOP_COLUMNS), ""]
+    return lines
+
+
+def render_other_triton(other: dict) -> list[str]:
+    """Section comparing a report written under another Triton version (``--other-triton``)."""
+    env = other["environment"]
+    lines = [f"## The same kernels under triton {env['triton']} (ptxas {env['ptxas']})", "",
+             f"Written by `{env['command']}` on {env['date']} ({env['machine']}; git {env['git_sha']}), with that",
+             "version installed aside (`pip install --target`) and put first on `PYTHONPATH`. load path: `TMA`",
+             "when the SASS has tensor-memory-accelerator loads (UTMALDG), `pointers` otherwise; `warp-specialized`",
+             "when the TTGIR has a `ttg.warp_specialize` region.", ""]
+    ok = sum(r["ok"] for r in other["rows"] if r["autotuned"])
+    lines += [f"{ok} of {sum(r['autotuned'] for r in other['rows'])} configurations ok.", ""]
+    table = [{**r, "config": _config_label(r), "fraction": r["loop"]["predicted_fraction"] if r.get("loop") else None}
+             for r in other["rows"] if r["autotuned"]]
+    columns = [("kernel", "kernel"), ("dtype", "dtype"), ("head_dim", "D"), ("config", "config"),
+               ("registers", "regs"), ("spill_bytes", "spill B"), ("hgmma_instructions", "HGMMA instr"),
+               ("load_path", "load path"), ("fraction", "fraction"), ("ok", "ok")]
+    lines += [format_table(table, markdown=True, columns=columns), ""]
+    lines += [f"- {_label(r)}: {'; '.join(r['problems'])}" for r in other["rows"] if r["problems"]]
+    return lines
+
+
 def render_markdown(env: dict, rows: Sequence[dict], pruned: Sequence[dict],
-                    loss_rows: Sequence[dict] = ()) -> str:
+                    loss_rows: Sequence[dict] = (), baseline: dict | None = None,
+                    other_triton: dict | None = None) -> str:
     autotuned = [r for r in rows if r["autotuned"]]
     bad = [r for r in autotuned if not r["ok"]]
     loss_bad = [r for r in loss_rows if not r["ok"]]
@@ -697,7 +1221,9 @@ def render_markdown(env: dict, rows: Sequence[dict], pruned: Sequence[dict],
         f"{env['load_average_at_start']} at the start",
         "",
         "Every Triton kernel in `crossmae_kernels.varlen_attention`, compiled ahead of time for Hopper, for every",
-        "configuration the autotuner may pick (`prune_configs`), head dims 16/32/64/128, bf16 and fp16; and the",
+        "configuration the autotuner may pick (`prune_configs`): bf16 at every head dim the launcher accepts",
+        "(16 to 128, multiples of 8; the launcher pads one between two powers of two to the larger), fp16 at",
+        "16/32/64/128 and fp32 at 16/32/64 (fp32 at 128 still spills: not yet covered); and the",
         "fused loss kernels of `crossmae_kernels.packed_mse` (no `tl.dot`: spills and shared memory only).",
         "Method and rules: the docstring of `bench/kernel_report.py`. In short:",
         "",
@@ -728,6 +1254,9 @@ def render_markdown(env: dict, rows: Sequence[dict], pruned: Sequence[dict],
     if bad:
         lines += ["", "## Problems", ""]
         lines += [f"- {_label(r)}: {'; '.join(r['problems'])}" for r in bad]
+    lines += ["", *render_profile(rows, baseline)]
+    if other_triton:
+        lines += render_other_triton(other_triton)
     if loss_rows:
         lines += ["", "## Fused loss kernels (`crossmae_kernels.packed_mse`)", "",
                   "BLOCK_C columns per slice (the launcher picks the smallest power of two >= the column count, "
@@ -748,6 +1277,12 @@ def render_markdown(env: dict, rows: Sequence[dict], pruned: Sequence[dict],
     return "\n".join(lines) + "\n"
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _cpu_seconds() -> float:
     """User + system time of this process and its finished children (workers, ptxas, cuobjdump)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -763,7 +1298,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
-    parser.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS))
+    parser.add_argument("--head-dims", nargs="+", type=int, default=None,
+                        help="head dims of every dtype (default: all for bf16, 16/32/64/128 for fp16 and fp32)")
+    parser.add_argument("--other-triton", metavar="JSON", type=Path, default=None,
+                        help="a kernel_report.json written under another Triton version, shown in its own section")
+    parser.add_argument("--baseline", metavar="GIT_REV", default=None,
+                        help="also profile the kernel file of this git revision (bf16, the presets' head dims) for "
+                             "the before/after table")
     parser.add_argument("--all-configs", action="store_true",
                         help="also compile the configurations prune_configs drops (reported, never failing)")
     parser.add_argument("--loss-dtypes", nargs="+", default=list(LOSS_DTYPES), choices=LOSS_DTYPES,
@@ -789,6 +1330,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ToolMissingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    other = None
+    if args.other_triton:
+        try:
+            other = json.loads(args.other_triton.read_text())
+            other["environment"]["triton"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"error: --other-triton {args.other_triton}: not a readable kernel report ({err})", file=sys.stderr)
+            return 2
     command = "python bench/kernel_report.py" + ("" if argv is None and len(sys.argv) <= 1
                                                   else " " + " ".join(sys.argv[1:] if argv is None else argv))
     jobs = build_jobs(args.kernels, args.dtypes, args.head_dims, args.all_configs)
@@ -801,6 +1350,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_average = os.getloadavg()[0]
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     results = run_jobs(jobs, args.jobs, progress)
+    baseline = None
+    if args.baseline:
+        base_jobs = build_jobs(args.kernels, ["bf16"], sorted(HEADLINE_HEAD_DIMS.values()), source_rev=args.baseline)
+        print(f"compiling {len(base_jobs)} kernels of {args.baseline} for the before/after table ...", flush=True)
+        baseline = {"rev": args.baseline, "rows": [r.row() for r in run_jobs(base_jobs, args.jobs)]}
     loss_jobs = [] if args.no_loss else build_loss_jobs(dtypes=args.loss_dtypes, block_cs=args.loss_block_cs)
     if loss_jobs:
         print(f"compiling {len(loss_jobs)} loss kernels ...", flush=True)
@@ -825,9 +1379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         json_path = args.out_dir / f"{REPORT_NAME}.json"
         md_path = args.out_dir / f"{REPORT_NAME}.md"
-        report = {"environment": env, "rows": rows, "pruned": pruned, "loss_rows": loss_rows}
-        json_path.write_text(json.dumps(report, indent=1) + "\n")
-        md_path.write_text(render_markdown(env, rows, pruned, loss_rows))
+        report = {"environment": env, "rows": rows, "pruned": pruned, "loss_rows": loss_rows,
+                  "headline": [{k: v for k, v in h.items() if k != "best"} for h in headline(rows)],
+                  "baseline": baseline, "other_triton": other}
+        _write_atomic(json_path, json.dumps(report, indent=1) + "\n")
+        _write_atomic(md_path, render_markdown(env, rows, pruned, loss_rows, baseline, other))
         print(f"wrote {md_path} and {json_path}")
     return 1 if bad or loss_bad else 0
 

@@ -10,12 +10,20 @@ warps cover (warpgroups repeating the same rows).
   configuration at the register-hungry head dims, bf16 at 128 and fp16 at 64, and the fused
   loss kernels at bf16 for every column block (32 compiles, about 1-1.5 minutes on two cores
   with a cold Triton cache).
-- ``test_full_matrix_is_clean`` (``slow``): head dims 16/32/64/128 x bf16/fp16 and the loss kernels at
-  bf16/fp16/fp32, the matrix of the committed report (140 compiles, about 3-5 minutes on two cores with a
-  cold cache).
+- ``test_committed_report_matches_a_fresh_compile``: the presets' head dims (16 and 64), bf16, the
+  autotuned kernels (fwd, dK/dV, dQ, dK/dV with atomic dQ) compiled afresh: a deterministic subset of
+  the committed report (about 40 compiles, one to two minutes on two cores with a cold cache);
+  registers, spills, shared memory, HGMMA and the inner-loop profile must equal the committed rows.
+  Skipped, saying why, when the installed triton or ptxas differs from the one that wrote the report
+  (another compiler makes other code).
+- ``test_full_matrix_is_clean`` (``slow``, and only with ``CROSSMAE_FULL_KERNEL_REPORT=1``): the whole
+  matrix of the committed report (about 250 compiles, 5-10 minutes on two cores with a cold cache).
 - ``test_committed_report_covers_the_autotune_space``: no compiling; the committed
   bench/results/kernel_report.json lists exactly today's autotuner configurations and loss kernel
-  launch configurations, all ok.
+  launch configurations, all ok (no spills, at most 240 registers).
+- The inner-loop profile's SASS reading and the autotune controls of the kernel file
+  (``CROSSMAE_TRITON_*`` environment variables, the DDP broadcast of rank 0's choices) are unit-tested
+  on small inputs, without compiling.
 
 The compile tests skip when ptxas or cuobjdump cannot be found. They run the report script in
 a subprocess because the CPU suite sets ``TRITON_INTERPRET=1``, which replaces the kernels by
@@ -100,8 +108,31 @@ def test_representative_configs_are_clean(tools, tmp_path):
     assert_clean(report, kernel_report.build_jobs(dtypes=["fp16"], head_dims=[64]))
 
 
+def test_committed_report_matches_a_fresh_compile(tools, tmp_path):
+    committed = json.loads(COMMITTED_REPORT.read_text())
+    env = committed["environment"]
+    import triton
+
+    here = {"triton": triton.__version__, "ptxas": kernel_report.tool_version(tools["ptxas"])}
+    if any(env[k] != v for k, v in here.items()):
+        pytest.skip(f"the committed report was compiled by triton {env['triton']} / ptxas {env['ptxas']}, "
+                    f"this machine has triton {here['triton']} / ptxas {here['ptxas']}")
+    fresh = run_report(tmp_path, "--head-dims", "16", "64", "--dtypes", "bf16", "--no-loss",
+                       "--kernels", "fwd", "bwd_dkdv", "bwd_dq", "bwd_dkdv_atomic")
+    fields = ("registers", "spill_bytes", "shared_bytes", "hgmma_instructions", "loop")
+    old = {_key(r): r for r in committed["rows"]}
+    assert fresh["rows"], "the fresh report has no rows"
+    for row in fresh["rows"]:
+        assert _key(row) in old, f"{_key(row)} is missing from the committed report: regenerate it"
+        diff = {f: (old[_key(row)][f], row[f]) for f in fields if old[_key(row)][f] != row[f]}
+        assert not diff, (f"{_key(row)} differs from the committed report (committed, fresh): {diff}\n"
+                          "regenerate it: python bench/kernel_report.py --baseline <rev> (see its header)")
+
+
 @pytest.mark.slow
 def test_full_matrix_is_clean(tools, tmp_path):
+    if os.environ.get("CROSSMAE_FULL_KERNEL_REPORT") != "1":
+        pytest.skip("the full matrix takes 5-10 minutes on two cores: set CROSSMAE_FULL_KERNEL_REPORT=1")
     report = run_report(tmp_path)
     assert_clean(report, kernel_report.build_jobs(), kernel_report.build_loss_jobs())
 
@@ -114,3 +145,117 @@ def test_committed_report_covers_the_autotune_space():
         assert_clean(report, kernel_report.build_jobs(), kernel_report.build_loss_jobs())
     except AssertionError as err:
         raise AssertionError(f"{err}\nregenerate the report: python bench/kernel_report.py") from None
+
+
+# --------------------------------------------------------------------------------------
+# The inner-loop profile, on a hand-written SASS listing
+# --------------------------------------------------------------------------------------
+_SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   WARPGROUP.ARRIVE ;
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT, gsb0 ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0040*/                   FMNMX R2, R24, R25, !PT ;
+        /*0050*/                   FFMA R3, R24, R4, -R2 ;
+        /*0060*/                   MUFU.EX2 R3, R3 ;
+        /*0070*/                   FADD R5, R5, R3 ;
+        /*0080*/                   WARPGROUP.ARRIVE ;
+        /*0090*/                   HGMMA.64x16x16.F32.BF16 R40, R8, gdesc[UR8], R40, gsb0 ;
+        /*00a0*/                   LDS R6, [R7] ;
+        /*00b0*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*00c0*/               @P0 BRA 0x10 ;
+        /*00d0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*00e0*/                   EXIT ;
+        /*00f0*/                   BRA 0xf0 ;
+"""
+
+
+def test_profile_reads_the_main_loop():
+    job = kernel_report.KernelJob("fwd", "bf16", 16, 64, 64, 4, 2)
+    profile = kernel_report.profile_main_loop(_SASS, job)
+    assert profile.loop_bytes == (0x10, 0xC0)
+    assert (profile.instructions, profile.hgmma, profile.ex2, profile.fp32_alu, profile.lds_sts,
+            profile.bar_sync) == (12, 2, 1, 3, 1, 1)
+    rates = kernel_report.H200
+    first, second = 2 * 64 * 64 * 16 / rates.mma_flops_16bit, 2 * 64 * 16 * 16 / rates.mma_flops_16bit
+    assert profile.tensor_cycles == first + second
+    assert profile.mufu_cycles == 4 * 32 / rates.mufu_lanes
+    assert profile.issue_cycles == 12  # 12 instructions x 4 warps / 4 schedulers
+    # The second group (P V) is in flight from its HGMMA, round the loop, to the wait after the first
+    # (S): HGMMA, LDS, BAR, BRA, then ARRIVE and the first HGMMA of the next iteration: 6 issue cycles
+    # beside it. The first group's window is empty; DEPBAR, the softmax and ARRIVE (6 issue cycles,
+    # 8 MUFU cycles: 4 warps x 32 lanes / 16) are exposed.
+    assert profile.overlapped_issue_cycles == 6
+    assert profile.predicted_cycles == first + max(second, 6) + max(6, profile.mufu_cycles)
+    assert profile.predicted_cycles >= max(profile.tensor_cycles, profile.mufu_cycles, profile.issue_cycles)
+    assert profile.useful_flops == 2 * 2 * 64 * 64 * 16
+    assert profile.predicted_fraction == pytest.approx(
+        profile.useful_flops / (rates.mma_flops_16bit * profile.predicted_cycles))
+
+
+def test_profile_without_a_loop_is_none():
+    job = kernel_report.KernelJob("fwd", "bf16", 16, 64, 64, 4, 2)
+    assert kernel_report.profile_main_loop("        /*0000*/                   EXIT ;\n", job) is None
+
+
+# --------------------------------------------------------------------------------------
+# Autotune controls of the attention kernels (no compiling)
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def va():
+    from crossmae_kernels import varlen_attention
+
+    return varlen_attention
+
+
+def _shape(config) -> tuple:
+    return config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
+
+
+def test_single_config_keeps_the_first_that_fits(va):
+    import torch
+
+    for kind, configs in (("fwd", va.FWD_CONFIGS), ("dkdv", va.BWD_DKDV_CONFIGS), ("dq", va.BWD_DQ_CONFIGS)):
+        for dtype in (torch.bfloat16, torch.float32):
+            for head_dim in (16, 24, 64, 128):
+                kept = va.prune_configs(configs, head_dim, dtype, kind)
+                single = va.select_configs(configs, head_dim, dtype, kind, {va.SINGLE_CONFIG_ENV: "1"})
+                assert [_shape(c) for c in single] == [_shape(kept[0])]
+                assert va.select_configs(configs, head_dim, dtype, kind, {}) == kept
+    with pytest.raises(ValueError, match=va.SINGLE_CONFIG_ENV):
+        va.select_configs(va.FWD_CONFIGS, 64, torch.bfloat16, "fwd", {va.SINGLE_CONFIG_ENV: "yes"})
+
+
+def test_pinned_config(va):
+    import torch
+
+    env = {va.CONFIG_ENV["fwd"]: "64,64,4,3", va.SINGLE_CONFIG_ENV: "1"}
+    assert [_shape(c) for c in va.select_configs(va.FWD_CONFIGS, 64, torch.bfloat16, "fwd", env)] == [(64, 64, 4, 3)]
+    for bad in ("64,64,4", "64,64,four,3", "48,64,4,3", "64,64,4,0", "8,64,4,3"):
+        with pytest.raises(ValueError, match="CROSSMAE_TRITON_CONFIG_DQ"):
+            va.select_configs(va.BWD_DQ_CONFIGS, 64, torch.bfloat16, "dq", {va.CONFIG_ENV["dq"]: bad})
+    with pytest.raises(ValueError, match="CROSSMAE_TRITON_CONFIG_FWD.*does not fit"):
+        va.select_configs(va.FWD_CONFIGS, 128, torch.bfloat16, "fwd", {va.CONFIG_ENV["fwd"]: "128,128,4,3"})
+
+
+def test_autotune_choices_round_trip_and_broadcast(va, tmp_path):
+    import torch.distributed as dist
+
+    key = (64, "ieee", "torch.bfloat16")
+    saved = {kind: dict(tuned.cache) for kind, tuned in va._TUNED.items()}
+    try:
+        va.apply_autotune_choices({"fwd": [(key, (128, 64, 8, 3))]})
+        assert (key, (128, 64, 8, 3)) in va.autotune_choices()["fwd"]
+        with pytest.raises(ValueError, match="unknown kernel"):
+            va.apply_autotune_choices({"attn": []})
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+        try:
+            choices = va.broadcast_autotune_choice()
+        finally:
+            dist.destroy_process_group()
+        assert (key, (128, 64, 8, 3)) in choices["fwd"]
+        assert _shape(va._TUNED["fwd"].cache[key]) == (128, 64, 8, 3)
+    finally:
+        for kind, tuned in va._TUNED.items():
+            tuned.cache.clear()
+            tuned.cache.update(saved[kind])

@@ -1,0 +1,49 @@
+"""Launch options and dtype paths of the Triton attention kernels, in Triton's interpreter (tiny cases).
+
+- ``varlen_attn_bwd(..., deterministic=False)``: dQ accumulated with atomics in the dK/dV pass
+  agrees with the float64 reference and with the deterministic two-pass backward.
+- A negative ``softmax_scale``: the forward takes the row minimum of the raw scores on its
+  unmasked path (the maximum of the scaled ones) and still matches the reference.
+- fp16 inputs take the 16-bit paths (the software-pipelined forward loop, backward loops with
+  an unmasked body and a masked last block), which fp32 inputs skip; head dim 24 runs padded.
+"""
+
+import pytest
+import torch
+from attention_cases import assert_close, make_case, reference_fn
+
+from crossmae_kernels.varlen_attention import is_interpreting, varlen_attn_bwd, varlen_attn_fwd
+
+pytestmark = pytest.mark.skipif(not is_interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+
+# lengths around the interpreter's 16 x 16 blocks: empty, single, block - 1, block + 1, several blocks
+LENGTHS_Q = [0, 1, 15, 17, 33, 5]
+LENGTHS_K = [3, 0, 1, 17, 40, 16]
+TOLERANCE = {torch.float32: 5e-5, torch.float16: 2e-2}
+
+
+def _reference(case, scale, grad_out):
+    leaves = [t.detach().double().requires_grad_(True) for t in (case.q, case.k, case.v)]
+    out = reference_fn(*leaves, *case.args[3:], softmax_scale=scale)
+    return (out.detach(), *torch.autograd.grad(out, leaves, grad_out.double()))
+
+
+@pytest.mark.parametrize(("dtype", "scale", "head_dim"), [
+    (torch.float32, 0.4, 24), (torch.float32, -0.7, 16), (torch.float16, 0.3, 16), (torch.float16, -0.5, 24),
+])
+def test_forward_and_both_backwards_match_float64(dtype, scale, head_dim):
+    case = make_case(LENGTHS_Q, LENGTHS_K, heads=2, head_dim=head_dim, dtype=dtype, seed=3, requires_grad=False)
+    grad_out = torch.randn(case.q.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    expected = _reference(case, scale, grad_out)
+    tol = TOLERANCE[dtype]
+    out, lse = varlen_attn_fwd(*case.args, scale)
+    assert_close(out, expected[0], atol=tol, rtol=tol, name="out")
+    bwd_args = (grad_out, case.q, case.k, case.v, out, lse, *case.args[3:], scale)
+    two_pass = varlen_attn_bwd(*bwd_args)
+    atomic = varlen_attn_bwd(*bwd_args, deterministic=False)
+    for name, got, want in zip(("dq", "dk", "dv"), two_pass, expected[1:], strict=True):
+        assert_close(got, want, atol=tol, rtol=tol, name=f"{name} (deterministic)")
+    for name, got, want in zip(("dq", "dk", "dv"), atomic, expected[1:], strict=True):
+        assert_close(got, want, atol=tol, rtol=tol, name=f"{name} (atomic dQ)")
+    # dK and dV come from the same pass either way
+    assert torch.equal(atomic[1], two_pass[1]) and torch.equal(atomic[2], two_pass[2])
