@@ -139,7 +139,9 @@ def test_packed_path_matches_seed_path_with_mask_modes(mask):
     assert_packed_matches_seed_path(cfg, random_case(cfg, MASKS[mask]), rtol=1e-4)
 
 
-@pytest.mark.parametrize("options", [{}, EVERYTHING, {"use_cross_attn": False, "memory": "own"}], ids=option_id)
+@pytest.mark.parametrize("options", [{}, EVERYTHING, {"use_cross_attn": False, "memory": "own"},
+                                     {"static": "film", "memory_drop": ["flow"], "norm_pix_loss": True,
+                                      "norm_pix_modalities": ["precip"]}], ids=option_id)
 def test_packed_path_matches_seed_path_on_the_triton_backend(options):
     from crossmae_kernels.varlen_attention import is_interpreting
 
