@@ -2,6 +2,7 @@
 
     python bench/data_speed.py                              # seed and cpu presets, loader with 0, 1, 2 workers
     python -m bench.data_speed --preset seed --workers 0,2 --rounds 3
+    python bench/data_speed.py --preset seed --stages getitem+collate --workers ''   # one row (A/B of two trees)
 
 One batch is ``data.batch_size`` windows of the preset's training split, chosen by the run's own batch
 order (:class:`crossmae.data.loader.GlobalBatchOrder`); the rows cycle through the first batches of it.
@@ -19,16 +20,19 @@ core, the number to compare on a loaded machine, where wall time mostly measures
 CPU time is the calling thread's (``time.thread_time``; torch runs on ``--threads`` threads, 1 by default, so
 that is all of it) for getitem/collate and ``loader/w0``; for ``loader/wN`` it is the main thread's plus every
 worker process's user + system time (``/proc/<pid>/stat``) over the timed batches, divided by their count.
-Memory: ``rss_mb`` the main process's resident set after the row; for workers ``worker_rss_mb`` (the largest
-worker's resident set, shared copy-on-write pages of the forked parent included) and ``worker_private_mb``
-(its private pages, ``/proc/<pid>/smaps_rollup``: what each extra worker costs); ``peak_mb`` the resident
-memory one call adds (``bench.harness.measure_peak_memory``, first round).
+``faults_per_batch``: minor page faults per batch (median over the calls; the loader's: over the timed batches,
+main thread and workers): fresh memory the allocator maps for a batch costs kernel CPU time, so two runs whose
+CPU times differ usually differ here. Memory: ``rss_mb`` the main process's resident set after the row; for
+workers ``worker_rss_mb`` (the largest worker's resident set, shared copy-on-write pages of the forked parent
+included) and ``worker_private_mb`` (its private pages, ``/proc/<pid>/smaps_rollup``: what each extra worker
+costs); ``peak_mb`` the resident memory one call adds (``bench.harness.measure_peak_memory``, first round).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -68,10 +72,15 @@ def _thread_ms() -> float:
     return time.thread_time() * 1e3
 
 
-def _proc_cpu_ms(pid: int) -> float:
-    """User + system CPU time of process ``pid`` in ms (``/proc/<pid>/stat``)."""
+def _thread_faults() -> int:
+    """Minor page faults of the calling thread so far."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+
+def _proc_cpu(pid: int) -> tuple[float, int]:
+    """User + system CPU time in ms and minor page faults of process ``pid`` (``/proc/<pid>/stat``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1e3 / CLOCK_TICKS  # utime, stime
+    return (int(fields[11]) + int(fields[12])) * 1e3 / CLOCK_TICKS, int(fields[7])  # utime + stime, minflt
 
 
 def _proc_memory_mb(pid: int | str) -> tuple[float | None, float | None]:
@@ -118,8 +127,9 @@ class DataCase:
         return lambda: self.collator([self.dataset[k] for k in self.keys[self._cycle()]])
 
 
-def time_calls(fn: Callable[[], object], args: argparse.Namespace) -> tuple[Timing, list[float]]:
-    """Wall timing of ``fn`` (after ``--warmup`` calls; ``--reps`` or ``--min-time``) and each call's thread CPU ms."""
+def time_calls(fn: Callable[[], object], args: argparse.Namespace) -> tuple[Timing, list[float], list[int]]:
+    """Wall timing of ``fn`` (after ``--warmup`` calls; ``--reps`` or ``--min-time``), each call's thread CPU ms and
+    minor page faults."""
     first = None
     last = 0.0
     for i in range(max(args.warmup, 1)):
@@ -128,13 +138,14 @@ def time_calls(fn: Callable[[], object], args: argparse.Namespace) -> tuple[Timi
         last = time.perf_counter() - start
         first = last if i == 0 else first
     reps = args.reps or int(min(1000, max(5, args.min_time / max(last, 1e-6))))
-    wall, cpu = [], []
+    wall, cpu, faults = [], [], []
     for _ in range(reps):
-        c0, w0 = _thread_ms(), time.perf_counter()
+        f0, c0, w0 = _thread_faults(), _thread_ms(), time.perf_counter()
         fn()
         wall.append((time.perf_counter() - w0) * 1e3)
         cpu.append(_thread_ms() - c0)
-    return Timing.from_samples(wall, first_call_ms=first * 1e3), cpu
+        faults.append(_thread_faults() - f0)
+    return Timing.from_samples(wall, first_call_ms=first * 1e3), cpu, faults
 
 
 def time_loader(case: DataCase, workers: int, args: argparse.Namespace) -> tuple[Timing, list[float], dict]:
@@ -148,20 +159,22 @@ def time_loader(case: DataCase, workers: int, args: argparse.Namespace) -> tuple
         next(it)
     first = (time.perf_counter() - start) * 1e3
     pids = [w.pid for w in getattr(it, "_workers", [])]
-    worker_cpu0 = sum(_proc_cpu_ms(p) for p in pids)
-    thread0 = _thread_ms()
+    worker0 = [_proc_cpu(p) for p in pids]
+    thread0, faults0 = _thread_ms(), _thread_faults()
     wall = []
     for _ in range(args.loader_batches):
         w0 = time.perf_counter()
         next(it)
         wall.append((time.perf_counter() - w0) * 1e3)
-    cpu_total = _thread_ms() - thread0 + sum(_proc_cpu_ms(p) for p in pids) - worker_cpu0
+    worker1 = [_proc_cpu(p) for p in pids]
+    cpu_total = _thread_ms() - thread0 + sum(a[0] - b[0] for a, b in zip(worker1, worker0, strict=True))
+    faults = _thread_faults() - faults0 + sum(a[1] - b[1] for a, b in zip(worker1, worker0, strict=True))
     memory = [_proc_memory_mb(p) for p in pids]
     del it
-    extra = {}
+    extra = {"faults_per_batch": faults / args.loader_batches}
     if memory:
-        extra = {"worker_rss_mb": max(m[0] or 0.0 for m in memory),
-                 "worker_private_mb": max(m[1] or 0.0 for m in memory)}
+        extra.update(worker_rss_mb=max(m[0] or 0.0 for m in memory),
+                     worker_private_mb=max(m[1] or 0.0 for m in memory))
     return Timing.from_samples(wall, first_call_ms=first), [cpu_total / args.loader_batches], extra
 
 
@@ -174,17 +187,19 @@ def fill(row: dict, timing: Timing, cpu: Sequence[float]) -> None:
     row["rss_mb"] = _proc_memory_mb("self")[0]
 
 
-def measurements(run: BenchRun, case: DataCase, workers: Sequence[int], args: argparse.Namespace) -> list[Measurement]:
+def measurements(run: BenchRun, case: DataCase, stages: Sequence[str], workers: Sequence[int],
+                 args: argparse.Namespace) -> list[Measurement]:
     out = []
     base = {"preset": case.preset, "B": case.batch_size, "steps": case.steps, "status": "ok"}
 
-    for stage in STAGES:
+    for stage in stages:
         row = run.add(stage=stage, workers=None, **base)
         cpu = CPU_MS.setdefault(id(row), [])
 
         def timed(first: bool, row=row, stage=stage, cpu=cpu) -> Timing | None:
             try:
-                timing, samples = time_calls(case.call(stage), args)
+                timing, samples, faults = time_calls(case.call(stage), args)
+                row["faults_per_batch"] = float(torch.tensor(faults, dtype=torch.float64).median())
                 if first:
                     memory = measure_peak_memory(case.call(stage), device="cpu")
                     if memory is not None:
@@ -217,7 +232,10 @@ def measurements(run: BenchRun, case: DataCase, workers: Sequence[int], args: ar
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="seed,cpu", help=f"comma-separated run presets of {', '.join(PRESETS)}")
-    parser.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts (0,1,2)")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated of {', '.join(STAGES)} (default: all)")
+    parser.add_argument("--workers", default="0,1,2",
+                        help="comma-separated DataLoader worker counts (0,1,2; empty: no loader rows)")
     parser.add_argument("--loader-batches", type=int, default=12,
                         help="timed batches per loader measurement, after warm-up (default 12)")
     parser.add_argument("--batches", type=int, default=3, help="distinct batches the stages cycle through (3)")
@@ -235,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         apply_common_args(args)
         presets = parse_list(args.preset, PRESETS, "--preset")
+        stages = parse_list(args.stages, STAGES, "--stages") if args.stages.strip() else []
         try:
             workers = [int(w) for w in args.workers.split(",") if w.strip()]
         except ValueError:
@@ -265,12 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for preset in presets:
         case = DataCase(preset, args.batches)
         print(f"{preset}: B={case.batch_size} T={case.steps} windows={len(case.dataset)}")
-        plan += measurements(run, case, workers, args)
+        plan += measurements(run, case, stages, workers, args)
     run_rounds(run, plan, rounds=args.rounds, out=out, fill=lambda row, timing: fill(row, timing, CPU_MS[id(row)]))
     json_path, csv_path = run.save(out)
     print_table([r for r in run.rows if r.get("status") == "ok"],
                 ["stage", "preset", "B", "steps", "ms_p50", "cpu_ms_p50", "windows_per_s", "windows_per_cpu_s",
-                 "rss_mb", "worker_rss_mb", "worker_private_mb", "peak_mb"])
+                 "faults_per_batch", "rss_mb", "worker_rss_mb", "worker_private_mb", "peak_mb"])
     print(f"\nwrote {json_path} and {csv_path}")
     if args.compare:
         return compare(args.compare, json_path, args.threshold)
