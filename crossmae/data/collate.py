@@ -347,7 +347,8 @@ def _lowest(scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
     A selection (``np.partition``, linear time) finds each row's ``count``-th smallest value v; when no tie
     straddles it (exactly ``count`` entries ≤ v, as with continuous noise but for a rare draw), those entries
-    are the answer whatever the tie order; otherwise the rows are ranked by ``torch.argsort``.
+    are the answer whatever the tie order; otherwise (and off the CPU or for other dtypes than float32/64) the
+    rows are ranked by ``torch.argsort``.
 
     Args:
         scores: ``[..., N]`` float.
@@ -359,18 +360,21 @@ def _lowest(scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     n = scores.shape[-1]
     flat = scores.reshape(-1, n)  # [rows, N]
     k = count.expand(*scores.shape[:-1], 1).reshape(-1)  # [rows]
-    kth = sorted(set((k[k > 0] - 1).tolist()))
-    if kth:
+    numpy_ok = scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64)
+    kth = sorted(set((k[k > 0] - 1).tolist())) if numpy_ok else None
+    if kth is None:
+        chosen = None
+    elif kth:
         part = torch.from_numpy(np.partition(flat.numpy(), kth, axis=-1))  # [rows, N]
         value = part.gather(1, (k - 1).clamp_min(0)[:, None])  # [rows, 1]: the count-th smallest
         chosen = (flat <= value) & (k > 0)[:, None]
     else:
         chosen = torch.zeros(flat.shape, dtype=torch.bool)
-    if torch.equal(chosen.sum(-1), k):
+    if chosen is not None and torch.equal(chosen.sum(-1), k):
         return chosen.view(scores.shape)
     order = torch.argsort(scores, dim=-1)  # [..., N]: entry at each rank
-    kept = (torch.arange(n) < count).expand(scores.shape)  # [..., N]: ranks below count
-    return torch.zeros(scores.shape, dtype=torch.bool).scatter_(-1, order, kept)
+    kept = (torch.arange(n, device=scores.device) < count).expand(scores.shape)  # [..., N]: ranks below count
+    return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter_(-1, order, kept)
 
 
 def _predicted(masked: torch.Tensor, noise: torch.Tensor, n_valid: torch.Tensor, kept: float | None) -> torch.Tensor:
