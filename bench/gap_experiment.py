@@ -2,6 +2,7 @@
 
     python bench/gap_experiment.py                                      # Moselle + 4 CAMELS-US basins, 3 seeds
     python bench/gap_experiment.py --datasets camels_us --seeds 0 --max-steps 200 --gap 30
+    python bench/gap_experiment.py --datasets camels_us --mask.ratios.streamflow=0.75   # settings for every run
 
 For each data set and seed it trains a run with ``train.py --fused`` on the data set's config
 (``configs/<name>.yaml``) with span masks (``mask.mode=span``: the streamflow hidden in runs of
@@ -73,7 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--splits", default="val,test")
     p.add_argument("--runs", help="where the runs go (default a temporary folder)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gaps_30"))
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    for item in extra:
+        if not (item.startswith("--") and "=" in item and "." in item.split("=", 1)[0]):
+            p.error(f"unrecognised argument {item!r} (settings for train.py take the form --section.key=value)")
+    args.train_settings = extra
     args.datasets = [d for d in args.datasets.split(",") if d]
     unknown = [d for d in args.datasets if d not in DATASETS]
     if unknown:
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                    "--seed", str(seed), "--max-steps", str(args.max_steps[name]), "--out-dir", str(run),
                    f"--data.steps={args.steps}", "--mask.mode=span", f"--mask.span_days=[{lo}, {hi}]",
                    "--model.day_of_year=true", "--train.val_every=0", "--train.log_every=50",
-                   f"--train.ckpt_every={args.max_steps[name]}", *DATASETS[name]]
+                   f"--train.ckpt_every={args.max_steps[name]}", *DATASETS[name], *args.train_settings]
             train_seconds = _run(cmd, runs / f"{name}_seed{seed}.train.log")
             for split in args.splits:
                 ev = [sys.executable, "-m", "crossmae.evaluate", "--run", str(run), "--split", split,
