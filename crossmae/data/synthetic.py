@@ -207,7 +207,7 @@ def _render_precip(storms: dict[str, np.ndarray], day_from: int, day_to: int, or
     gx_days[day, slot] = gx
     out = np.matmul(gy_days.transpose(0, 2, 1), gx_days)  # [L, H, W]
     out *= oro
-    out[out < 0.1] = 0.0
+    np.multiply(out, out >= 0.1, out=out)  # below 0.1 mm → 0 (the field is ≥ 0, so 0 · x is +0)
     return out
 
 
