@@ -278,7 +278,8 @@ def _pruner(kind: str):
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _load_block(ptrs, d_mask, EVEN_D: tl.constexpr, D_AXIS: tl.constexpr):
-    """An unmasked key block: K^T (head dim on axis 0) or V (head dim on axis 1)."""
+    """A block without row masks: a transposed tile (K^T, Q^T: head dim on axis 0) or a row tile
+    (V, dO: head dim on axis 1); padded head-dim lanes masked unless EVEN_D."""
     if EVEN_D:
         block = tl.load(ptrs)
     elif D_AXIS == 0:
