@@ -23,6 +23,10 @@ COMMON = ["--fused", "--max-steps", str(STEPS), *[f"--{o}" for o in TINY], "--tr
           "--train.val_every=0", "--train.log_every=3"]
 
 
+# every run of a comparison uses one thread: another thread count sums in another order (last-bit differences)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def torchrun(port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
 
@@ -31,7 +35,7 @@ def signal_mid_run(cmd: list[str], out: Path, min_rows: int = 3, group: bool = F
                    ) -> tuple[subprocess.CompletedProcess, int]:
     """Start ``cmd``, send ``sig`` once ``min_rows`` metric rows are written (to its whole process group when
     ``group``, as a terminal's Ctrl-C or a scheduler does); (the finished process, rows then)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **ONE_THREAD}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=group)
     metrics = out / "metrics.csv"
@@ -60,7 +64,7 @@ def assert_same_losses(whole: Path, resumed: Path) -> None:
 
 def test_sigterm_checkpoints_the_step_exits_75_and_resume_matches_an_uninterrupted_run(tmp_path):
     whole = tmp_path / "whole"
-    done = run_train([*COMMON, "--out-dir", str(whole)])
+    done = run_train([*COMMON, "--out-dir", str(whole)], env=ONE_THREAD)
     assert done.returncode == 0, done.stderr[-2000:]
 
     stopped = tmp_path / "stopped"
@@ -77,7 +81,7 @@ def test_sigterm_checkpoints_the_step_exits_75_and_resume_matches_an_uninterrupt
     assert state["step"] == step
     assert [int(r["step"]) for r in read_metrics(stopped / "metrics.csv")] == list(range(1, step + 1))
 
-    resumed = run_train(["--resume", "--out-dir", str(stopped)])
+    resumed = run_train(["--resume", "--out-dir", str(stopped)], env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {step}" in resumed.stdout
     assert_same_losses(whole, stopped)
