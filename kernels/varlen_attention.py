@@ -16,7 +16,8 @@ Algorithm
       3. dQ pass      one program per query block, streaming over the segment's key blocks
     ``deterministic=False``: step 2 also adds dS K into an fp32 dQ buffer with atomics and step
     3 is skipped (S, dP and the exponentials once instead of twice; dQ's last bits then depend
-    on the order the atomics land in). Both passes issue the dP product before the
+    on the order the atomics land in). The ``triton`` backend (crossmae/ops/triton_attention.py)
+    asks for it unless determinism is requested, as the static profile predicts it faster. Both passes issue the dP product before the
     exponentials, fold the scale into the exponent's FFMA, and run their full blocks without
     row masks (the partial last block once, with them).
     Query and key segments have independent lengths (cross-attention, Lq != Lk).
@@ -460,7 +461,7 @@ def _varlen_attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_tile(
-    dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_ptrs, rows_left, offs_m, d_mask, qk_scale,
+    dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_ptrs, rows_left, offs_m, n_mask, d_mask, qk_scale,
     MASK_M: tl.constexpr, EVEN_D: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK/dV (and with ATOMIC_DQ dQ) contributions of one query block; MASK_M: a partial block."""
@@ -488,8 +489,11 @@ def _bwd_dkdv_tile(
     dst = pt * (dpt - delta[None, :])
     dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
     if ATOMIC_DQ:
-        # -- dQ += dS K for this block's query rows --
-        dq_part = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
+        # -- dQ += dS K for this block's query rows; key rows past the segment load as zeros, and
+        #    their P = exp2(0 - lse) overflows where every logit is far below zero: dS = 0 there,
+        #    or inf * 0 would put NaN into dQ --
+        dsq = tl.where(n_mask[:, None], dst, 0.0)
+        dq_part = tl.dot(tl.trans(dsq.to(k.dtype)), k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_D]
         if MASK_M:
             tl.atomic_add(dqa_ptrs, dq_part, mask=md_mask, sem="relaxed")
         elif EVEN_D:
@@ -569,7 +573,7 @@ def _varlen_attn_bwd_dkdv_kernel(
     m_full = (q_len // BLOCK_M) * BLOCK_M if SPLIT_TAIL else 0
     for _ in range(0, m_full, BLOCK_M):
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_ptrs, BLOCK_M, offs_m,
-                                d_mask, qk_scale, False, EVEN_D, ATOMIC_DQ, DOT_PRECISION)
+                                n_mask, d_mask, qk_scale, False, EVEN_D, ATOMIC_DQ, DOT_PRECISION)
         qt_ptrs += BLOCK_M * stride_qt
         do_ptrs += BLOCK_M * stride_dot
         lse_ptrs += BLOCK_M
@@ -577,7 +581,7 @@ def _varlen_attn_bwd_dkdv_kernel(
         dqa_ptrs += BLOCK_M * stride_dqat
     for m0 in range(m_full, q_len, BLOCK_M):
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_ptrs, q_len - m0,
-                                offs_m, d_mask, qk_scale, True, EVEN_D, ATOMIC_DQ, DOT_PRECISION)
+                                offs_m, n_mask, d_mask, qk_scale, True, EVEN_D, ATOMIC_DQ, DOT_PRECISION)
         qt_ptrs += BLOCK_M * stride_qt
         do_ptrs += BLOCK_M * stride_dot
         lse_ptrs += BLOCK_M

@@ -134,7 +134,7 @@ register_backend(AttentionBackend(
 register_backend(AttentionBackend(
     name="triton",
     fn=triton_attention.triton_varlen_attention,
-    description="our Triton kernels, forward and backward (FA2-style, deterministic)",
+    description="our Triton kernels, forward and backward (FA2-style; atomic dQ unless determinism is asked for)",
     devices=("cpu", "cuda"),
     dtypes=(torch.float16, torch.bfloat16, torch.float32),
     head_dims=("16..128, multiples of 8", triton_attention.head_dim_supported),

@@ -90,8 +90,21 @@ def _bwd(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (contiguous, the inputs' dtype)."""
     return _kernels.varlen_attn_bwd(
-        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale
+        dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+        deterministic=deterministic_backward(),
     )
+
+
+def deterministic_backward() -> bool:
+    """Whether the backward runs the two-pass kernels (bit-for-bit the same on every run).
+
+    True when PyTorch is asked for deterministic algorithms (``torch.use_deterministic_algorithms``)
+    or ``CROSSMAE_TRITON_DETERMINISTIC=1``; otherwise the dK/dV pass accumulates dQ with fp32
+    atomics (head dims up to 64, FlashAttention-2's single pass), which the static profile in
+    bench/results/kernel_report.md predicts faster at both preset head dims (D=16: 0.337 vs 0.205
+    of bf16 peak; D=64: 0.58 vs 0.398). dQ's last bits then depend on the order the atomics land in.
+    """
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("CROSSMAE_TRITON_DETERMINISTIC", "0") == "1"
 
 
 varlen_attn_triton_fwd, varlen_attn_triton_bwd = define_varlen_attention_ops(_FWD, _BWD, _fwd, _bwd)
