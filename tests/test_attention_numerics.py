@@ -138,7 +138,9 @@ def test_fp32_forward_backward_within_rule(backend, case_name, seed):
 
 @pytest.mark.skipif(not is_interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("case_name", TRITON_CASES)
-def test_triton_interpreter_fp32_forward_backward_within_rule(case_name):
+@pytest.mark.parametrize("deterministic", ["0", "1"], ids=["atomic_dq", "two_pass"])
+def test_triton_interpreter_fp32_forward_backward_within_rule(case_name, deterministic, monkeypatch):
+    monkeypatch.setenv("CROSSMAE_TRITON_DETERMINISTIC", deterministic)
     check_backend("triton", case_name, torch.float32)
 
 
