@@ -17,9 +17,10 @@ Algorithm
     ``deterministic=False``: step 2 also adds dS K into an fp32 dQ buffer with atomics and step
     3 is skipped (S, dP and the exponentials once instead of twice; dQ's last bits then depend
     on the order the atomics land in). The ``triton`` backend (crossmae/ops/triton_attention.py)
-    asks for it unless determinism is requested, as the static profile predicts it faster. Both passes issue the dP product before the
-    exponentials, fold the scale into the exponent's FFMA, and run their full blocks without
-    row masks (the partial last block once, with them).
+    asks for it unless determinism is requested, as the static profile predicts it faster.
+    Both passes issue the dP product before the exponentials, fold the scale into the
+    exponent's FFMA, and run their full blocks without row masks (the partial last block once,
+    with them).
     Query and key segments have independent lengths (cross-attention, Lq != Lk).
 
 Layouts
