@@ -98,6 +98,16 @@ def block_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+# fp32 dots run on the FMA units ("ieee"): a 128-wide head dim tile spills on sm_90 in every
+# configuration (bench/results/kernel_report.md covers fp32 up to 64), so the launcher refuses it
+FP32_MAX_BLOCK_HEAD_DIM = 64
+
+
+def fp32_head_dim_spills(head_dim: int) -> bool:
+    """True where float32 inputs of this head dim would run a spilling kernel on the GPU."""
+    return block_head_dim(head_dim) > FP32_MAX_BLOCK_HEAD_DIM
+
+
 # --------------------------------------------------------------------------------------
 # Autotune configurations.
 #
@@ -773,6 +783,12 @@ def _check_launch_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
             f"head dim {q.shape[-1]} is not supported by the triton backend "
             f"(multiples of 8 from {MIN_HEAD_DIM} to {MAX_HEAD_DIM})"
         )
+    if q.dtype == torch.float32 and not is_interpreting() and fp32_head_dim_spills(q.shape[-1]):
+        raise ValueError(
+            f"head dim {q.shape[-1]} in float32 is not supported by the triton backend: its "
+            f"{block_head_dim(q.shape[-1])}-wide tile spills registers on sm_90 (float32 up to head dim "
+            f"{FP32_MAX_BLOCK_HEAD_DIM}; bf16/fp16 up to {MAX_HEAD_DIM})"
+        )
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if cu.dtype != torch.int32 or not cu.is_contiguous():
             raise ValueError(f"{name} must be a contiguous int32 tensor")
@@ -911,6 +927,7 @@ __all__ = [
     "BWD_DKDV_CONFIGS",
     "BWD_DQ_CONFIGS",
     "LOG2_E",
+    "fp32_head_dim_spills",
     "head_dim_supported",
     "is_interpreting",
     "prune_configs",

@@ -184,6 +184,17 @@ def test_auto_picks_a_backend_that_can_run_and_honours_env(monkeypatch):
         varlen_attention(*case.args)
 
 
+def test_triton_refuses_float32_head_dims_whose_tile_spills():
+    """fp32 runs its dots on the FMA units; a 128-wide head-dim tile spills on sm_90 (kernel report)."""
+    from crossmae.ops import triton_attention
+
+    cuda = torch.device("cuda")
+    assert triton_attention.device_reasons(cuda, torch.float32, 64) == []
+    for head_dim in (72, 128):
+        (why,) = triton_attention.device_reasons(cuda, torch.float32, head_dim)
+        assert f"head dim {head_dim}" in why and "spills" in why
+
+
 def test_unavailable_backend_raises_with_reasons():
     case = make_case([3], [4], heads=1, head_dim=16, requires_grad=False)
     for name in ("torch_varlen", "flash_attn", "xformers"):

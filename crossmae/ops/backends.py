@@ -42,7 +42,7 @@ class AttentionBackend:
         head_dims: description of the head dims it accepts, and the predicate that checks one.
         backward_devices: device types on which gradients flow through it.
         unavailable: returns why the backend can't run at all here (library missing), or None.
-        extra_reasons: further reasons for a (device, dtype) (e.g. GPU architecture), may be empty.
+        extra_reasons: further reasons for a (device, dtype, head dim) (e.g. GPU architecture), may be empty.
     """
 
     name: str
@@ -53,7 +53,8 @@ class AttentionBackend:
     head_dims: tuple[str, Callable[[int], bool]]
     backward_devices: tuple[str, ...] = ("cpu", "cuda")
     unavailable: Callable[[], str | None] = lambda: None
-    extra_reasons: Callable[[torch.device, torch.dtype], list[str]] = field(default=lambda device, dtype: [])
+    extra_reasons: Callable[[torch.device, torch.dtype, int], list[str]] = field(
+        default=lambda device, dtype, head_dim: [])
 
     def reasons_for(
         self, *, device: torch.device | str, dtype: torch.dtype, head_dim: int, needs_backward: bool
@@ -75,7 +76,7 @@ class AttentionBackend:
         if needs_backward and device.type not in self.backward_devices:
             why.append(f"has no backward on {device.type}, and the inputs require grad")
         if not why:
-            why.extend(self.extra_reasons(device, dtype))
+            why.extend(self.extra_reasons(device, dtype, head_dim))
         return why
 
     def reasons(self, q: torch.Tensor, *, needs_backward: bool = False) -> list[str]:

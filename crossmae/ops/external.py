@@ -69,7 +69,7 @@ def flex_head_dim_supported(d: int) -> bool:
     return 16 <= d <= 256 and d & (d - 1) == 0
 
 
-def sm80_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
+def sm80_reasons(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         return ["needs a GPU of compute capability 8.0 or newer"]
     return []

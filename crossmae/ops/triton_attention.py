@@ -65,7 +65,10 @@ def head_dim_supported(d: int) -> bool:
     return _kernels is not None and _kernels.head_dim_supported(d)
 
 
-def device_reasons(device: torch.device, dtype: torch.dtype) -> list[str]:
+def device_reasons(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
+    if device.type == "cuda" and dtype == torch.float32 and _kernels.fp32_head_dim_spills(head_dim):
+        return [f"float32 at head dim {head_dim} spills registers on the GPU (its tile is "
+                f"{_kernels.block_head_dim(head_dim)} wide; bench/results/kernel_report.md): use bf16/fp16"]
     if device.type == "cpu" and not _kernels.is_interpreting():
         return ["runs on CPU tensors only under TRITON_INTERPRET=1 (a slow interpreter, for tests)"]
     if device.type == "cpu" and dtype == torch.bfloat16:
