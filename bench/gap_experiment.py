@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +33,7 @@ import numpy as np
 if not __package__:  # run as `python bench/gap_experiment.py`: find the `bench` package by this file's place
     import _package  # noqa: F401
 
-from bench.harness import command_line, environment, machine_summary
+from bench.harness import command_line, environment, machine_summary, run_logged
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = {
@@ -46,19 +43,6 @@ DATASETS = {
     "camels_us": ["--mask.ratios.forcing=0.05", "--mask.ratios.streamflow=0.5", "--model.dec_depth=1"],
 }
 METHODS = ("model", "interp", "climatology", "regression")
-
-
-def _run(cmd: list[str], log_path: Path) -> float:
-    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = log_path.read_text().splitlines()[-20:]
-        raise SystemExit(f"command failed (exit {proc.returncode}), log {log_path}:\n" + "\n".join(tail))
-    seconds = time.perf_counter() - start
-    print(f"  done in {seconds:.0f} s (log {log_path})", flush=True)
-    return seconds
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -114,11 +98,11 @@ def main(argv: list[str] | None = None) -> int:
                    f"--data.steps={args.steps}", "--mask.mode=span", f"--mask.span_days=[{lo}, {hi}]",
                    "--model.day_of_year=true", "--train.val_every=0", "--train.log_every=50",
                    f"--train.ckpt_every={args.max_steps[name]}", *DATASETS[name], *args.train_settings]
-            train_seconds = _run(cmd, runs / f"{name}_seed{seed}.train.log")
+            train_seconds = run_logged(cmd, runs / f"{name}_seed{seed}.train.log")
             for split in args.splits:
                 ev = [sys.executable, "-m", "crossmae.evaluate", "--run", str(run), "--split", split,
                       "--gaps", str(args.gap), "--stride", str(args.eval_stride), "--seed", "0"]
-                eval_seconds = _run(ev, runs / f"{name}_seed{seed}.gaps_{split}.log")
+                eval_seconds = run_logged(ev, runs / f"{name}_seed{seed}.gaps_{split}.log")
                 metrics = json.loads((run / "eval" / f"gaps{args.gap}_{split}.json").read_text())
                 for key, result in metrics["flow"].items():
                     for basin, scores in result["per_basin"].items():

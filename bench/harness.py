@@ -604,6 +604,22 @@ class BenchRun:
         return write_results(self.rows, stem, self.metadata())
 
 
+def run_logged(cmd: list[str], log_path: Path) -> float:
+    """Run ``cmd`` from the repository root with its output in ``log_path``; its wall seconds.
+
+    Prints the command and the time; a failure ends the script with the log's last 20 lines."""
+    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log_path.read_text().splitlines()[-20:]
+        raise SystemExit(f"command failed (exit {proc.returncode}), log {log_path}:\n" + "\n".join(tail))
+    seconds = time.perf_counter() - start
+    print(f"  done in {seconds:.0f} s (log {log_path})", flush=True)
+    return seconds
+
+
 def record_error(row: dict, exc: BaseException, label: str) -> None:
     """Mark ``row`` as failed with the exception's type and first line, and say so on stderr.
 

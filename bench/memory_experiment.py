@@ -33,8 +33,6 @@ import argparse
 import datetime
 import json
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +43,7 @@ import yaml
 if not __package__:  # run as `python bench/memory_experiment.py`: find the `bench` package by this file's place
     import _package  # noqa: F401
 
-from bench.harness import command_line, environment, machine_summary
+from bench.harness import command_line, environment, machine_summary, run_logged
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = {
@@ -73,17 +71,6 @@ def variant_overrides(name: str) -> list[str]:
             raise ValueError(f"--variants: unknown part {part!r} of {name!r} (expected joint, own, fusion, unified "
                              "or drop=<modality>, joined by '+')")
     return settings
-
-
-def _run(cmd: list[str], log_path: Path) -> None:
-    print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = log_path.read_text().splitlines()[-20:]
-        raise SystemExit(f"command failed (exit {proc.returncode}), log {log_path}:\n" + "\n".join(tail))
-    print(f"  done in {time.perf_counter() - start:.0f} s (log {log_path})", flush=True)
 
 
 def _finished(run_dir: Path) -> bool:
@@ -173,14 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"reusing the finished run {run_dir}", flush=True)
                     train_s = None
                 else:
-                    _run(cmd, runs / f"{run_dir.name}.train.log")
+                    run_logged(cmd, runs / f"{run_dir.name}.train.log")
                     train_s = round(time.perf_counter() - started_run, 1)
                 val = _last_val(run_dir)
                 run_mode = yaml.safe_load((run_dir / "config.yaml").read_text())["mask"]["mode"]
                 modes = dict.fromkeys(run_mode if m == "run" else m for m in args.eval_modes)  # each mode once
                 for split in args.splits:
                     for mode in modes:
-                        _run([sys.executable, "-m", "crossmae.evaluate", "--run", str(run_dir), "--split", split,
+                        run_logged([sys.executable, "-m", "crossmae.evaluate", "--run", str(run_dir), "--split", split,
                               "--no-plots", f"--mask.mode={mode}"], runs / f"{run_dir.name}.eval_{split}_{mode}.log")
                         metrics = json.loads((run_dir / "eval" / f"metrics_{split}.json").read_text())
                         scores = metrics["flow"].get(flow, {})

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from crossmae.data.loader import make_collator
-from crossmae.fill import GapCollator, open_run, record_windows, write_atomic
+from crossmae.fill import GapCollator, add_run_arguments, open_run, record_windows, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +152,7 @@ def embed_run(run_dir: str | Path, out: str | Path, *, config_file: str | None =
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description="Pooled encoder embeddings of every basin and window of a run.")
-    parser.add_argument("--run", required=True, help="the run folder")
-    parser.add_argument("--out", required=True, help="a .nc or .parquet file")
-    parser.add_argument("--config", help="YAML whose data section replaces the run's (same modalities)")
-    parser.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
-    parser.add_argument("--data-root", help="the run's data folder, when it moved")
+    add_run_arguments(parser, out_help="a .nc or .parquet file")
     parser.add_argument("--stride", type=int, help="days between window starts (default one window)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu")

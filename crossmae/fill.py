@@ -432,14 +432,19 @@ def fill_run(run_dir: str | Path, out_dir: str | Path, *, config_file: str | Non
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description="Fill the gaps of a record with a trained run.")
+def add_run_arguments(parser: argparse.ArgumentParser, *, out_help: str) -> None:
+    """The flags that name a run and its data (what :func:`open_run` takes), and ``--out``."""
     parser.add_argument("--run", required=True, help="the run folder")
-    parser.add_argument("--out", required=True, help="output folder: <modality>/<basin>.csv or .nc")
+    parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("--config", help="YAML whose data section replaces the run's (same modalities)")
     parser.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
     parser.add_argument("--data-root", help="the run's data folder, when it moved")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description="Fill the gaps of a record with a trained run.")
+    add_run_arguments(parser, out_help="output folder: <modality>/<basin>.csv or .nc")
     parser.add_argument("--stride", type=int, help="days between window starts (default half a window)")
     parser.add_argument("--members", type=int, default=0, help="ensemble passes for a 10-90 %% band")
     parser.add_argument("--extra-ratio", type=float, default=0.25, help="observed share each pass also hides")
