@@ -245,6 +245,8 @@ class DataConfig:
         batch_size: samples per step on each process.
         num_workers: DataLoader worker processes.
         seed: seeds the data set's generation (synthetic) and nothing else.
+        on_device: keep a device copy of the data set's values and make windows, masks and packed indices
+            on the training device (:mod:`crossmae.data.device`); the host only picks windows and mask seeds.
         synthetic: the ``synthetic`` source's settings.
         files: the ``files`` source's settings.
     """
@@ -257,6 +259,7 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 0
     seed: int = 0
+    on_device: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
 
@@ -380,6 +383,8 @@ class TrainConfig:
             the run stops; checked when the metrics are read.
         amp: ``auto`` (bf16 autocast on CUDA), ``bf16`` or ``none``.
         compile: compile the whole model once with ``torch.compile`` (packed rows dynamic).
+        cuda_graphs: pad each batch's packed totals up to one of a few bucket sizes (a padding segment that
+            attends to nothing and is in no loss) and replay one captured CUDA graph per bucket.
         device: ``auto``, ``cpu`` or ``cuda[:N]``.
         seed: seeds weights, sampling order and masks.
         out_dir: the run folder.
@@ -402,6 +407,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     amp: str = "auto"
     compile: bool = False
+    cuda_graphs: bool = False
     device: str = "auto"
     seed: int = 0
     out_dir: str = "runs/default"
