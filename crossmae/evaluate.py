@@ -26,21 +26,30 @@ Metrics (``RUN/eval/metrics_<split>.json``, TensorBoard ``eval_<split>/…``)
         KGE (Gupta et al. 2009, with its r, α = σ_sim/σ_obs, β = μ_sim/μ_obs) and their medians over basins;
         ``baseline_interp``: the same for linear interpolation in time between the window's visible days, the
         score to beat.
+    ``sites.<m>:<variable>``: for site sets (gauges grouped in (group, day) tokens), the same per site over its
+        masked days (predictions ungrouped to sites by the data set's site layout), their medians over sites and
+        the interpolation baseline per site; every variable of the site set.
 
 Plots (PNG in ``RUN/eval/``, also logged to TensorBoard)
     ``<split>_map_<m>.png``: a grid modality's true and reconstructed maps for a few days of one window,
         with masked (reconstructed) patches hatched, cells outside the basin grey and missing cells white.
     ``<split>_hydrograph_<m>_<basin>.png``: a series' true and reconstructed values over the split, masked
         days shaded.
+    ``<split>_sites_<m>_<variable>_nse.png``: a site set's per-site NSE as coloured points at the sites'
+        (row, col) in the grid frame, over the region's land mask when the data set has one; the per-site
+        scores of every variable are in ``<split>_sites_<m>.csv`` beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
+import io
 import json
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +111,84 @@ def interpolate_masked(values: np.ndarray, visible: np.ndarray) -> np.ndarray:
 
 
 # -- collecting reconstructions ------------------------------------------------------------------------------
+def site_tokens_to_values(pred: torch.Tensor, index: torch.Tensor, batch_size: int, steps: int, groups: int,
+                          group_size: int, variables: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A site set's predicted tokens back to per-slot values.
+
+    Args:
+        pred: ``[n, K·F]`` predicted tokens (slot-major, value index ``k·F + f``).
+        index: ``[n, 3]`` int64 (b, t, g) of each token.
+
+    Returns:
+        values ``[B, T, G, K, F]`` (NaN where not predicted) and predicted ``[B, T, G]`` bool.
+    """
+    values = torch.full((batch_size, steps, groups, group_size * variables), float("nan"), dtype=pred.dtype)
+    predicted = torch.zeros(batch_size, steps, groups, dtype=torch.bool)
+    b, t, g = index.unbind(1)
+    values[b, t, g] = pred
+    predicted[b, t, g] = True
+    return values.view(batch_size, steps, groups, group_size, variables), predicted  # [B, T, G, K, F]
+
+
+def collect_site_days(store: dict[str, list[_FlowDays]], truth: np.ndarray, recon: np.ndarray,
+                      predicted: np.ndarray, slots: np.ndarray, ids: list[list[str | None]], starts: list[int]) -> None:
+    """Add one batch's site values to ``store`` (site id → one :class:`_FlowDays` per variable).
+
+    Args:
+        truth, recon: ``[B, T, G, K, F]`` observed and reconstructed values (physical units; NaN = missing or not
+            predicted).
+        predicted: ``[B, T, G]`` bool, the tokens the model predicted.
+        slots: ``[B, G, K]`` bool, True where a site fills the slot.
+        ids: ``[G][K]`` site id per slot.
+        starts: each window's first day.
+    """
+    b_count, steps, groups, size, variables = truth.shape
+    for b in range(b_count):
+        days = starts[b] + np.arange(steps)
+        for g in range(groups):
+            masked = predicted[b, :, g]  # [T]
+            for k in range(size):
+                if not slots[b, g, k]:
+                    continue
+                per_var = store.setdefault(str(ids[g][k]), [_FlowDays() for _ in range(variables)])
+                for f in range(variables):
+                    obs = truth[b, :, g, k, f]
+                    entry = per_var[f]
+                    seen = np.isfinite(obs)
+                    entry.obs.update(zip(days[seen].tolist(), obs[seen].tolist()))
+                    if not masked.any():
+                        continue
+                    interp = interpolate_masked(obs, ~masked)
+                    for t in np.flatnonzero(masked):
+                        entry.model.setdefault(int(days[t]), []).append(float(recon[b, t, g, k, f]))
+                        entry.interp.setdefault(int(days[t]), []).append(float(interp[t]))
+
+
+def site_ids(dataset, m) -> list[list[str | None]]:
+    """``[G][K]`` site id per slot of site set ``m``: the data set's layout (``dataset.site_layouts``), else
+    ``g<group>/<slot>``."""
+    layout = getattr(dataset, "site_layouts", {}).get(m.name)
+    if layout is not None:
+        return [list(group) for group in layout.ids]
+    return [[f"g{g}/{k}" for k in range(m.group_size)] for g in range(m.groups)]
+
+
+def site_coordinates(dataset, m) -> dict[str, tuple[int, int, float, float]]:
+    """Site id → (group, slot, row, col) in the grid frame: the layout's site coordinates, else the group
+    centres of the spec."""
+    layout = getattr(dataset, "site_layouts", {}).get(m.name)
+    out = {}
+    for g, group in enumerate(site_ids(dataset, m)):
+        for k, site in enumerate(group):
+            if site is None:
+                continue
+            row, col = (float(layout.rows[g, k]), float(layout.cols[g, k])) if layout is not None \
+                else m.locations[g]
+            out[str(site)] = (g, k, row, col)
+    return out
+
+
+
 @dataclass
 class _FlowDays:
     """One basin's days of a series channel: observed value, and the model's and the baseline's reconstructions
@@ -195,6 +282,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str | Path
     phys_se = {m.name: 0.0 for m in spec.modalities}
     phys_n = {m.name: 0 for m in spec.modalities}
     series_days: dict[str, dict[str, list[_FlowDays]]] = {m.name: {} for m in spec.series}
+    site_days: dict[str, dict[str, list[_FlowDays]]] = {m.name: {} for m in spec.sites}
     map_window: dict[str, dict] = {}
     dated = True
     bs = batch_size or data.batch_size
@@ -212,6 +300,20 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str | Path
             sse[m.name] += float(((pred - target).square() * weight).sum())
             count[m.name] += float(weight.sum())
             if m.name in model.norm_pix_names:
+                continue
+            if m.kind == "sites":
+                recon, predicted = site_tokens_to_values(pred, mb.queries.index, len(samples), data.steps,
+                                                         m.groups, m.group_size, m.channels)  # [B, T, G, K, F]
+                truth = torch.stack([s.sites[m.name] for s in samples])  # [B, T, G, K, F]
+                slots = torch.stack([s.site_masks[m.name] for s in samples]).bool()  # [B, G, K]
+                truth_phys = dataset.denormalize(m.name, truth).double().numpy()
+                recon_phys = dataset.denormalize(m.name, recon).double().numpy()
+                keep = np.isfinite(recon_phys) & np.isfinite(truth_phys) & slots.numpy()[:, None, :, :, None]
+                phys_se[m.name] += float(((recon_phys - truth_phys)[keep] ** 2).sum())
+                phys_n[m.name] += int(keep.sum())
+                dated = dated and all(_uses_dates(s.meta) for s in samples)
+                collect_site_days(site_days[m.name], truth_phys, recon_phys, predicted.numpy(), slots.numpy(),
+                                  site_ids(dataset, m), [_start_day(s.meta) for s in samples])
                 continue
             b_i, t_i, p_i = mb.queries.index.unbind(1)
             rows, cols = mb.patch_grid
@@ -264,7 +366,7 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str | Path
         "run": str(run_dir), "split": split, "checkpoint": str(ckpt_path), "step": step, "windows": len(dataset),
         "window_days": data.steps, "mask_seed": seed, "mask_mode": config.mask.mode, "memory": config.model.memory,
         "mask": {m.name: config.mask.ratio(m.name, m.kind) for m in spec.modalities},
-        "modalities": {}, "flow": {},
+        "modalities": {}, "flow": {}, "sites": {},
     }
     for m in spec.modalities:
         metrics["modalities"][m.name] = {
@@ -281,8 +383,26 @@ def evaluate_run(run_dir: str | Path, split: str = "val", checkpoint: str | Path
             metrics["flow"][key] = _flow_scores(series_days[name], c)
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
+    for m in spec.sites:
+        if m.name in model.norm_pix_names:
+            continue
+        names = channel_names.get(m.name) or [str(c) for c in range(m.channels)]
+        coords = site_coordinates(dataset, m)
+        for c in range(m.channels):
+            metrics["sites"][f"{m.name}:{names[c]}"] = _flow_scores(site_days[m.name], c)
+        write_site_csv(out_dir / f"{split}_sites_{m.name}.csv", {names[c]: metrics["sites"][f"{m.name}:{names[c]}"]
+                                            for c in range(m.channels)}, coords)
     figures = _plots(dataset, spec, map_window, series_days, flow_names, split, dated, plot_basins,
                      data.patch_size) if plots else {}
+    if plots:
+        for m in spec.sites:
+            names = channel_names.get(m.name) or [str(c) for c in range(m.channels)]
+            for c in range(m.channels):
+                entry = metrics["sites"].get(f"{m.name}:{names[c]}")
+                if entry is not None:
+                    figures[f"{split}_sites_{m.name}_{_safe(names[c])}_nse.png"] = site_nse_map(
+                        entry, site_coordinates(dataset, m), getattr(dataset, "land_mask", None), spec.grid_shape,
+                        f"{m.name} {names[c]}, {split} split: per-site NSE of the masked days")
     for fname, fig in figures.items():
         fig.savefig(out_dir / fname, dpi=110)
     metrics["plots"] = sorted(figures)
@@ -311,6 +431,77 @@ def _flow_scores(per_basin: dict[str, list[_FlowDays]], channel: int) -> dict:
             values = [v[score] for v in target["per_basin"].values() if not math.isnan(v[score])]
             target[f"median_{score}"] = float(np.median(values)) if values else float("nan")
     return result
+
+
+SITE_CSV_FIELDS = ("site", "group", "slot", "row", "col", "variable", "days", "nse", "kge", "r", "alpha", "beta",
+                   "baseline_nse", "baseline_kge")
+
+
+def write_site_csv(path: Path, per_variable: dict[str, dict], coords: dict[str, tuple[int, int, float, float]]):
+    """Per-site scores (one row per site and variable, ``SITE_CSV_FIELDS``) to ``path``, written atomically.
+
+    Args:
+        per_variable: variable → :func:`_flow_scores`' result for it.
+        coords: site id → (group, slot, row, col).
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(SITE_CSV_FIELDS)
+    for variable, scores in per_variable.items():
+        for site, s in scores["per_basin"].items():
+            g, k, row, col = coords[site]
+            base = scores["baseline_interp"]["per_basin"][site]
+            writer.writerow([site, g, k, row, col, variable, s["days"], s["nse"], s["kge"], s["r"], s["alpha"],
+                             s["beta"], base["nse"], base["kge"]])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+def site_nse_map(scores: dict, coords: dict[str, tuple[int, int, float, float]], land_mask,
+                 grid_shape: tuple[int, int], title: str):
+    """A figure of per-site NSE as coloured points at the sites' (row, col) in the grid frame (cell i covers
+    ``[i, i + 1)``), over ``land_mask [H, W]`` (bool, or None); sites without a score are hollow grey circles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    height, width = grid_shape
+    if land_mask is not None:
+        land = np.asarray(land_mask, dtype=bool)
+        height, width = land.shape
+    fig, ax = plt.subplots(figsize=(6.4, 6.4 * max(height, 1) / max(width, 1) + 0.8))
+    if land_mask is not None:
+        ax.imshow(np.where(land, 1.0, np.nan), cmap=ListedColormap(["#e4e0d4"]), interpolation="nearest",
+                  extent=(0, width, height, 0))
+    sites = list(scores["per_basin"])
+    rows = np.array([coords[s][2] for s in sites])
+    cols = np.array([coords[s][3] for s in sites])
+    value = np.array([scores["per_basin"][s]["nse"] for s in sites], dtype=np.float64)
+    scored = np.isfinite(value)
+    ax.scatter(cols[~scored], rows[~scored], s=14, facecolors="none", edgecolors="grey", linewidths=0.6,
+               label="no score")
+    points = ax.scatter(cols[scored], rows[scored], c=np.clip(value[scored], -1.0, 1.0), cmap="RdYlBu", vmin=-1.0,
+                        vmax=1.0, s=16, edgecolors="black", linewidths=0.3)
+    fig.colorbar(points, ax=ax, shrink=0.8, label="NSE (clipped to [-1, 1])")
+    if width and height:
+        ax.set_xlim(0, width)
+        ax.set_ylim(height, 0)
+    ax.set_aspect("equal")
+    ax.set_xlabel("grid column")
+    ax.set_ylabel("grid row")
+    median = scores.get("median_nse", float("nan"))
+    ax.set_title(f"{title}\nmedian {median:.3f} over {int(scored.sum())} of {len(sites)} sites", fontsize=9)
+    if (~scored).any():
+        ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)
 
 
 def _finite_or_none(value):
@@ -440,7 +631,7 @@ def _log_tensorboard(run_dir: Path, split: str, step: int, metrics: dict, figure
             for key in ("masked_mse", "rmse"):
                 if math.isfinite(entry[key]):
                     writer.add_scalar(f"eval_{split}/{key}_{name}", entry[key], step)
-        for name, entry in metrics["flow"].items():
+        for name, entry in [*metrics["flow"].items(), *metrics.get("sites", {}).items()]:
             for key in ("median_nse", "median_kge"):
                 if math.isfinite(entry[key]):
                     writer.add_scalar(f"eval_{split}/{key}_{name}", entry[key], step)
@@ -464,6 +655,11 @@ def _format_table(metrics: dict) -> str:
         for basin, scores in entry["per_basin"].items():
             lines.append(f"  {basin:<12} {scores['days']:>5} days  NSE {scores['nse']:.3f}  KGE {scores['kge']:.3f} "
                          f"(r {scores['r']:.3f}, alpha {scores['alpha']:.3f}, beta {scores['beta']:.3f})")
+    for name, entry in metrics.get("sites", {}).items():
+        base = entry["baseline_interp"]
+        lines.append(f"{name}: {len(entry['per_basin'])} sites, median NSE {entry['median_nse']:.3f}, KGE "
+                     f"{entry['median_kge']:.3f} (interpolation baseline NSE {base['median_nse']:.3f}, KGE "
+                     f"{base['median_kge']:.3f}); per site in the CSV")
     return "\n".join(lines)
 
 

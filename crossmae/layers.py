@@ -228,6 +228,12 @@ class FiLM(nn.Module):
         gamma, beta = layout.per_sample(self.proj(cond)).chunk(2, dim=-1)  # rows' [.., dim] each
         return x * (1.0 + gamma) + beta
 
+    def forward_rows(self, x: torch.Tensor, cond: torch.Tensor, layout) -> torch.Tensor:
+        """``x`` rows in ``layout``'s form, ``cond [total_q, cond_dim]`` one packed row per query row → ``x``
+        modulated per row (layout padding rows stay unmodulated)."""
+        gamma, beta = layout.enter(self.proj(cond)).chunk(2, dim=-1)  # rows' [.., dim] each
+        return x * (1.0 + gamma) + beta
+
 
 def sincos_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """Fixed sin-cos embedding of integer positions ``[N]`` → ``[N, dim]`` (dim even)."""
@@ -240,7 +246,23 @@ def sincos_embedding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return emb.float()
 
 
+def point_sincos_embedding(rows: torch.Tensor, cols: torch.Tensor, dim: int) -> torch.Tensor:
+    """2-D sin-cos embedding of points ``rows, cols [N]`` (fractional) → ``[N, dim]`` (half for rows, half for
+    columns), with :func:`grid_sincos_embedding`'s frequencies: the point (r, c) = patch (r, c) gets that
+    patch's embedding."""
+    return torch.cat([sincos_embedding(rows, dim // 2), sincos_embedding(cols, dim - dim // 2)], dim=1)
+
+
 def grid_sincos_embedding(rows: int, cols: int, dim: int) -> torch.Tensor:
     """2-D sin-cos embedding of a patch grid → ``[rows·cols, dim]`` (half for rows, half for columns)."""
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    return torch.cat([sincos_embedding(r.flatten(), dim // 2), sincos_embedding(c.flatten(), dim - dim // 2)], dim=1)
+    return point_sincos_embedding(r.flatten(), c.flatten(), dim)
+
+
+def site_patch_positions(locations, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Site-group centres ``(row, col)`` in cells of the grid frame (cell i covers ``[i, i + 1)``, as in
+    ``crossmae/data/sites.py``) → their positions in patch units ``rows, cols [G]`` float64, where patch r's centre
+    (``r·ps + ps/2``) is r: a group and the grid patch it lies in get nearby embeddings."""
+    cells = torch.tensor(locations, dtype=torch.float64).reshape(-1, 2)  # [G, 2]
+    patches = cells / patch_size - 0.5  # [G, 2]
+    return patches[:, 0], patches[:, 1]

@@ -1,9 +1,10 @@
 """The multimodal CrossMAE on packed tokens (``docs/model.md``).
 
 One encoder per modality runs on that modality's visible tokens only (with the static attributes
-as a token and/or FiLM); the joint memory is, per sample, every modality's encoder output,
-optionally passed through shared fusion blocks; one decoder per modality reconstructs the
-predicted tokens from mask-token queries that cross-attend to the memory. Split as MAE:
+as a token and/or FiLM; a site set's site attributes per token, added and/or FiLM); the joint
+memory is, per sample, every modality's encoder output, optionally passed through shared fusion
+blocks; one decoder per modality reconstructs the predicted tokens from mask-token queries that
+cross-attend to the memory. Split as MAE:
 :meth:`forward_encoder`, :meth:`forward_decoder`, :meth:`forward_loss`.
 
 Paths (the same weights, different layouts of the same arithmetic; ``crossmae.layers``):
@@ -30,7 +31,9 @@ from crossmae.layers import (
     FiLM,
     grid_sincos_embedding,
     make_layout,
+    point_sincos_embedding,
     sincos_embedding,
+    site_patch_positions,
 )
 from crossmae.ops import AttentionBackend, resolve_backend
 from crossmae.ops.loss import masked_sse
@@ -93,9 +96,18 @@ def static_conditioning(spec: DatasetSpec, cfg: ModelConfig) -> tuple[tuple[str,
     ``model.static`` and ``model.static_on``; both empty when the data set has no static attributes."""
     if not spec.static_dim:
         return (), ()
-    conditioned = tuple(m.name for m in spec.modalities if cfg.static_on == "all" or m.kind == "series")
+    conditioned = tuple(m.name for m in spec.modalities if cfg.static_on == "all" or m.kind in ("series", "sites"))
     return (conditioned if cfg.static in ("token", "both") else (),
             conditioned if cfg.static in ("film", "both") else ())
+
+
+def site_conditioning(spec: DatasetSpec, cfg: ModelConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(site sets whose tokens and decoder queries add their group's site-attribute embedding, site sets whose
+    encoder blocks take FiLM of it per token), from ``model.static``: ``token`` the first, ``film`` the second,
+    ``both`` both; only site sets with site attributes."""
+    with_attrs = tuple(m.name for m in spec.sites if m.site_attrs)
+    return (with_attrs if cfg.static in ("token", "both") else (),
+            with_attrs if cfg.static in ("film", "both") else ())
 
 
 class ModalityDecoder(nn.Module):
@@ -151,8 +163,8 @@ class MultimodalCrossMAE(nn.Module):
         self.cfg = cfg
         self.names = [m.name for m in spec.modalities]
         self.patch_size, self.steps = patch_size, steps
-        self.token_dims = {m.name: (m.channels * patch_size**2 if m.kind == "grid" else m.channels)
-                           for m in spec.modalities}
+        self.token_dims = {m.name: {"grid": m.channels * patch_size**2, "sites": m.group_size * m.channels
+                                    }.get(m.kind, m.channels) for m in spec.modalities}
         self._check_options()
         self.memory_names = tuple(n for n in self.names if n not in cfg.memory_drop)
         self.encoder_path, self.decoder_path = ("packed", "packed") if fused else ("padded", "loop")
@@ -163,6 +175,7 @@ class MultimodalCrossMAE(nn.Module):
         self.norm_pix_names = set(cfg.norm_pix_modalities or self.names) if cfg.norm_pix_loss else set()
         has_static = spec.static_dim > 0
         self.static_token_names, film_names = static_conditioning(spec, cfg)
+        self.site_token_names, site_film_names = site_conditioning(spec, cfg)
 
         d = cfg.enc_dim
         encoded = self.memory_names  # the modalities whose encoders run
@@ -177,6 +190,19 @@ class MultimodalCrossMAE(nn.Module):
         self.static_embed = nn.Linear(2 * spec.static_dim, d) if has_static else None
         self.film = nn.ModuleDict({n: nn.ModuleList(FiLM(d, d) for _ in range(cfg.enc_depth))
                                    for n in film_names if n in encoded})
+        # a site set's group attributes, missing flags and slot occupancy [K·A + K·A + K] → [d] per token: for the
+        # encoder (added and/or FiLM) and the decoder queries (added)
+        self.site_embed = nn.ModuleDict()
+        for m in spec.sites:
+            width = m.group_size * (2 * m.site_attrs + 1)
+            parts = {"enc": nn.Linear(width, d)} if m.name in encoded and m.name in (
+                *self.site_token_names, *site_film_names) else {}
+            if m.name in self.site_token_names:
+                parts["dec"] = nn.Linear(width, cfg.dec_dim)
+            if parts:
+                self.site_embed[m.name] = nn.ModuleDict(parts)
+        self.site_film = nn.ModuleDict({n: nn.ModuleList(FiLM(d, d) for _ in range(cfg.enc_depth))
+                                        for n in site_film_names if n in encoded})
         self.fusion = nn.ModuleList(Block(d, cfg.enc_heads, cfg.mlp_ratio, cfg.dropout)
                                     for _ in range(cfg.fusion_depth))
         if cfg.fusion_depth:
@@ -184,7 +210,8 @@ class MultimodalCrossMAE(nn.Module):
             self.fusion_norm = nn.LayerNorm(d)
         self.decoders = nn.ModuleDict({n: ModalityDecoder(cfg, self.token_dims[n], n_maps) for n in self.names})
 
-        # fixed sin-cos position tables: time, and patch position per grid modality
+        # fixed sin-cos position tables: time, patch position per grid modality, group centre per site set (in
+        # patch units of the grid frame, the grids' frequencies: a group and the patch around it are near)
         self.register_buffer("time_enc", sincos_embedding(torch.arange(steps), d), persistent=False)
         self.register_buffer("time_dec", sincos_embedding(torch.arange(steps), cfg.dec_dim), persistent=False)
         self.learned_space = nn.ParameterDict()
@@ -195,6 +222,13 @@ class MultimodalCrossMAE(nn.Module):
                 self.register_buffer(f"space_{which}_{m.name}", table, persistent=False)
                 if cfg.learned_space:
                     self.learned_space[f"{which}_{m.name}"] = nn.Parameter(torch.zeros(rows * cols, dim))
+        for m in spec.sites:
+            rows, cols = site_patch_positions(m.locations, patch_size)  # [G] each
+            for which, dim in (("enc", d), ("dec", cfg.dec_dim)):
+                self.register_buffer(f"space_{which}_{m.name}", point_sincos_embedding(rows, cols, dim),
+                                     persistent=False)  # [G, dim]
+                if cfg.learned_space:
+                    self.learned_space[f"{which}_{m.name}"] = nn.Parameter(torch.zeros(m.groups, dim))
         self.season = nn.ModuleDict({"enc": nn.Linear(2, d), "dec": nn.Linear(2, cfg.dec_dim)}) \
             if cfg.day_of_year else None
         self.apply(self._init_weights)
@@ -202,7 +236,7 @@ class MultimodalCrossMAE(nn.Module):
                   *(dec.modality_token for dec in self.decoders.values()), *self.learned_space.values(),
                   *(self.fusion_tokens.values() if cfg.fusion_depth else ())]:
             nn.init.normal_(p, std=0.02)
-        for film in self.film.values():
+        for film in [*self.film.values(), *self.site_film.values()]:
             for layer in film:
                 layer.reset_parameters()
         self._checked_settings: CollateSettings | None = None
@@ -303,7 +337,7 @@ class MultimodalCrossMAE(nn.Module):
         """Position embedding ``[n, d]`` of tokens at ``index [n, 3]`` (b, t, p)."""
         b, t, p = index.unbind(1)
         pos = getattr(self, f"time_{which}")[t]  # [n, d]
-        if self.spec[name].kind == "grid":
+        if self.spec[name].kind in ("grid", "sites"):
             pos = pos + getattr(self, f"space_{which}_{name}")[p]
             if self.cfg.learned_space:
                 pos = pos + self.learned_space[f"{which}_{name}"][p]
@@ -311,6 +345,16 @@ class MultimodalCrossMAE(nn.Module):
             angle = batch.day_of_year[b, t] * (2.0 * torch.pi / 365.25)  # [n]
             pos = pos + self.season[which](torch.stack([angle.sin(), angle.cos()], dim=-1))
         return pos
+
+    def _site_embedding(self, name: str, index: torch.Tensor, which: str, batch: PackedBatch) -> torch.Tensor:
+        """Site-attribute embedding ``[n, d]`` of site-set tokens at ``index [n, 3]`` (b, t, p = group): a linear
+        map of the group's attributes, their missing flags and its slots' occupancy."""
+        attrs = batch.modalities[name].site_attributes
+        b, _, g = index.unbind(1)
+        values = attrs.values[b, g]  # [n, K·A]
+        cond = torch.cat([values, attrs.missing[b, g].to(values.dtype), attrs.occupied[b, g].to(values.dtype)],
+                         dim=-1)  # [n, K·(2A + 1)]
+        return self.site_embed[name][which](cond)
 
     def _static_embedding(self, batch: PackedBatch) -> torch.Tensor | None:
         """``[B, enc_dim]`` from the static attributes and their missing flags (None without attributes)."""
@@ -332,8 +376,14 @@ class MultimodalCrossMAE(nn.Module):
             enc = batch.modalities[name].encoder
             x = self.embed[name](enc.values) + self._position(name, enc.index, "enc", batch)
             x = x + self.modality_tokens[name]  # [total_vis, enc_dim]
+            site = self._site_embedding(name, enc.index, "enc", batch) if name in self.site_film or \
+                name in self.site_token_names else None
+            if name in self.site_token_names:
+                x = x + site
             if name in self.static_token_names:
                 x = torch.cat([static, x])[enc.order]  # [total_seq, enc_dim]
+                if name in self.site_film:
+                    site = torch.cat([site.new_zeros(batch.batch_size, site.shape[1]), site])[enc.order]
             layout = self._layout(self.encoder_path, enc.seq, enc.seq, x, cfg.enc_heads)
             x = layout.enter(x)
             layer_maps = [x] if cfg.use_input else []
@@ -341,6 +391,8 @@ class MultimodalCrossMAE(nn.Module):
                 x = block(x, layout)
                 if name in self.film:
                     x = self.film[name][i](x, static, layout)
+                if name in self.site_film:
+                    x = self.site_film[name][i].forward_rows(x, site, layout)
                 if keep_maps and i in self.fm_layers:
                     layer_maps.append(x)
             outs.append(layout.leave(self.encoder_norms[name](x)))  # [total_seq, enc_dim]
@@ -364,7 +416,10 @@ class MultimodalCrossMAE(nn.Module):
     # -- decoder ---------------------------------------------------------------------------
     def _queries(self, name: str, index: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         decoder = self.decoders[name]
-        return decoder.mask_token + decoder.modality_token + self._position(name, index, "dec", batch)  # [n, dec_dim]
+        x = decoder.mask_token + decoder.modality_token + self._position(name, index, "dec", batch)  # [n, dec_dim]
+        if name in self.site_token_names:
+            x = x + self._site_embedding(name, index, "dec", batch)
+        return x
 
     def _decode_cross(self, batch: PackedBatch, name: str, memories: list[torch.Tensor], mem: Packed):
         mb = batch.modalities[name]

@@ -10,6 +10,9 @@ Tokens
     ``patch_size`` cells; token (t, p) holds the ``C·patch_size²`` values of patch p at day t.
     The grid is padded with outside cells up to a multiple of the patch size.
     series modality (``[T, F]``): one token per day with its F values (p = 0).
+    site set (``[T, G, K, F]``, slots ``[G, K]``): token (t, g) holds the ``K·F`` values of group g's
+    sites on day t, slot-major (value index ``k·F + f``), p = g. A value counts when its slot holds
+    a site and the value is finite; a token without any such value is invalid.
 
 Masks depend only on each sample's ``noise_seed``, not on the batch it lands in, so the same
 global batch split over several processes draws the same masks.
@@ -107,7 +110,8 @@ class Targets:
 
     Attributes:
         values: ``[total_pred, token_dim]`` the true values.
-        weight: ``[total_pred, token_dim]`` 1 where a value counts in the loss (a basin cell), else 0.
+        weight: ``[total_pred, token_dim]`` 1 where a value counts in the loss (a basin cell; for a site set a
+            filled slot's finite value), else 0.
         count: host float, ``weight.sum()`` (for logging; the model counts on the device).
     """
 
@@ -148,17 +152,34 @@ class StandardDecoderSequences:
 
 
 @dataclass
+class SiteAttributes:
+    """A site set's static site attributes, per sample and group (the model gathers a token's row by its
+    (b, p = g)).
+
+    Attributes:
+        values: ``[B, G, K·A]`` float32 standardised attributes, slot-major (index ``k·A + a``); 0 where unknown.
+        missing: ``[B, G, K·A]`` bool, True where the attribute is unknown or the slot holds no site.
+        occupied: ``[B, G, K]`` bool, True where a site fills the slot.
+    """
+
+    values: torch.Tensor
+    missing: torch.Tensor
+    occupied: torch.Tensor
+
+
+@dataclass
 class ModalityBatch:
     """One modality's part of a batch, packed in (sample, time, patch) order.
 
     Attributes:
         name, kind: the modality.
-        patch_grid: (rows, cols) of the patch grid; (1, 1) for series.
+        patch_grid: (rows, cols) of the patch grid; (1, 1) for series; (1, G) for site sets.
         encoder: the visible tokens the encoder reads.
         queries: the predicted tokens the decoder queries.
         targets: their true values and loss weights.
         hidden: every hidden token.
         standard: the standard decoder's sequences (only when the collator builds them).
+        site_attributes: a site set's static site attributes (site sets with attributes only).
     """
 
     name: str
@@ -169,6 +190,7 @@ class ModalityBatch:
     targets: Targets
     hidden: HiddenTokens
     standard: StandardDecoderSequences | None = None
+    site_attributes: SiteAttributes | None = None
 
 
 @dataclass
@@ -339,6 +361,32 @@ def grid_tokens(grids: Sequence[torch.Tensor], basin: torch.Tensor, patch_size: 
         valid = (torch.isfinite(tokens) | ~inside[:, None]).all(-1) & inside_any  # [B, T, P]
     tokens.mul_(inside[:, None])  # outside cells carry 0 (NaN · 0 stays NaN: rows() clears it)
     return TokenValues(tokens=tokens, finite=finite), valid, inside.float()
+
+
+def site_tokens(values: Sequence[torch.Tensor], slots: torch.Tensor) -> tuple[TokenValues, torch.Tensor,
+                                                                              torch.Tensor]:
+    """A site set's tokens: token (t, g) holds group g's ``K·F`` values of day t, slot-major.
+
+    A value counts when its slot holds a site and the value is finite; a token is valid when one of its values
+    counts. Values that don't count are 0 in the tokens.
+
+    Args:
+        values: B tensors ``[T, G, K, F]`` of one shape (NaN = missing).
+        slots: ``[B, G, K]`` bool, True where a site fills the slot.
+
+    Returns:
+        values (:class:`TokenValues`), valid ``[B, T, G]`` bool, value weight ``[B, T, G, K·F]`` float.
+    """
+    t, g, k, f = values[0].shape
+    for i, v in enumerate(values):
+        if v.shape != values[0].shape:
+            raise ValueError(f"site values of one batch must share a shape: sample {i} has {tuple(v.shape)}, "
+                             f"sample 0 {tuple(values[0].shape)}")
+    x = torch.stack(values).float()  # [B, T, G, K, F]
+    counts = torch.isfinite(x) & slots[:, None, :, :, None]  # [B, T, G, K, F]
+    tokens = torch.where(counts, x, 0.0).view(len(values), t, g, k * f)  # [B, T, G, K·F]
+    weight = counts.view(len(values), t, g, k * f)  # [B, T, G, K·F]
+    return TokenValues(tokens=tokens, finite=True), weight.any(-1), weight.float()
 
 
 def _lowest(scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
@@ -541,11 +589,11 @@ class MaskingCollator:
 
     @staticmethod
     def _mask_groups(spec: DatasetSpec, mask: MaskConfig, patch_size: int) -> list[tuple[ModalitySpec, ...]]:
-        """Modalities that share one mask: with ``mask.mode == 'unified'`` all grids, and all series;
-        otherwise each modality alone."""
+        """Modalities that share one mask: with ``mask.mode == 'unified'`` all grids (the same (t, p)), and all
+        series and site sets (the same days); otherwise each modality alone."""
         if mask.mode != "unified":
             return [(m,) for m in spec.modalities]
-        groups = [g for g in (spec.grids, spec.series) if g]
+        groups = [g for g in (spec.grids, spec.series + spec.sites) if g]
         for group in groups:
             ratios = {m.name: mask.ratio(m.name, m.kind) for m in group}
             if len(set(ratios.values())) > 1:
@@ -565,7 +613,19 @@ class MaskingCollator:
         return self.settings.steps
 
     def _tokens(self, m: ModalitySpec, samples: Sequence[Sample]):
-        """values (:class:`TokenValues`), valid ``[B, T, P]``, cell weight ``[B, P, token_dim]``."""
+        """values (:class:`TokenValues`), valid ``[B, T, P]``, value weight ``[B, P, token_dim]`` (grids, series)
+        or ``[B, T, P, token_dim]`` (site sets)."""
+        if m.kind == "sites":
+            want = (m.groups, m.group_size, m.channels)
+            for i, s in enumerate(samples):
+                got = tuple(s.sites[m.name].shape[1:]) if m.name in s.sites else None
+                slots = tuple(s.site_masks[m.name].shape) if m.name in s.site_masks else None
+                if got != want or slots != want[:2]:
+                    raise ValueError(f"sample {i} ({s.meta}): site set {m.name!r} must hold values [T, {want[0]}, "
+                                     f"{want[1]}, {want[2]}] and slots {list(want[:2])} (groups, group_size, "
+                                     f"variables of its ModalitySpec), got values {got} and slots {slots}")
+            slots = torch.stack([s.site_masks[m.name] for s in samples]).bool()  # [B, G, K]
+            return site_tokens([s.sites[m.name] for s in samples], slots)
         if m.kind == "grid":
             basin = torch.stack([s.basin_masks[m.name] for s in samples]).bool()  # [B, H, W]
             return grid_tokens([s.grids[m.name] for s in samples], basin, self.patch_size)
@@ -583,13 +643,17 @@ class MaskingCollator:
         return torch.stack(draws, dim=1)
 
     def _masks(self, samples: Sequence[Sample], valid: dict[str, torch.Tensor]):
-        """modality → (masked, predicted) ``[B, T, P]`` bool, one draw per mask group."""
+        """modality → (masked, predicted) ``[B, T, P]`` bool, one draw per mask group (in ``unified`` mode, series
+        and site sets draw whole days: a hidden day hides every valid token of it)."""
         out = {}
         for group in self.groups:
-            union = torch.stack([valid[m.name] for m in group]).any(0)  # [B, T, P]
             first = group[0]
+            if self.mask.mode == "unified" and first.kind != "grid":
+                union = torch.stack([valid[m.name].any(-1, keepdim=True) for m in group]).any(0)  # [B, T, 1]
+            else:
+                union = torch.stack([valid[m.name] for m in group]).any(0)  # [B, T, P]
             stream = self.spec.modalities.index(first) + (1000 if len(group) > 1 else 0)
-            per_frame = self.mask.mode == "frame" and first.kind == "grid"
+            per_frame = self.mask.mode == "frame" and first.kind in ("grid", "sites")
             if self.mask.mode == "span":
                 generators = [torch.Generator().manual_seed(int(s.noise_seed) * 1009 + stream + 500) for s in samples]
                 masked, predicted = draw_span_masks(
@@ -603,6 +667,22 @@ class MaskingCollator:
             for m in group:
                 out[m.name] = (masked & valid[m.name], predicted & valid[m.name])
         return out
+
+    def _site_attributes(self, m: ModalitySpec, samples: Sequence[Sample]) -> SiteAttributes | None:
+        if m.kind != "sites" or not m.site_attrs:
+            return None
+        want = (m.groups, m.group_size, m.site_attrs)
+        for i, s in enumerate(samples):
+            got = tuple(s.site_static[m.name].shape) if m.name in s.site_static else None
+            if got != want:
+                raise ValueError(f"sample {i} ({s.meta}): site set {m.name!r} must carry site_static of shape "
+                                 f"{list(want)} (groups, group_size, site_attrs of its ModalitySpec), got {got}")
+        raw = torch.stack([s.site_static[m.name] for s in samples]).float()  # [B, G, K, A]
+        occupied = torch.stack([s.site_masks[m.name] for s in samples]).bool()  # [B, G, K]
+        missing = ~torch.isfinite(raw) | ~occupied[..., None]  # [B, G, K, A]
+        b = len(samples)
+        return SiteAttributes(values=torch.where(missing, 0.0, raw).view(b, m.groups, -1),  # [B, G, K·A]
+                              missing=missing.view(b, m.groups, -1), occupied=occupied)
 
     def _static(self, samples: Sequence[Sample]) -> StaticAttributes | None:
         if not self.spec.static_dim:
@@ -636,7 +716,7 @@ class MaskingCollator:
 
         modalities = {}
         for m in self.spec.modalities:
-            values, valid, weight = tokens[m.name]  # TokenValues, [B, T, P], [B, P, K]
+            values, valid, weight = tokens[m.name]  # TokenValues, [B, T, P], [B, P, K] or [B, T, P, K]
             t, p = valid.shape[1:]
             masked, predicted = masks[m.name]
             vis_index, vis = _packed_rows(valid & ~masked)  # [total_vis, 3]
@@ -648,9 +728,11 @@ class MaskingCollator:
                 seq, order = vis, torch.arange(vis.total)
             rank_in_hidden = torch.cumsum(masked.flatten(), 0) - 1  # [B·T·P]
             pb, pt, pp = pred_index.unbind(1)
-            target_weight = weight.reshape(-1, weight.shape[-1]).index_select(0, pb * p + pp)  # [total_pred, K]
+            weight_row = (pb * t + pt) * p + pp if weight.dim() == 4 else pb * p + pp  # [total_pred]
+            target_weight = weight.reshape(-1, weight.shape[-1]).index_select(0, weight_row)  # [total_pred, K]
             vb, vt, vp = vis_index.unbind(1)
-            grid_shape = patch_grid_shape(m.height, m.width, self.patch_size) if m.kind == "grid" else (1, 1)
+            grid_shape = {"grid": patch_grid_shape(m.height, m.width, self.patch_size), "sites": (1, m.groups)
+                          }.get(m.kind, (1, 1))
             modalities[m.name] = ModalityBatch(
                 name=m.name, kind=m.kind, patch_grid=grid_shape,
                 encoder=EncoderTokens(values=values.rows(vb, vt, vp), index=vis_index, visible=vis, seq=seq,
@@ -660,6 +742,7 @@ class MaskingCollator:
                                 count=float(target_weight.sum())),
                 hidden=HiddenTokens(index=hidden_index, packed=hidden,
                                     predicted_rows=rank_in_hidden[(pb * t + pt) * p + pp]),
+                site_attributes=self._site_attributes(m, samples),
             )
         in_memory = settings.memory_modalities
         mem, mem_order, dest = concat_segments([modalities[n].encoder.seq for n in in_memory])

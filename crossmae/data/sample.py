@@ -28,8 +28,9 @@ class ModalitySpec:
         height, width: grid cells (grids only).
         groups: G, site groups (site sets only).
         group_size: K, slots per group (site sets only).
-        locations: G ``(row, col)`` group centres in cells of the region's grid frame (row 0 = the grids'
-            first row; fractional, may lie between cells) (site sets only).
+        locations: G ``(row, col)`` group centres in cells of the region's grid frame (cell i covers
+            ``[i, i + 1)``, so row 0.5 is the centre of the grids' first row; may lie between cells)
+            (site sets only).
         site_attrs: A, static attributes per site (site sets only; 0 = none).
     """
 
