@@ -20,6 +20,9 @@
 #   train      60  the whole training step, default and seed presets
 #   ragged     60  (only when named) the decoder step at ragged
 #   sweep     150  (only when named) the decoder batch sweep B = 1..64 at seed
+#   regional   90  (only when named) the decoder step at regional: a whole region per sample, 3 grids and
+#                  76 groups of 8 gauges (docs/sites.md)
+#   regional_train 120  (only when named) the whole training step at regional, fused and the seed's path
 # A stage gets at most its budget and what is left of $GPU_CHECK_BUDGET (default: the default stages'
 # sum, 420 s), and is skipped under 20 s. Every benchmark saves its rows after each measurement, so a
 # stage cut short keeps what it measured.
@@ -39,7 +42,8 @@ DRY_RUN="${GPU_CHECK_DRY_RUN:-0}"
 MAX_TOTAL=420  # seconds: the default stages' budgets must fit in this
 
 DEFAULT_STAGES=(attention decoder tests wide kernels train)
-declare -A BUDGET=([setup]=15 [attention]=75 [decoder]=75 [tests]=90 [wide]=60 [kernels]=45 [train]=60 [ragged]=60 [sweep]=150)
+declare -A BUDGET=([setup]=15 [attention]=75 [decoder]=75 [tests]=90 [wide]=60 [kernels]=45 [train]=60 [ragged]=60 [sweep]=150
+                  [regional]=90 [regional_train]=120)
 STAGES=("$@")
 (( ${#STAGES[@]} == 0 )) && STAGES=("${DEFAULT_STAGES[@]}")
 for stage in "${STAGES[@]}"; do
@@ -93,6 +97,9 @@ stage_command() {
         ragged)    echo "$PY bench/decoder_speed.py --preset ragged $TIMING --json $(stem decoder_speed_ragged).json";;
         sweep)     echo "$PY bench/decoder_speed.py --preset seed --sweep batch --warmup 2 --min-time 0.2" \
                         "--json $(stem decoder_speed_sweep_batch_seed).json";;
+        regional)  echo "$PY bench/decoder_speed.py --preset regional $TIMING --json $(stem decoder_speed_regional).json";;
+        regional_train) echo "$PY bench/train_speed.py --preset regional --variants fused,seed $TIMING" \
+                        "--json $(stem train_speed_regional).json";;
     esac
 }
 stage_table() {
@@ -103,6 +110,8 @@ stage_table() {
         wide)      show "$(stem decoder_speed_wide).json" "$DEC_COLUMNS";;
         ragged)    show "$(stem decoder_speed_ragged).json" "$DEC_COLUMNS";;
         train)     show "$(stem train_speed).json" "$TRAIN_COLUMNS";;
+        regional)  show "$(stem decoder_speed_regional).json" "$DEC_COLUMNS";;
+        regional_train) show "$(stem train_speed_regional).json" "$TRAIN_COLUMNS";;
     esac
 }
 

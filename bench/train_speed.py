@@ -7,8 +7,10 @@ GPU, fp32 on a CPU), eager or compiled (``--modes``: ``train.compile=true``, the
 once by ``torch.compile``). The
 workload is a run preset (``crossmae.config.preset_config``): ``default`` is the multimodal
 synthetic run (three grid and two series modalities plus static attributes), ``seed``, ``wide``,
-``ragged`` and ``cpu`` the one-grid workloads of docs/presets.md. One batch (the run's first) is
-collated once and reused by every variant.
+``ragged`` and ``cpu`` the one-grid workloads of docs/presets.md, ``regional`` a whole region
+(three grids and a site set of gauges per sample; docs/sites.md). ``--batch`` and ``--steps``
+shrink a preset (quick CPU runs). One batch (the run's first) is collated once and reused by
+every variant.
 
 Variants (CrossMAE variants start from the same weights):
     fused         ``train.py --fused``: packed encoders and decoders, varlen attention (``auto``
@@ -46,6 +48,7 @@ Usage (from the repository root)::
     python bench/train_speed.py --preset cpu --rounds 3
     python bench/train_speed.py --compare bench/results/train_speed_default_cpu_cpu.json
     python bench/train_speed.py --preset cpu --variants fused --modes eager,compiled
+    python bench/train_speed.py --preset regional --batch 1 --steps 8   # a region on a CPU
 """
 
 from __future__ import annotations
@@ -106,9 +109,15 @@ ROW_FIELDS = (
 )
 
 
-def run_config(preset: str, variant: str, mode: str, device: torch.device, out_dir: Path, backend: str) -> Config:
-    """The preset's run configuration for one variant and mode (no validation, no checkpoints)."""
+def run_config(preset: str, variant: str, mode: str, device: torch.device, out_dir: Path, backend: str,
+               batch: int | None = None, steps: int | None = None) -> Config:
+    """The preset's run configuration for one variant and mode (no validation, no checkpoints), with its batch size
+    and window length overridden when given."""
     config = preset_config(preset)
+    if batch is not None:
+        config.data.batch_size = batch
+    if steps is not None:
+        config.data.steps = config.data.stride = steps
     config.train.device = str(device)
     config.train.out_dir = str(out_dir / f"{variant}_{mode}")
     config.train.compile = mode == "compiled"
@@ -191,11 +200,11 @@ def first_batch(trainer: Trainer, config: Config) -> PackedBatch:
 
 
 def plan_preset(run: BenchRun, preset: str, variants: Sequence[str], modes: Sequence[str], backend: str,
-                out_dir: Path) -> list[TrainCase]:
+                out_dir: Path, batch_size: int | None = None, steps: int | None = None) -> list[TrainCase]:
     """Trainers and rows of every variant and mode of one preset (one that can't be built gets an error row)."""
     cases, batch = [], None
     for variant, mode in [(v, m) for v in variants for m in modes]:
-        config = run_config(preset, variant, mode, run.device, out_dir, backend)
+        config = run_config(preset, variant, mode, run.device, out_dir, backend, batch_size, steps)
         encoder_path, decoder_path = paths_of(variant)
         row = dict.fromkeys(ROW_FIELDS)
         row.update(variant=variant, mode=mode, preset=preset, B=config.data.batch_size, steps=config.data.steps,
@@ -324,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "torch.compile (train.compile=true; the first call compiles: minutes on a CPU)")
     parser.add_argument("--backend", default="auto",
                         help=f"attention backend of the fused variant: auto or one of {', '.join(BACKENDS)}")
+    parser.add_argument("--batch", type=int, default=None, help="override every preset's batch size B")
+    parser.add_argument("--steps", type=int, default=None, help="override every preset's T (quick runs and tests)")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="result JSON (a CSV is written beside it; default under bench/results/)")
     add_common_args(parser)
@@ -345,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--backend must be auto or one of {', '.join(BACKENDS)}, got {args.backend!r}")
         if args.json and args.out:
             raise ValueError("--json and --out name the same files: give one")
+        for flag, value in (("--batch", args.batch), ("--steps", args.steps)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
     except ValueError as exc:
         parser.error(str(exc))
     if args.json:
@@ -362,7 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="train_speed_") as tmp:
         cases = []
         for preset in presets:
-            cases += plan_preset(run, preset, variants, modes, args.backend, Path(tmp) / preset)
+            cases += plan_preset(run, preset, variants, modes, args.backend, Path(tmp) / preset, args.batch, args.steps)
             batch = cases[-1].batch
             if batch is not None:
                 print(f"{preset}: B={batch.batch_size} T={batch.steps} modalities={len(batch.modalities)} "

@@ -52,6 +52,17 @@ def test_dry_run_plans_the_gpu_tests_within_the_compile_limit(dry_run):
     assert "order: fp32 and flex last" in dry_run
 
 
+def test_named_regional_stages_time_the_regional_preset():
+    result = subprocess.run(["bash", "bench/gpu_check.sh", "regional", "regional_train"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "GPU_CHECK_DRY_RUN": "1", "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stdout + result.stderr
+    commands = dict((name, command) for name, _, command in re.findall(r"^  (\w+) +(\d+) s  (.+)$", result.stdout,
+                                                                        flags=re.M))
+    assert "decoder_speed.py --preset regional" in commands["regional"]
+    assert "train_speed.py --preset regional" in commands["regional_train"]
+
+
 def test_gpu_check_rejects_an_unknown_stage():
     result = subprocess.run(["bash", "bench/gpu_check.sh", "nope"], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "GPU_CHECK_DRY_RUN": "1", "PYTHON": sys.executable}, timeout=60)

@@ -28,3 +28,12 @@ def test_preset_batches_have_the_stated_shape(name):
         assert len(set(valid.tolist())) > 1  # ragged: samples differ
     model = config.model
     assert (model.dec_dim // model.dec_heads, model.enc_dim) == (workload.dec_head_dim, workload.enc_dim)
+
+
+def test_regional_attention_lengths_count_every_grid_and_the_site_set_in_the_memory():
+    workload = get_preset("regional")
+    queries, keys = attention_lengths(workload)
+    grid = workload.steps * workload.patches  # 8460 valid tokens per grid
+    sites = workload.site_groups * workload.steps - round(0.1 * workload.site_groups * workload.steps)  # 6156
+    assert queries == [round(0.75 * grid)] * workload.batch == [6345] * workload.batch
+    assert keys == [3 * (grid - 6345) + (sites - sites // 2)] * workload.batch == [9423] * workload.batch
