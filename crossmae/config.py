@@ -231,12 +231,137 @@ class FilesConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
 
 
+GROUPINGS = ("site", "file", "kmeans")
+SITE_TABLE_FORMATS = ("csv", "parquet")
+SITE_COORDS = ("latlon", "rowcol", "xy")
+SITE_FILE_FORMATS = ("mhm_gauge", "camels_streamflow")
+REGION_SYNTHETIC = ("full", "small")
+DATA_SOURCES = ("synthetic", "files", "region")
+
+
+@dataclass
+class GroupingConfig:
+    """How the sites of a site set become groups of tokens (:mod:`crossmae.data.sites`).
+
+    Attributes:
+        method: ``site`` (one site per token), ``file`` (groups from ``file``) or ``kmeans`` (k-means on the
+            site coordinates, ``size`` sites at most per group; computed once and saved with the run).
+        size: K, most sites per group (``kmeans``).
+        file: ``file``: a CSV with the columns ``site_id`` and ``group`` (relative to the region's root).
+        seed: seeds the k-means start.
+    """
+
+    method: str = "kmeans"
+    size: int = 8
+    file: str = ""
+    seed: int = 0
+
+
+@dataclass
+class SiteTableSource:
+    """The table of a site set's sites: one row per site with its id, coordinates and attributes.
+
+    Attributes:
+        path: a CSV or Parquet file (by extension: ``.parquet``/``.pq`` is Parquet).
+        delimiter: CSV field separator.
+        id_column: the site id column.
+        coords: ``latlon`` (``lat_column``/``lon_column``, degrees: placed on the grid by its latitude and
+            longitude coordinates, 1-D or 2-D), ``rowcol`` (``row_column``/``col_column``: the grid frame in
+            cells, cell (i, j) covering rows [i, i + 1) and columns [j, j + 1)) or ``xy`` (``y_column``/
+            ``x_column`` in the units of the grid's 1-D y and x coordinates, e.g. metres of a projection).
+        lat_column, lon_column, row_column, col_column, y_column, x_column: the coordinate columns.
+        attributes: numeric columns used as static site attributes (FiLM / static tokens); empty = none.
+        missing_values: values that mean "missing" besides NaN, empty fields and ``NA``.
+    """
+
+    path: str = ""
+    delimiter: str = ","
+    id_column: str = "site_id"
+    coords: str = "latlon"
+    lat_column: str = "lat"
+    lon_column: str = "lon"
+    row_column: str = "row"
+    col_column: str = "col"
+    y_column: str = "y"
+    x_column: str = "x"
+    attributes: list[str] = field(default_factory=list)
+    missing_values: list[float] = field(default_factory=lambda: [-9999.0, -999.0])
+
+
+@dataclass
+class SiteSetSource:
+    """One site set read from files: a long-format gauge table (or one file per site) and its site table.
+
+    Attributes:
+        name: the modality's name (``gauges``).
+        format: ``csv`` or ``parquet`` (a long table: one row per site and day, columns ``site_column``,
+            ``date_column`` and ``variables``), or a per-site file format, ``mhm_gauge`` or
+            ``camels_streamflow``, with ``{site}`` in ``path`` (one variable each).
+        path: the gauge table, or the per-site file template.
+        site_column, date_column: the long table's site id and date columns.
+        date_format: a ``strptime`` format of the dates; empty = ISO 8601.
+        delimiter: CSV field separator.
+        variables: the value columns (F, the features of each site); per-site formats: one name.
+        missing_values: values that mean "missing" besides NaN and empty fields.
+        transform, transforms: ``none`` or ``log1p`` for every variable, and per-variable overrides.
+        per_site: variables standardised per site (each site's own training mean and std) instead of over
+            all sites.
+        flow: streamflow-like variables (evaluation reports per-site NSE and KGE of their masked days).
+        sites: the site table.
+        grouping: how sites become groups of tokens.
+    """
+
+    name: str = "gauges"
+    format: str = "csv"
+    path: str = ""
+    site_column: str = "site_id"
+    date_column: str = "date"
+    date_format: str = ""
+    delimiter: str = ","
+    variables: list[str] = field(default_factory=list)
+    missing_values: list[float] = field(default_factory=lambda: [-9999.0, -999.0])
+    transform: str = "none"
+    transforms: dict[str, str] = field(default_factory=dict)
+    per_site: list[str] = field(default_factory=list)
+    flow: list[str] = field(default_factory=list)
+    sites: SiteTableSource = field(default_factory=SiteTableSource)
+    grouping: GroupingConfig = field(default_factory=GroupingConfig)
+
+
+@dataclass
+class RegionConfig:
+    """A region (:mod:`crossmae.data.region`): grids over one region and site sets of gauges inside it; a sample
+    is the whole region over one window of days.
+
+    Attributes:
+        synthetic: ``full`` (the built-in synthetic region at the seed's shapes: 290 x 180 cells, ~600 gauges),
+            ``small`` (its CPU-sized variant) or empty: read ``grids`` and ``site_sets`` from files.
+        root: the folder relative paths resolve against (as ``data.files.root``).
+        grids: the grid modalities over the region (as ``data.files.grids``; every grid has the same shape,
+            cells outside each grid's mask are not data). ``{basin}`` is not used.
+        site_sets: the site sets.
+        split: ``by: period`` only: ``[first day, last day]`` of train, val and test; all empty: the last
+            ``data.val_fraction`` of the record is val.
+        grouping: the synthetic region's grouping of its gauges.
+        per_site: the synthetic region's variables standardised per site (``riverflow``, ``evaporation``).
+    """
+
+    synthetic: str = "small"
+    root: str = ""
+    grids: list[GridSource] = field(default_factory=list)
+    site_sets: list[SiteSetSource] = field(default_factory=list)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    grouping: GroupingConfig = field(default_factory=GroupingConfig)
+    per_site: list[str] = field(default_factory=list)
+
+
 @dataclass
 class DataConfig:
     """Where samples come from and how they are cut into tokens.
 
     Attributes:
-        source: ``synthetic`` (built in, no files needed) or ``files`` (real data, :class:`FilesConfig`).
+        source: ``synthetic`` (built in, no files needed), ``files`` (real data, :class:`FilesConfig`) or
+            ``region`` (a whole region of grids and gauge site sets per sample, :class:`RegionConfig`).
         steps: T, days per sample window.
         stride: days between the starts of consecutive windows.
         patch_size: cells per side of a grid patch (a grid token is C·patch_size² values).
@@ -249,6 +374,7 @@ class DataConfig:
             on the training device (:mod:`crossmae.data.device`); the host only picks windows and mask seeds.
         synthetic: the ``synthetic`` source's settings.
         files: the ``files`` source's settings.
+        region: the ``region`` source's settings.
     """
 
     source: str = "synthetic"
@@ -262,6 +388,7 @@ class DataConfig:
     on_device: bool = False
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     files: FilesConfig = field(default_factory=FilesConfig)
+    region: RegionConfig = field(default_factory=RegionConfig)
 
 
 MASK_MODES = ("free", "frame", "unified", "span")
@@ -453,9 +580,34 @@ def _preset_default() -> Config:
     return Config()
 
 
+def _preset_regional(size: str = "full") -> Config:
+    """A whole region per sample (:mod:`crossmae.data.synthetic_region`): three 290 x 180-cell grids in 10 x 10-cell
+    patches (~94 on land) and ~600 gauges with riverflow and evaporation in k-means groups of 8, T=90 days, the
+    seed preset's model widths. ``small`` is the CPU-sized variant (60 x 40 cells, ~40 gauges in groups of 4,
+    T=16, B=4, a small model)."""
+    config = Config(preset="regional" if size == "full" else "regional_small")
+    d = config.data
+    d.source = "region"
+    d.region = RegionConfig(synthetic=size)
+    d.patch_size = 10
+    if size == "full":
+        d.batch_size, d.steps, d.stride = 8, 90, 30
+        d.region.grouping = GroupingConfig(method="kmeans", size=8)
+        config.model = ModelConfig(enc_dim=256, enc_depth=6, enc_heads=8, dec_dim=128, dec_depth=4, dec_heads=8)
+    else:
+        d.batch_size, d.steps, d.stride = 4, 16, 8
+        d.region.grouping = GroupingConfig(method="kmeans", size=4)
+        config.model = ModelConfig(enc_dim=32, enc_depth=2, enc_heads=4, dec_dim=32, dec_depth=1, dec_heads=4)
+    config.mask.grid_ratio = 0.75
+    config.mask.series_ratio = 0.5
+    return config
+
+
 PRESETS = {
     "default": _preset_default,
     **{name: (lambda name=name: _workload_preset(name)) for name in ("seed", "wide", "ragged", "cpu")},
+    "regional": _preset_regional,
+    "regional_small": lambda: _preset_regional("small"),
 }
 
 
@@ -593,10 +745,13 @@ def resolve_config(preset: str | None = None, config_file: str | None = None, ov
 
 
 def _anchor_files_root(config: Config, base: Path) -> None:
-    """Make ``data.files.root`` absolute (relative to ``base``) when the files source is used."""
-    files = config.data.files
+    """Make ``data.files.root`` (``data.region.root``) absolute, relative to ``base``, when the files (region)
+    source is used."""
+    files, region = config.data.files, config.data.region
     if config.data.source == "files" and not os.path.isabs(files.root):
         files.root = os.path.normpath(str(base / files.root))
+    if config.data.source == "region" and not os.path.isabs(region.root):
+        region.root = os.path.normpath(str(base / region.root))
 
 
 def validate_config(config: Config) -> None:
@@ -607,7 +762,7 @@ def validate_config(config: Config) -> None:
         if not ok:
             raise ConfigError(message)
 
-    need(d.source in ("synthetic", "files"), f"data.source must be 'synthetic' or 'files', got {d.source!r}")
+    need(d.source in DATA_SOURCES, f"data.source must be one of {list(DATA_SOURCES)}, got {d.source!r}")
     need(d.steps >= 1, f"data.steps must be at least 1, got {d.steps}")
     need(d.stride >= 1, f"data.stride must be at least 1, got {d.stride}")
     need(d.patch_size >= 1, f"data.patch_size must be at least 1, got {d.patch_size}")
@@ -652,6 +807,9 @@ def validate_config(config: Config) -> None:
     need(t.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps must be at least 1, got {t.max_nonfinite_steps}")
     if d.source == "files":
         _validate_files(d.files)
+        return
+    if d.source == "region":
+        _validate_region(d.region)
         return
     s = d.synthetic
     need(len(s.basin_patches) == 2 and 1 <= s.basin_patches[0] <= s.basin_patches[1],
@@ -728,6 +886,96 @@ def _validate_files(f: FilesConfig) -> None:
         need(bool(sp.val), "data.files.split.val must list the validation basins when split.by is 'basin'")
         overlap = set(sp.train) & set(sp.val) | set(sp.train) & set(sp.test) | set(sp.val) & set(sp.test)
         need(not overlap, f"data.files.split: basins {sorted(overlap)} are in more than one split")
+
+
+def _validate_grouping(key: str, g: GroupingConfig) -> None:
+    if g.method not in GROUPINGS:
+        raise ConfigError(f"{key}.method must be one of {list(GROUPINGS)}, got {g.method!r}")
+    if g.method == "kmeans" and g.size < 1:
+        raise ConfigError(f"{key}.size must be at least 1, got {g.size}")
+    if g.method == "file" and not g.file:
+        raise ConfigError(f"{key}.file must name the site_id,group CSV when {key}.method is 'file'")
+
+
+def _validate_split_periods(key: str, sp: SplitConfig) -> None:
+    for part in ("train", "val", "test"):
+        value = getattr(sp, part)
+        if not value:
+            continue
+        if len(value) != 2:
+            raise ConfigError(f"{key}.{part} must be [first day, last day], got {value}")
+        try:
+            first, last = (datetime.date.fromisoformat(v) for v in value)
+        except ValueError:
+            raise ConfigError(f"{key}.{part} must hold ISO dates (YYYY-MM-DD), got {value}") from None
+        if first > last:
+            raise ConfigError(f"{key}.{part}: the first day {value[0]} is after the last {value[1]}")
+    if not sp.train and (sp.val or sp.test):
+        raise ConfigError(f"{key}.train must be set when val or test periods are (or leave all three empty)")
+
+
+def _validate_region(r: RegionConfig) -> None:
+    """The checks of the ``region`` source that need no file."""
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ConfigError(message)
+
+    need(r.synthetic in ("", *REGION_SYNTHETIC),
+         f"data.region.synthetic must be one of {list(REGION_SYNTHETIC)} or '' (files), got {r.synthetic!r}")
+    need(r.split.by == "period", f"data.region.split.by must be 'period' (a region is split by dates), got "
+         f"{r.split.by!r}")
+    _validate_split_periods("data.region.split", r.split)
+    if r.synthetic:
+        _validate_grouping("data.region.grouping", r.grouping)
+        unknown = [v for v in r.per_site if v not in ("riverflow", "evaporation")]
+        need(not unknown, f"data.region.per_site names {unknown}; the synthetic region's variables are "
+             "['riverflow', 'evaporation']")
+        need(not r.grids and not r.site_sets, "data.region.grids and site_sets are read only when "
+             "data.region.synthetic is '' (files)")
+        return
+    need(bool(r.grids) or bool(r.site_sets), "data.region needs at least one grid or site set")
+    names: list[str] = []
+    for i, src in enumerate(r.grids):
+        key = f"data.region.grids[{i}]"
+        need(bool(src.name), f"{key}.name must be set (the modality's name)")
+        need(src.name not in names, f"{key}.name {src.name!r} is used by another modality")
+        names.append(src.name)
+        need(src.format in GRID_FORMATS, f"{key}.format must be one of {list(GRID_FORMATS)}, got {src.format!r}")
+        need(bool(src.path), f"{key}.path must be set")
+        variables = src.variables or [src.name]
+        for col, tr in {"": src.transform, **src.transforms}.items():
+            need(tr in TRANSFORMS, f"{key}.transform{'s.' + col if col else ''} must be one of {list(TRANSFORMS)}, "
+                 f"got {tr!r}")
+            need(not col or col in variables, f"{key}.transforms names {col!r}, which is not one of its variables "
+                 f"{variables}")
+        _validate_grid_reading(key, src, variables)
+    for i, src in enumerate(r.site_sets):
+        key = f"data.region.site_sets[{i}]"
+        need(bool(src.name), f"{key}.name must be set (the modality's name)")
+        need(src.name not in names, f"{key}.name {src.name!r} is used by another modality")
+        names.append(src.name)
+        formats = (*SITE_TABLE_FORMATS, *SITE_FILE_FORMATS)
+        need(src.format in formats, f"{key}.format must be one of {list(formats)}, got {src.format!r}")
+        need(bool(src.path), f"{key}.path must be set")
+        need(src.format in SITE_TABLE_FORMATS or "{site}" in src.path,
+             f"{key}.path must hold {{site}} for the per-site format {src.format!r}, got {src.path!r}")
+        need(bool(src.variables), f"{key}.variables must name the value columns")
+        need(src.format in SITE_TABLE_FORMATS or len(src.variables) == 1,
+             f"{key}.variables: a {src.format} file has one value column, got {src.variables}")
+        need(len(set(src.variables)) == len(src.variables), f"{key}.variables holds duplicates: {src.variables}")
+        for col, tr in {"": src.transform, **src.transforms}.items():
+            need(tr in TRANSFORMS, f"{key}.transform{'s.' + col if col else ''} must be one of {list(TRANSFORMS)}, "
+                 f"got {tr!r}")
+            need(not col or col in src.variables, f"{key}.transforms names {col!r}, which is not one of its "
+                 f"variables {src.variables}")
+        for setting in ("per_site", "flow"):
+            unknown = [v for v in getattr(src, setting) if v not in src.variables]
+            need(not unknown, f"{key}.{setting} names {unknown}, which are not among its variables {src.variables}")
+        st = src.sites
+        need(bool(st.path), f"{key}.sites.path must name the site table")
+        need(st.coords in SITE_COORDS, f"{key}.sites.coords must be one of {list(SITE_COORDS)}, got {st.coords!r}")
+        _validate_grouping(f"{key}.grouping", src.grouping)
 
 
 def _validate_grid_reading(key: str, src: GridSource, variables: list[str]) -> None:

@@ -13,8 +13,8 @@ from crossmae.model import static_conditioning
 
 
 def build_dataset(data: DataConfig, split: str, norm_stats: dict | None = None) -> Dataset:
-    """The data set of ``data.source`` for ``split`` (``train``, ``val``; ``files`` also ``test``); val and test
-    reuse train's statistics."""
+    """The data set of ``data.source`` for ``split`` (``train``, ``val``; ``files`` and ``region`` also ``test``);
+    val and test reuse train's statistics (and, for ``region``, its site groups)."""
     if data.source == "synthetic":
         from crossmae.data.synthetic import SyntheticWaterDataset
 
@@ -23,7 +23,11 @@ def build_dataset(data: DataConfig, split: str, norm_stats: dict | None = None) 
         from crossmae.data.files import FilesDataset
 
         return FilesDataset(data, split=split, norm_stats=norm_stats)
-    raise ValueError(f"data.source must be 'synthetic' or 'files', got {data.source!r}")
+    if data.source == "region":
+        from crossmae.data.region import RegionDataset
+
+        return RegionDataset(data, split=split, norm_stats=norm_stats)
+    raise ValueError(f"data.source must be 'synthetic', 'files' or 'region', got {data.source!r}")
 
 
 class GlobalBatchOrder:
