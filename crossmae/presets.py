@@ -86,7 +86,7 @@ PRESETS: dict[str, WorkloadPreset] = {
     "cpu": WorkloadPreset("cpu", batch=4, steps=16, patches=94),
     # a region (290 × 180 cells in 10 × 10-cell patches: 29 × 18 positions, 94 on land), 3 grids and ≈ 600 gauges
     # in 76 groups of 8 with riverflow and evaporation
-    "regional": WorkloadPreset("regional", batch=4, steps=90, patches=94, patch_grid=29, patch_cols=18, grids=3,
+    "regional": WorkloadPreset("regional", batch=8, steps=90, patches=94, patch_grid=29, patch_cols=18, grids=3,
                                site_groups=76, site_group_size=8, site_variables=2, site_missing=0.1),
 }
 
