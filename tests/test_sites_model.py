@@ -12,6 +12,7 @@ from model_cases import small_model_config
 from crossmae.config import MaskConfig
 from crossmae.data.collate import MaskingCollator
 from crossmae.data.sample import DatasetSpec, ModalitySpec, Sample
+from crossmae.data.sites import build_layout, group_values, ungroup_values
 from crossmae.evaluate import _flow_scores, collect_site_days, site_tokens_to_values, write_site_csv
 from crossmae.layers import grid_sincos_embedding, point_sincos_embedding, site_patch_positions
 from crossmae.model import MultimodalCrossMAE, site_conditioning, static_conditioning
@@ -104,6 +105,49 @@ def test_site_tokens_round_trip_to_per_site_values():
     expected = truth.flatten(2, 3)[:, :, flat]
     ok = torch.isfinite(expected)
     assert torch.equal(per_site[ok], expected[ok])
+
+
+def test_layout_grouping_tokens_predictions_and_per_site_values_round_trip():
+    # 7 sites in k-means groups of 3 (one group with an empty slot); site 4 has no data at all in the window
+    gen = torch.Generator().manual_seed(5)
+    ids = [f"s{i}" for i in range(7)]
+    rows = np.array([1.0, 1.5, 2.0, 8.0, 8.5, 9.0, 5.0])
+    cols = np.array([1.0, 2.0, 1.5, 9.0, 8.0, 9.5, 5.0])
+    layout = build_layout(ids, rows, cols, "kmeans", group_size=3)
+    m = ModalitySpec("gauges", "sites", channels=2, groups=layout.groups, group_size=layout.group_size,
+                     locations=layout.locations())
+    spec = DatasetSpec(modalities=(m,), grid_shape=(10, 12))
+    per_site = torch.randn(2, STEPS, 7, 2, generator=gen)  # [B, T, S, F]
+    per_site[torch.rand(per_site.shape, generator=gen) < 0.2] = float("nan")
+    silent = layout.site_ids.index("s4")
+    per_site[:, :, silent] = float("nan")
+    samples = [Sample(noise_seed=i, sites={"gauges": group_values(per_site[i], layout)},
+                      site_masks={"gauges": torch.from_numpy(layout.slot_mask)}) for i in range(2)]
+    batch = collator(spec=spec)(samples)
+    mb = batch.modalities["gauges"]
+    # the predictions of a model that predicts its targets exactly, with the encoder's visible values beside them
+    hidden, predicted = site_tokens_to_values(mb.targets.values, mb.queries.index, 2, STEPS, m.groups, m.group_size,
+                                              m.channels)  # [B, T, G, K, F]
+    seen, _ = site_tokens_to_values(mb.encoder.values, mb.encoder.index, 2, STEPS, m.groups, m.group_size, m.channels)
+    weight, _ = site_tokens_to_values(mb.targets.weight, mb.queries.index, 2, STEPS, m.groups, m.group_size,
+                                      m.channels)
+    vis_weight = torch.zeros_like(weight)
+    vis_weight[mb.encoder.index[:, 0], mb.encoder.index[:, 1], mb.encoder.index[:, 2]] = 1.0
+    counted = torch.where(predicted[..., None, None], weight, vis_weight * torch.isfinite(
+        torch.stack([s.sites["gauges"] for s in samples])))  # [B, T, G, K, F]: 1 where a value counts
+    rebuilt = torch.where(counted == 1, torch.where(predicted[..., None, None], hidden, seen), float("nan"))
+    back = torch.stack([ungroup_values(rebuilt[i], layout) for i in range(2)])  # [B, T, S, F]
+    assert torch.equal(torch.isfinite(back), torch.isfinite(per_site))
+    assert torch.equal(back[torch.isfinite(back)], per_site[torch.isfinite(per_site)])
+    # the silent site and the empty slot never count; a group whose sites are all silent on a day is no token
+    g, k = next((g, k) for g in range(layout.groups) for k in range(layout.group_size) if layout.ids[g][k] == "s4")
+    assert (counted[:, :, g, k] == 0).all()
+    empty = ~torch.from_numpy(layout.slot_mask)
+    assert (counted[:, :, empty] == 0).all()
+    tokens = torch.cat([mb.encoder.index, mb.queries.index])
+    any_value = torch.stack([torch.isfinite(s.sites["gauges"]).flatten(2).any(-1) for s in samples])  # [B, T, G]
+    assert len(tokens) == int(any_value.sum())
+    assert any_value[tokens[:, 0], tokens[:, 1], tokens[:, 2]].all()
 
 
 def test_empty_slot_and_all_missing_group_day_are_never_tokens():
@@ -213,10 +257,12 @@ def test_site_positions_use_the_grid_patch_frequencies():
     torch.testing.assert_close(model.space_enc_gauges, point_sincos_embedding(r, c, 32))
 
 
-@pytest.mark.parametrize("static", ["token", "film", "both"])
-def test_forward_backward_finite_with_site_attributes_and_paths_agree(static):
+@pytest.mark.parametrize("static,options", [("token", {}), ("film", {"learned_space": True}),
+                                            ("both", {"decoder_self_attn": True}),
+                                            ("both", {"use_cross_attn": False, "memory": "own"})])
+def test_forward_backward_finite_with_site_attributes_and_paths_agree(static, options):
     torch.manual_seed(0)
-    cfg = small_model_config(static=static)
+    cfg = small_model_config(static=static, **options)
     token_names, film_names = site_conditioning(SPEC, cfg)
     assert token_names == (("gauges",) if static != "film" else ())
     assert film_names == (("gauges",) if static != "token" else ())
