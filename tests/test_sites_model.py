@@ -13,7 +13,7 @@ from crossmae.config import MaskConfig
 from crossmae.data.collate import MaskingCollator
 from crossmae.data.sample import DatasetSpec, ModalitySpec, Sample
 from crossmae.data.sites import build_layout, group_values, ungroup_values
-from crossmae.evaluate import _flow_scores, collect_site_days, site_tokens_to_values, write_site_csv
+from crossmae.evaluate import _flow_scores, collect_site_days, site_nse_map, site_tokens_to_values, write_site_csv
 from crossmae.layers import grid_sincos_embedding, point_sincos_embedding, site_patch_positions
 from crossmae.model import MultimodalCrossMAE, site_conditioning, static_conditioning
 
@@ -330,3 +330,11 @@ def test_per_site_nse_and_kge_on_a_hand_made_case(tmp_path):
     lines = path.read_text().splitlines()
     assert lines[0].startswith("site,group,slot,row,col,variable,days,nse,kge") and len(lines) == 3
     assert lines[1].split(",")[:7] == ["a", "0", "0", "1.5", "2.5", "flow", "2"]
+    land = np.zeros((6, 8), dtype=bool)
+    land[1:5, 1:7] = True
+    fig = site_nse_map(scores, {"a": (0, 0, 1.5, 2.5), "b": (0, 1, 3.0, 4.0)}, land, (6, 8), "flow")
+    points = fig.axes[0].collections[-1]
+    assert points.get_offsets().tolist() == [[2.5, 1.5], [4.0, 3.0]]  # (col, row) of each scored site
+    np.testing.assert_allclose(points.get_array(), [1.0, 0.0])
+    fig.savefig(tmp_path / "map.png")
+    assert (tmp_path / "map.png").stat().st_size > 1000
