@@ -12,7 +12,9 @@ optimizer state (step counts included) and the learning-rate schedule (:class:`W
 indexed by applied updates, on the device) exactly as if it never happened. Each step's metrics
 are one small device vector; the host reads them together every ``train.log_every`` steps and at
 validation and checkpoint steps, writes one ``metrics.csv`` row per step and decides there whether
-the run must stop (too many non-finite steps, or a signal under DDP).
+the run must stop (too many non-finite steps, or a signal under DDP). With ``train.cuda_graphs`` on a
+CUDA device, each batch is padded to one of a few bucket sizes and the step replays that bucket's
+captured CUDA graph (:class:`CudaGraphSteps`, :mod:`crossmae.data.buckets`).
 
 Loss scaling across processes: each modality's sum of squared errors is divided by the
 *global* count of its counted values / world size (one all-reduce of the step's counts and sums,
@@ -61,8 +63,10 @@ from crossmae.checkpoint import (
     write_atomic_text,
 )
 from crossmae.config import Config, config_from_dict, config_to_dict, save_config
+from crossmae.data.buckets import SCAN_BATCHES, Bucket, BucketSet, batch_totals, check_kinds, pad_batch
 from crossmae.data.loader import FixedBatches, GlobalBatchOrder, build_dataset, make_collator, make_loader
 from crossmae.model import MultimodalCrossMAE
+from crossmae.packed import Packed, trust_cu_seqlens
 
 log = logging.getLogger(__name__)
 
@@ -397,6 +401,80 @@ def mark_rows_dynamic(obj) -> None:
             mark_rows_dynamic(value)
 
 
+def _copy_into(static, new) -> None:
+    """Copy every tensor of the padded batch ``new`` into the same-shaped tensor of ``static`` (CUDA graph input
+    buffers), re-recording each ``cu_seqlens``' summary (a copy bumps its version)."""
+    if isinstance(static, torch.Tensor):
+        static.copy_(new, non_blocking=True)
+    elif isinstance(static, Packed):
+        static.cu_seqlens.copy_(new.cu_seqlens, non_blocking=True)
+        min_len = int(new.lengths.min()) if new.lengths.numel() else 0
+        trust_cu_seqlens(static.cu_seqlens, total=new.total, max_len=int(new.lengths.max()), min_len=min_len)
+    elif isinstance(static, dict):
+        for key, value in static.items():
+            _copy_into(value, new[key])
+    elif dataclasses.is_dataclass(static) and not isinstance(static, type):
+        for f in dataclasses.fields(static):
+            _copy_into(getattr(static, f.name), getattr(new, f.name))
+
+
+class CudaGraphSteps:
+    """The training step as one captured CUDA graph per bucket of padded batch sizes (``train.cuda_graphs``).
+
+    Each batch is padded to its bucket (:mod:`crossmae.data.buckets`); the first padded batch of a bucket (fresh
+    tensors) becomes that bucket's static input buffers and runs :data:`WARMUP_STEPS` eager steps with the update
+    forced off on a side stream (Triton and cuBLAS set themselves up; weights, optimizer state and schedule stay
+    as they were), then the whole step is captured: forward, backward, gradient clipping, the fused AdamW update
+    (``capturable``, its learning rate and ``found_inf`` device tensors) and the schedule's advance. Later
+    batches of the bucket are copied into its buffers and the graph replays. Each graph keeps its own memory
+    pool. The returned metric vector is a copy of the graph's output (the next replay overwrites it).
+
+    Args:
+        trainer: the trainer whose :meth:`Trainer.step_body` is captured.
+        buckets: the bucket sizes.
+    """
+
+    WARMUP_STEPS = 2
+
+    def __init__(self, trainer: Trainer, buckets: BucketSet):
+        self.trainer, self.buckets = trainer, buckets
+        self.graphs: dict[Bucket, tuple[torch.cuda.CUDAGraph, object, torch.Tensor]] = {}
+        self.replays = 0
+        self._run = torch.zeros((), dtype=torch.float32, device=trainer.device)
+        self._warm = torch.ones((), dtype=torch.float32, device=trainer.device)
+
+    def _capture(self, static) -> tuple[torch.cuda.CUDAGraph, object, torch.Tensor]:
+        """Warm up and capture the step on ``static``, a padded batch of fresh tensors that becomes the bucket's
+        input buffers."""
+        trainer = self.trainer
+        side = torch.cuda.Stream(trainer.device)
+        side.wait_stream(torch.cuda.current_stream(trainer.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_STEPS):
+                trainer.step_body(static, skip=self._warm)
+        torch.cuda.current_stream(trainer.device).wait_stream(side)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            metrics = trainer.step_body(static, skip=self._run)
+        return graph, static, metrics
+
+    def __call__(self, batch) -> torch.Tensor:
+        """One training step on ``batch`` (on the trainer's device); returns its metric vector."""
+        bucket = self.buckets.choose(batch_totals(batch))
+        padded = pad_batch(batch, bucket)
+        entry = self.graphs.get(bucket)
+        if entry is None:
+            entry = self.graphs[bucket] = self._capture(padded)
+            log.info("captured the training step for bucket %d of %d (%d token rows)",
+                     self.buckets.buckets.index(bucket) + 1, len(self.buckets.buckets), bucket.rows)
+        else:
+            _copy_into(entry[1], padded)
+        entry[0].replay()
+        self.replays += 1
+        return entry[2].clone()
+
+
 class Trainer:
     """Train a :class:`MultimodalCrossMAE` as ``config`` says.
 
@@ -464,7 +542,12 @@ class Trainer:
         self.schedule = WarmupCosine(cfg, self.device)
         self.loss_weights = torch.tensor([config.model.loss_weights.get(m, 1.0) for m in self.model.names],
                                          dtype=torch.float64, device=self.device)  # [n]
-        self.optimizer = self._make_optimizer()
+        self._signalled = torch.zeros(1, dtype=torch.float64, device=self.device)  # [1] a stop signal arrived
+        graphs_refused = self._cuda_graphs_refused() if cfg.cuda_graphs else None
+        if graphs_refused:
+            self._say(f"train.cuda_graphs is on, but {graphs_refused}: the steps run eagerly, unpadded", warn=True)
+        self.capturable = cfg.cuda_graphs and not graphs_refused
+        self.optimizer = self._make_optimizer(capturable=self.capturable)
         self.step = 0
         self.nonfinite_run = 0
         if checkpoint is not None:
@@ -476,6 +559,9 @@ class Trainer:
             )
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model, dynamic=True)
+        self.graph_steps = None
+        if cfg.cuda_graphs and not graphs_refused:
+            self.graph_steps = CudaGraphSteps(self, self._scan_buckets())
         amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if amp \
             else contextlib.nullcontext
@@ -503,14 +589,45 @@ class Trainer:
             else:
                 print(message, flush=True)
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW with the fused kernel (CUDA and CPU): it takes a device ``lr`` and ``found_inf``."""
+    def _cuda_graphs_refused(self) -> str | None:
+        """Why ``train.cuda_graphs`` can't be used in this run (None: it can)."""
+        cfg = self.config.train
+        if self.device.type != "cuda":
+            return f"train.device resolves to {self.device} (CUDA graphs need a CUDA device)"
+        if self.dist.enabled:
+            return "the run is data-parallel (its all-reduces are not captured)"
+        if cfg.compile:
+            return "train.compile is on too (choose one)"
+        if not cfg.fused:
+            return "train.fused is off (the padded and loop layouts pad every sample to the bucket's max_seqlen)"
+        try:
+            check_kinds({m.name: m.kind for m in self.train_set.spec.modalities}, "train.cuda_graphs")
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    def _scan_buckets(self) -> BucketSet:
+        """Bucket sizes from the totals of the run's first :data:`crossmae.data.buckets.SCAN_BATCHES` batches."""
+        data = self.config.data
+        order = GlobalBatchOrder(len(self.train_set), data.batch_size, self.config.train.seed, self.dist.rank,
+                                 self.dist.world)
+        count = min(SCAN_BATCHES, order.per_epoch)
+        totals = [batch_totals(self.collator([self.train_set[key] for key in order.batch(k)])) for k in range(count)]
+        buckets = BucketSet.from_totals(totals)
+        self._say(f"CUDA graphs: {len(buckets.buckets)} buckets from {count} batches, "
+                  f"{', '.join(str(b.rows) for b in buckets.buckets)} token rows")
+        return buckets
+
+    def _make_optimizer(self, capturable: bool = False) -> torch.optim.Optimizer:
+        """AdamW with the fused kernel (CUDA and CPU): it takes a device ``lr`` and ``found_inf``; ``capturable``
+        for CUDA graphs."""
         cfg = self.config.train
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             (decay if p.dim() >= 2 and "feature_weights" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=self.schedule.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+        return torch.optim.AdamW(groups, lr=self.schedule.lr, betas=(cfg.beta1, cfg.beta2), fused=True,
+                                 capturable=capturable)
 
     def _restore(self, path: Path, weights: dict, state: dict) -> None:
         self.model.load_state_dict(weights)
@@ -518,6 +635,7 @@ class Trainer:
         self.schedule.load_state_dict(state["scheduler"])
         for group in self.optimizer.param_groups:
             group["lr"] = self.schedule.lr
+            group["capturable"] = self.capturable  # this run's choice, not the checkpointed run's
         self.step = int(state["step"])
         set_rng_state(state["rng"])
         self._say(f"resumed from {path} at step {self.step}")
@@ -563,18 +681,29 @@ class Trainer:
     def train_step(self, batch) -> torch.Tensor:
         """Forward, backward, clip and (unless non-finite) update on one batch, with no host read.
 
+        With CUDA graphs on (:attr:`graph_steps`), the batch is padded to its bucket and the bucket's captured
+        step replays.
+
         Returns:
             ``[len(metric_names)]`` float64 device vector: the global loss, each modality's global
             loss, the learning rate used, the global gradient norm, skipped (1 when the update was
             skipped) and signalled (1 when a process had received a stop signal; DDP only).
         """
+        self.model.train()
+        self._signalled.fill_(float(self.signals.received is not None))
+        if self.graph_steps is not None:
+            return self.graph_steps(batch)
+        if self.config.train.compile:
+            self.model.check_batch(batch)  # eager, so the compiled graph never sees the check's state change
+            mark_rows_dynamic(batch)
+        return self.step_body(batch)
+
+    def step_body(self, batch, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`train_step`'s work on the device (what a CUDA graph captures): ``skip`` (0-d float, 1 = skip)
+        forces the update to be skipped, leaving weights, optimizer state and schedule as they were."""
         cfg = self.config.train
         names = self.model.names
         n = len(names)
-        self.model.train()
-        if cfg.compile:
-            self.model.check_batch(batch)  # eager, so the compiled graph never sees the check's state change
-            mark_rows_dynamic(batch)
         with self.autocast():
             out = self.forward_model(batch)
         # one reduction: counted values and sums per modality, a non-finite flag and the stop flag
@@ -582,7 +711,7 @@ class Trainer:
             torch.stack([out.counts[m].detach().double() for m in names]),
             torch.stack([out.sums[m].detach().double() for m in names]),
             (~torch.isfinite(out.loss.detach())).double().view(1),
-            torch.full((1,), float(self.signals.received is not None), dtype=torch.float64, device=self.device),
+            self._signalled,
         ])  # [2n + 2]
         loss = out.loss
         if self.dist.enabled:
@@ -597,6 +726,8 @@ class Trainer:
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
         found_inf = ((stats[2 * n] > 0) | ~torch.isfinite(grad_norm)).float()
+        if skip is not None:
+            found_inf = torch.maximum(found_inf, skip)
         self.optimizer.found_inf = found_inf  # the fused kernel skips the update and undoes the step count
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
