@@ -14,7 +14,9 @@ are one small device vector; the host reads them together every ``train.log_ever
 validation and checkpoint steps, writes one ``metrics.csv`` row per step and decides there whether
 the run must stop (too many non-finite steps, or a signal under DDP). With ``train.cuda_graphs`` on a
 CUDA device, each batch is padded to one of a few bucket sizes and the step replays that bucket's
-captured CUDA graph (:class:`CudaGraphSteps`, :mod:`crossmae.data.buckets`).
+captured CUDA graph (:class:`CudaGraphSteps`, :mod:`crossmae.data.buckets`). With ``data.on_device``
+the training batches are made on the device from a device copy of the training data
+(:mod:`crossmae.data.device`: the same batches as the DataLoader's; validation keeps the DataLoader).
 
 Loss scaling across processes: each modality's sum of squared errors is divided by the
 *global* count of its counted values / world size (one all-reduce of the step's counts and sums,
@@ -64,6 +66,7 @@ from crossmae.checkpoint import (
 )
 from crossmae.config import Config, config_from_dict, config_to_dict, save_config
 from crossmae.data.buckets import SCAN_BATCHES, Bucket, BucketSet, batch_totals, check_kinds, pad_batch
+from crossmae.data.device import DeviceCollator, DeviceDataset
 from crossmae.data.loader import FixedBatches, GlobalBatchOrder, build_dataset, make_collator, make_loader
 from crossmae.model import MultimodalCrossMAE
 from crossmae.packed import Packed, trust_cu_seqlens
@@ -526,6 +529,7 @@ class Trainer:
         self.val_set = build_dataset(config.data, "val", norm_stats=self.train_set.norm_stats) \
             if cfg.val_every > 0 else None
         self.collator = make_collator(config, self.train_set)
+        self.device_batches = None  # with data.on_device: window keys → a batch made on the device
         self.data_files = data_fingerprint(config, self.train_set)
         if state is not None and "data_files" in state:
             changes = data_changes(json.loads(state["data_files"]), self.data_files)
@@ -559,6 +563,8 @@ class Trainer:
             )
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model, dynamic=True)
+        if config.data.on_device:
+            self.device_batches = DeviceCollator(self.collator, DeviceDataset(self.train_set, self.device))
         self.graph_steps = None
         if cfg.cuda_graphs and not graphs_refused:
             self.graph_steps = CudaGraphSteps(self, self._scan_buckets())
@@ -852,8 +858,11 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             with self.signals:
-                loader = iter(shield_workers(make_loader(self.train_set, batches, self.collator, data.num_workers,
-                                                         self.device.type == "cuda")))
+                if self.device_batches is not None:
+                    loader = (self.device_batches(keys) for keys in batches)
+                else:
+                    loader = iter(shield_workers(make_loader(self.train_set, batches, self.collator,
+                                                             data.num_workers, self.device.type == "cuda")))
                 while self.step < cfg.max_steps:
                     if not self.dist.enabled and self.signals.received:
                         stopped_by = self.signals.received
