@@ -322,7 +322,7 @@ def test_synthetic_riverflow_follows_the_catchment_precipitation():
     """A site's flow correlates with its own catchment's recent rain more than with a far site's."""
     world = SyntheticRegion("small", 0, small_periods())
     rain = world.render("precip", world.first_day, world.last_day + 1)  # [N, L]
-    catchment = (torch.from_numpy(rain) @ world._weight).numpy()  # [N, S]
+    catchment = world.catchment_mean(rain)  # [N, S]
     smooth = np.stack([np.convolve(catchment[:, s], np.ones(5) / 5)[:catchment.shape[0]]
                        for s in range(catchment.shape[1])], axis=1)
     flow = world.site_values[..., 0]
@@ -340,7 +340,9 @@ def test_synthetic_region_data_set_samples_and_statistics():
     train = RegionDataset(config.data, "train")
     val = RegionDataset(config.data, "val", norm_stats=train.norm_stats)
     test = RegionDataset(config.data, "test", norm_stats=train.norm_stats)
-    assert train.region.grids["precip"].world is test.region.grids["precip"].world  # one world for the run
+    world = train.region.grids["precip"].world
+    assert val.region.grids["precip"].world is world and test.region.grids["precip"].world is world  # one world
+    assert len(train) > len(test) > len(val) > 0
     sh = SHAPES["small"]
     assert [m.name for m in train.spec.modalities] == ["precip", "temperature", "soil_moisture", "gauges"]
     gauges = train.spec["gauges"]
@@ -362,10 +364,10 @@ def test_synthetic_region_data_set_samples_and_statistics():
     # denormalised site values are the world's physical values
     layout = train.site_layouts["gauges"]
     physical = ungroup_values(train.denormalize("gauges", sample.sites["gauges"]), layout)  # [T, S, F]
-    world = train.region.site_sets[0]
-    order = [world.ids.index(s) for s in layout.site_ids]
-    start = sample.first_day - world.first_day
-    np.testing.assert_allclose(physical.numpy(), world.values[start:start + 16][:, order], rtol=1e-4, atol=1e-5)
+    gauges = train.region.site_sets[0]
+    order = [gauges.ids.index(s) for s in layout.site_ids]
+    start = sample.first_day - gauges.first_day
+    np.testing.assert_allclose(physical.numpy(), gauges.values[start:start + 16][:, order], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -558,7 +558,6 @@ class RegionDataset(Dataset):
         split: ``train``, ``val`` or ``test``.
         norm_stats: the training split's statistics and site layouts (val, test, evaluation, resume), a saved
             dict or a :class:`NormStats`; None computes them from the training split.
-        region: an already loaded region (so train and val share one); None loads it.
 
     Attributes:
         spec: grids (``[T, C, H, W]``), then site sets (kind ``sites``); ``grid_shape`` the frame.
@@ -571,13 +570,12 @@ class RegionDataset(Dataset):
         data_paths: the files read (empty for a synthetic region).
     """
 
-    def __init__(self, data: DataConfig, split: str = "train", norm_stats: dict | NormStats | None = None,
-                 region: RegionData | None = None):
+    def __init__(self, data: DataConfig, split: str = "train", norm_stats: dict | NormStats | None = None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.config = copy.deepcopy(data)
         self.split, self.steps, self.stride = split, data.steps, data.stride
-        self.region = region if region is not None else load_region(data)
+        self.region = load_region(data)
         r = self.region
         self.data_paths = list(r.paths)
         self._ranges = {s: self._range(s) for s in {split, "train"}}
@@ -596,9 +594,8 @@ class RegionDataset(Dataset):
         if r.grids:
             self.land_mask = torch.from_numpy(np.logical_or.reduce([g.mask for g in r.grids.values()]))
         self._site_values, self._site_static, self._slot_stats = {}, {}, {}
-        d0, d1 = self._ranges[split] if split in self._ranges else (0, -1)
         for s in r.site_sets:
-            self._prepare_sites(s, raw, d0, d1)
+            self._prepare_sites(s, raw, *self._ranges[split])
         modalities = [ModalitySpec(n, "grid", len(g.variables), *g.shape) for n, g in r.grids.items()]
         modalities += [ModalitySpec(s.name, "sites", len(s.variables), groups=self.site_layouts[s.name].groups,
                                     group_size=self.site_layouts[s.name].group_size,
@@ -676,13 +673,11 @@ class RegionDataset(Dataset):
                                   groups_file=self._grouping_file(s.grouping), seed=s.grouping.seed)
             stats["site_layouts"][s.name] = layout.to_dict()
             if s.attr_names:
-                mean = np.nanmean(np.where(np.isfinite(s.attrs), s.attrs, np.nan), axis=0) \
-                    if np.isfinite(s.attrs).any(axis=0).all() else None
-                if mean is None:
-                    empty = [s.attr_names[a] for a in np.flatnonzero(~np.isfinite(s.attrs).any(axis=0))]
+                empty = [s.attr_names[a] for a in np.flatnonzero(~np.isfinite(s.attrs).any(axis=0))]
+                if empty:
                     raise DataFileError(f"site set {s.name!r}: attributes {empty} have no value for any site; "
                                         "expected at least one value each (or leave them out)")
-                std = np.nanstd(s.attrs, axis=0)
+                mean, std = np.nanmean(s.attrs, axis=0), np.nanstd(s.attrs, axis=0)
                 std = np.where(std > 1e-9 * np.maximum(1.0, np.abs(mean)), std, 1.0)
                 stats["site_static"][s.name] = {"names": list(s.attr_names), "mean": mean.tolist(),
                                                 "std": std.tolist()}

@@ -78,7 +78,7 @@ CHECKPOINT_DAYS = 32
 BLOCK_DAYS = 256
 SLOW_DAYS = 60.0
 KERNEL_DAYS = 365
-FFT_SITES = 64
+SITE_CHUNK = 64
 LAT0, LON0, KM_PER_DEGREE = 58.0, -5.0, 111.2
 
 # random streams
@@ -294,7 +294,7 @@ class SyntheticRegion:
         member = d2 <= radius[None] ** 2
         member[outlet, np.arange(s_count)] = True
         weight = member / member.sum(axis=0, keepdims=True)  # [L, S]
-        self._weight = torch.from_numpy(weight.astype(np.float32))
+        self._weight = torch.from_numpy(weight.T.astype(np.float32)).to_sparse().coalesce()  # [S, L]
         self._centroid = weight.T @ cells  # [S, 2]
         self.site_rows, self.site_cols = cells[outlet, 0], cells[outlet, 1]
         lat = LAT0 - self.site_rows / KM_PER_DEGREE
@@ -311,6 +311,11 @@ class SyntheticRegion:
         self.runoff = np.clip(0.22 + 0.35 * urban + 0.25 * (1 - capacity / 120) - 0.15 * forest, 0.08, 0.85)
         self.baseflow = 0.08 + 0.55 * perm
         self.k_quick = np.clip((0.5 + np.sqrt(n_cells) / 12) * (1 + 0.6 * forest) / (1 + relief / 150), 0.4, 12.0)
+
+    def catchment_mean(self, values: np.ndarray) -> np.ndarray:
+        """Land-cell values ``[D, L]`` → each site's catchment mean ``[D, S]`` float32."""
+        cells = torch.from_numpy(np.ascontiguousarray(values.T, dtype=np.float32))  # [L, D]
+        return torch.sparse.mm(self._weight, cells).numpy().T
 
     def _precip(self, day0: int, day1: int) -> np.ndarray:
         """Precipitation of land cells, days ``[day0, day1)``: ``[D, L]`` float32 (mm/day)."""
@@ -373,8 +378,8 @@ class SyntheticRegion:
                 stores[c0 - b0:c1 - b0] = self._store_step(store, precip[c0 - b0:c1 - b0], temp[c0 - b0:c1 - b0])
                 store = stores[c1 - b0 - 1]
             wet = 1.0 - np.exp(-stores / self.capacity[None].astype(np.float32))  # [D, L]
-            p_mean[b0 - start:b1 - start] = (torch.from_numpy(precip) @ self._weight).numpy()
-            w_mean[b0 - start:b1 - start] = (torch.from_numpy(wet) @ self._weight).numpy()
+            p_mean[b0 - start:b1 - start] = self.catchment_mean(precip)
+            w_mean[b0 - start:b1 - start] = self.catchment_mean(wet)
             if train is not None and b1 > train[0] and b0 <= train[1]:
                 lo, hi = max(b0, train[0]) - b0, min(b1, train[1] + 1) - b0
                 for name, v in (("precip", np.log1p(precip[lo:hi].astype(np.float64))),
@@ -387,26 +392,26 @@ class SyntheticRegion:
         self._site_series(start, p_mean, w_mean)
 
     def _site_series(self, start: int, p_mean: np.ndarray, w_mean: np.ndarray) -> None:
-        """Riverflow and evaporation of every site over the record (module docstring), with gaps."""
+        """Riverflow and evaporation of every site over the record (module docstring), with gaps; computed
+        :data:`SITE_CHUNK` sites at a time (each site's noise from its own generator)."""
         n, s_count = p_mean.shape
-        rng = _rng(self.seed, _NOISE)
-        wet_before = np.vstack([w_mean[:1], w_mean[:-1]])
-        rain = self.runoff[None] * p_mean * (0.2 + 0.8 * wet_before)  # [N, S]
         t = np.arange(KERNEL_DAYS, dtype=np.float64)[:, None]
         slow = (1 - math.exp(-1 / SLOW_DAYS)) * np.exp(-t / SLOW_DAYS)  # [KERNEL_DAYS, 1]
         kernel = (1 - self.baseflow) * _gamma_kernel(self.k_quick, KERNEL_DAYS) + self.baseflow * slow  # [K, S]
         size = 1 << (n + KERNEL_DAYS - 1).bit_length()
-        flow = np.empty((n, s_count))
-        for s0 in range(0, s_count, FFT_SITES):  # [size, FFT_SITES] spectra at a time
-            s1 = min(s0 + FFT_SITES, s_count)
-            spectrum = np.fft.rfft(rain[:, s0:s1], size, axis=0) * np.fft.rfft(kernel[:, s0:s1], size, axis=0)
-            flow[:, s0:s1] = np.fft.irfft(spectrum, size, axis=0)[:n]
-        flow = np.maximum(flow, 0.0) * np.exp(0.05 * rng.standard_normal((n, s_count)))
         base, grad, centre = self._temperature_parts(start, self.last_day + 1)
-        t_mean = base[:, None] - 0.0065 * self._mean_z[None] + grad @ (self._centroid - centre).T  # [N, S]
-        evap = (0.2 * np.maximum(t_mean + 4.0, 0.0) * (0.35 + 0.65 * w_mean) * (1 - 0.4 * np.minimum(p_mean / 10, 1))
-                * np.exp(0.12 * rng.standard_normal((n, s_count))))
-        values = np.stack([flow, evap], axis=-1)[SPIN_UP_DAYS:].astype(np.float32)  # [days, S, 2]
+        values = np.empty((n - SPIN_UP_DAYS, s_count, 2), dtype=np.float32)
+        for s0 in range(0, s_count, SITE_CHUNK):
+            s1 = min(s0 + SITE_CHUNK, s_count)
+            p, w = p_mean[:, s0:s1].astype(np.float64), w_mean[:, s0:s1].astype(np.float64)  # [N, chunk]
+            rain = self.runoff[None, s0:s1] * p * (0.2 + 0.8 * np.vstack([w[:1], w[:-1]]))
+            spectrum = np.fft.rfft(rain, size, axis=0) * np.fft.rfft(kernel[:, s0:s1], size, axis=0)
+            flow = np.maximum(np.fft.irfft(spectrum, size, axis=0)[:n], 0.0)
+            t_mean = base[:, None] - 0.0065 * self._mean_z[None, s0:s1] + grad @ (self._centroid[s0:s1] - centre).T
+            evap = 0.2 * np.maximum(t_mean + 4.0, 0.0) * (0.35 + 0.65 * w) * (1 - 0.4 * np.minimum(p / 10, 1))
+            noise = np.stack([_rng(self.seed, _NOISE, s).standard_normal((n, 2)) for s in range(s0, s1)], axis=1)
+            values[:, s0:s1, 0] = (flow * np.exp(0.05 * noise[..., 0]))[SPIN_UP_DAYS:]
+            values[:, s0:s1, 1] = (evap * np.exp(0.12 * noise[..., 1]))[SPIN_UP_DAYS:]
         self._attrs["mean_precip_mm"] = p_mean[SPIN_UP_DAYS:].mean(axis=0).astype(np.float64)
         self.site_attrs = np.stack([self._attrs[a] for a in ATTRIBUTES], axis=1)  # [S, 11]
         self._add_gaps(values)
@@ -448,8 +453,9 @@ class SyntheticRegion:
         """Bytes of the arrays the world keeps."""
         arrays = [self.land, self._cells, self.elevation, self.oro, self.capacity, self.storm_day, self.storm_cy,
                   self.storm_cx, self.storm_r, self.storm_a, self.eta, self.grad, self._checkpoints,
-                  self.site_values, self.site_attrs, self._weight.numpy()]
-        return int(sum(a.nbytes for a in arrays))
+                  self.site_values, self.site_attrs]
+        weight = [self._weight.indices(), self._weight.values()]
+        return int(sum(a.nbytes for a in arrays) + sum(t.numel() * t.element_size() for t in weight))
 
 
 @functools.lru_cache(maxsize=2)
