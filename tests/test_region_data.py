@@ -400,3 +400,51 @@ def test_moselle_region_reads_its_gauge_as_a_one_site_set():
     first = int(np.searchsorted(gauge.days, day))
     np.testing.assert_allclose(values.numpy(), gauge.values[first:first + 32, 0], rtol=1e-4)
     assert torch.isnan(train[0].sites["discharge"]).all()  # 1989: the gauge record starts in 1990
+
+
+def test_the_small_synthetic_region_written_to_files_reads_back_the_same_samples(tmp_path):
+    """The files path (NetCDF grids with a land mask, a long gauge CSV, a row/col site table) gives the samples
+    of the synthetic region it was written from."""
+    import xarray as xr
+
+    split = ["data.region.split.train=[2000-01-01, 2000-04-30]", "data.region.split.val=[2000-05-01, 2000-07-18]"]
+    synthetic = resolve_config("regional_small", None, split)
+    reference = RegionDataset(synthetic.data, "val", norm_stats=RegionDataset(synthetic.data, "train").norm_stats)
+    region = reference.region
+    world = region.grids["precip"].world
+    days = iso_to_day("2000-07-18") - world.first_day + 1
+    dates = (np.datetime64("2000-01-01") + np.arange(days)).astype("datetime64[ns]")
+    for name, grid in region.grids.items():
+        values = grid.read(world.first_day, world.first_day + days)[:, 0]  # [D, H, W]
+        xr.Dataset({name: (("time", "y", "x"), values), "land": (("y", "x"), grid.mask.astype(np.float32))},
+                   coords={"time": dates}).to_netcdf(tmp_path / f"{name}.nc", engine="h5netcdf")
+    gauges = region.site_sets[0]
+    lines = ["site_id,date,riverflow,evaporation"]
+    for d in range(days):
+        for s, site in enumerate(gauges.ids):
+            flow, evap = (f"{v:.9g}" if np.isfinite(v) else "" for v in gauges.values[d, s])
+            lines.append(f"{site},{dates[d].astype('datetime64[D]')},{flow},{evap}")
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    table = ["site_id,row,col," + ",".join(gauges.attr_names)]
+    table += [f"{site},{float(r)!r},{float(c)!r}," + ",".join(repr(float(a)) for a in gauges.attrs[s])
+              for s, (site, r, c) in enumerate(zip(gauges.ids, gauges.rows, gauges.cols, strict=True))]
+    (tmp_path / "sites.csv").write_text("\n".join(table) + "\n")
+    data = {"source": "region", "steps": 16, "stride": 8, "patch_size": 10, "batch_size": 4, "region": {
+        "synthetic": "", "root": str(tmp_path),
+        "grids": [{"name": n, "path": f"{n}.nc", "mask_variable": "land", "transform": region.grid_transforms[n][0]}
+                  for n in region.grids],
+        "site_sets": [{"name": "gauges", "path": "gauges.csv", "variables": ["riverflow", "evaporation"],
+                       "transforms": {"riverflow": "log1p"},
+                       "sites": {"path": "sites.csv", "coords": "rowcol", "attributes": list(gauges.attr_names)},
+                       "grouping": {"method": "kmeans", "size": 4}}],
+        "split": {"train": ["2000-01-01", "2000-04-30"], "val": ["2000-05-01", "2000-07-18"]}}}
+    config = region_config(tmp_path, data)
+    files = RegionDataset(config.data, "val", norm_stats=RegionDataset(config.data, "train").norm_stats)
+    assert files.site_layouts["gauges"] == reference.site_layouts["gauges"]
+    assert len(files) == len(reference) and files.spec == reference.spec
+    for i in (0, len(files) - 1):
+        a, b = files[i], reference[i]
+        for name in region.grids:
+            torch.testing.assert_close(a.grids[name], b.grids[name], rtol=1e-4, atol=1e-4, equal_nan=True)
+        torch.testing.assert_close(a.sites["gauges"], b.sites["gauges"], rtol=1e-4, atol=1e-4, equal_nan=True)
+        torch.testing.assert_close(a.site_static["gauges"], b.site_static["gauges"], equal_nan=True)

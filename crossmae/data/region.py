@@ -408,14 +408,13 @@ def read_gauge_table(path: str, src: SiteSetSource, known: dict[str, int], what:
     """A long gauge table → ``(site index [R] into known, day [R], values [R, F] float64)``; DataFileError naming
     the row and value of an unknown site, an unparseable date, a duplicate (site, date) or a non-number."""
     frame, line_of, _ = _read_table(path, src.delimiter, what)
-    sites = _column(frame, src.site_column, path, what).astype(str).str.strip().to_numpy()
-    index = np.empty(sites.size, dtype=np.int64)
-    for i, site in enumerate(sites):
-        position = known.get(site)
-        if position is None:
-            raise DataFileError(f"{what}: {path!r} names site {site!r} on {line_of(i)}, which is not in the site table "
-                                f"{src.sites.path!r}; expected every gauge in the site table")
-        index[i] = position
+    names = _column(frame, src.site_column, path, what).astype(str).str.strip()
+    found = names.map(known)
+    if found.isna().any():
+        i = int(np.flatnonzero(found.isna().to_numpy())[0])
+        raise DataFileError(f"{what}: {path!r} names site {names.iloc[i]!r} on {line_of(i)}, which is not in the site "
+                            f"table {src.sites.path!r}; expected every gauge in the site table")
+    index, sites = found.to_numpy(dtype=np.int64), names.to_numpy()
     days = _dates(frame, src.date_column, src.date_format, path, what, line_of)
     key = index * 10**7 + (days - days.min() if days.size else days)
     order = np.argsort(key, kind="stable")
