@@ -200,10 +200,42 @@ def test_data_speed_benchmark_writes_its_rows(tmp_path):
                  "--batches", "2", "--out", str(out)]) == 0
     data = json.loads(out.with_suffix(".json").read_text())
     rows = {r["stage"]: r for r in data["rows"]}
-    assert set(rows) == {"getitem", "collate", "getitem+collate", "loader/w0"}
+    assert set(rows) == {"getitem", "collate", "getitem+collate", "device", "loader/w0"}
     for row in rows.values():
         assert row["status"] == "ok" and row["ms_p50"] > 0 and row["cpu_ms_p50"] >= 0 and row["windows_per_s"] > 0
+    assert rows["device"]["device_copy_mb"] > 0 and rows["device"]["data_device"] == "cpu"
     assert data["metadata"]["command"].startswith("python bench/data_speed.py")
+
+
+def test_data_speed_large_files_rows_read_lazily_below_the_cache(tmp_path, monkeypatch):
+    """A small grid (the benchmark's 180 x 290 shrunk to 20 x 30): a cache of 0 MiB reads window by window, one
+    larger than the record keeps it; a second run keeps the written data."""
+    from bench import data_speed
+
+    monkeypatch.setattr(data_speed, "LARGE_SHAPE", (20, 30))
+    out, folder = tmp_path / "large", tmp_path / "data"
+    argv = ["--large-files", "--years", "1", "--gauges", "3", "--cache-mb", "0,64", "--data-dir", str(folder),
+            "--reps", "2", "--warmup", "1", "--batches", "1", "--out", str(out)]
+    assert data_speed.main(argv) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(r["stage"], r["cache_mb"], r["cached"]) for r in rows] == [
+        ("files/getitem", 0.0, False), ("files/getitem+collate", 0.0, False),
+        ("files/getitem", 64.0, True), ("files/getitem+collate", 64.0, True)]
+    for row in rows:
+        assert row["status"] == "ok" and row["windows_per_s"] > 0 and row["format"] == "zarr"
+        assert row["record_mb"] == pytest.approx(365 * 3 * 20 * 30 * 4 / 1e6)  # 1 year: round(365.25) days
+    assert (folder / "grid.zarr").is_dir() and len(list((folder / "gauges").glob("*.csv"))) == 3
+    written = (folder / "grid.zarr").stat().st_mtime_ns
+    assert data_speed.main([*argv[:-2], "--out", str(tmp_path / "again")]) == 0
+    assert (folder / "grid.zarr").stat().st_mtime_ns == written
+
+
+def test_data_speed_large_files_stay_out_of_the_repository(capsys):
+    from bench.data_speed import main
+
+    with pytest.raises(SystemExit):
+        main(["--large-files", "--data-dir", "bench/results/large"])
+    assert "inside the repository" in capsys.readouterr().err
 
 
 def test_data_speed_benchmark_rejects_bad_flags(capsys):
