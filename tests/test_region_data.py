@@ -448,3 +448,18 @@ def test_the_small_synthetic_region_written_to_files_reads_back_the_same_samples
             torch.testing.assert_close(a.grids[name], b.grids[name], rtol=1e-4, atol=1e-4, equal_nan=True)
         torch.testing.assert_close(a.sites["gauges"], b.sites["gauges"], rtol=1e-4, atol=1e-4, equal_nan=True)
         torch.testing.assert_close(a.site_static["gauges"], b.site_static["gauges"], equal_nan=True)
+
+
+@pytest.mark.skipif(not MOSELLE.is_dir(), reason="needs ../shared/data/moselle")
+def test_sites_by_projected_x_y_and_a_site_table_naming_a_site_twice(tmp_path):
+    """x/y in the grid's 1-D projected coordinates (the Moselle's yc, xc: cell centres 24 km apart, y falling)."""
+    config = resolve_config(None, str(ROOT / "configs" / "moselle_region.yaml"))
+    site_set = config.data.region.site_sets[0]
+    table = tmp_path / "sites.csv"
+    table.write_text("site_id,y,x\nperl,2759847.0,4081369.0\n")  # row 8's centre; half a cell east of column 4's
+    site_set.sites.path, site_set.sites.coords = str(table), "xy"
+    layout = RegionDataset(config.data, "train").site_layouts["discharge"]
+    np.testing.assert_allclose(layout.locations()[0], (8.5, 5.0), atol=1e-6)
+    table.write_text("site_id,y,x\nperl,2759847.0,4081369.0\nperl,2783847.0,4081369.0\n")
+    with pytest.raises(DataFileError, match=r"sites.csv' lists site 'perl' twice \(line 2 and line 3\)"):
+        RegionDataset(config.data, "train")

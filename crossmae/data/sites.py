@@ -276,9 +276,13 @@ def _capacity_assign(points: np.ndarray, centre: np.ndarray, size: int) -> np.nd
         free = np.flatnonzero(assign < 0)
         s = free[np.argmin(d2[free, g])]
         assign[s], load[g] = g, 1
+    remaining = n - k
     for flat in np.argsort(d2, axis=None, kind="stable"):
+        if remaining == 0:
+            break
         s, g = divmod(int(flat), k)
         if assign[s] < 0 and load[g] < size:
             assign[s] = g
             load[g] += 1
+            remaining -= 1
     return assign
