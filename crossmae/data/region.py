@@ -462,6 +462,8 @@ def load_region_files(data: DataConfig) -> RegionData:
     for i, src in enumerate(region.site_sets):
         what = f"data.region.site_sets[{i}] {src.name!r}"
         site_sets.append(_load_site_set(src, what, path_of, first_reader, frame, paths))
+        if src.grouping.method == "file":
+            paths.append(path_of(src.grouping.file))
     spans = [g.days for g in grids.values()]
     for s in site_sets:
         finite = np.flatnonzero(np.isfinite(s.values).any(axis=(1, 2)))
