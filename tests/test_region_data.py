@@ -463,3 +463,12 @@ def test_sites_by_projected_x_y_and_a_site_table_naming_a_site_twice(tmp_path):
     table.write_text("site_id,y,x\nperl,2759847.0,4081369.0\nperl,2783847.0,4081369.0\n")
     with pytest.raises(DataFileError, match=r"sites.csv' lists site 'perl' twice \(line 2 and line 3\)"):
         RegionDataset(config.data, "train")
+
+
+def test_region_groups_from_a_file_relative_to_the_root(tmp_path):
+    data = write_region(tmp_path)
+    (tmp_path / "groups.csv").write_text("site_id,group\na,north\nb,south\nc,north\nd,south\n")
+    data["region"]["site_sets"][0]["grouping"] = {"method": "file", "file": "groups.csv"}
+    train = RegionDataset(region_config(tmp_path, data).data, "train")
+    assert train.site_layouts["gauges"].ids == (("a", "c"), ("b", "d"))
+    assert str(tmp_path / "groups.csv") in train.data_paths
