@@ -160,9 +160,9 @@ class DataCase:
         """The device path (built on first use; its build time and size go to :attr:`device_copy`)."""
         if self._device_collator is None:
             start = time.perf_counter()
-            data = DeviceDataset(self.dataset, self.device)
+            data = DeviceDataset(self.dataset, self.device, self.config.data.patch_size)
             self._device_collator = DeviceCollator(self.collator, data)
-            tables = [*data.grids.values(), *data.series.values(), *data.basin_masks.values()]
+            tables = [*data.grids.values(), *data.series.values(), *data.inside.values()]
             self.device_copy = {"device_copy_s": time.perf_counter() - start,
                                 "device_copy_mb": sum(t.numel() * t.element_size() for t in tables) / 1e6}
         return self._device_collator

@@ -564,7 +564,8 @@ class Trainer:
         if cfg.compile:
             self.forward_model = torch.compile(self.forward_model, dynamic=True)
         if config.data.on_device:
-            self.device_batches = DeviceCollator(self.collator, DeviceDataset(self.train_set, self.device))
+            self.device_batches = DeviceCollator(self.collator, DeviceDataset(self.train_set, self.device,
+                                                                                config.data.patch_size))
         self.graph_steps = None
         if cfg.cuda_graphs and not graphs_refused:
             self.graph_steps = CudaGraphSteps(self, self._scan_buckets())

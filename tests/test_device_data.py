@@ -38,7 +38,7 @@ def synthetic():
 
 
 def assert_same_batches(dataset, collator, steps=3, batch_size=6):
-    device = DeviceCollator(collator, DeviceDataset(dataset, "cpu"))
+    device = DeviceCollator(collator, DeviceDataset(dataset, "cpu", collator.patch_size))
     order = GlobalBatchOrder(len(dataset), batch_size, seed=1)
     for step in range(steps):
         keys = order.batch(step)
@@ -72,11 +72,11 @@ def test_device_batches_equal_the_host_path_on_the_files_source(tmp_path, mask):
 def test_other_kinds_and_sources_are_refused_with_the_setting_named():
     sites = SimpleNamespace(spec=SimpleNamespace(modalities=[SimpleNamespace(name="wells", kind="sites")]))
     with pytest.raises(ValueError, match="data.on_device.*'wells': 'sites'"):
-        DeviceDataset(sites, "cpu")
+        DeviceDataset(sites, "cpu", 4)
     grid_only = SimpleNamespace(spec=SimpleNamespace(modalities=[SimpleNamespace(name="p", kind="grid")]),
                                 steps=4)
     with pytest.raises(ValueError, match="synthetic and files sources"):
-        DeviceDataset(grid_only, "cpu")
+        DeviceDataset(grid_only, "cpu", 4)
 
 
 def test_training_on_device_batches_follows_the_host_path(tmp_path):

@@ -2,18 +2,18 @@
 training device from a device copy of the data set's values.
 
 :class:`DeviceDataset` copies a data set's normalised values to the device once: per grid modality the days of
-every basin that a window of the split covers (``[rows, C, H, W]`` float32) and the basin masks, per series
-modality the same days (``[rows, F]``), the static attributes, each window's first row, and (synthetic source)
-each window's missing frames. :class:`DeviceCollator` then turns a list of window keys into the
-:class:`crossmae.data.collate.PackedBatch` that the host path (``dataset[key]`` for each key, then
+every basin that a window of the split covers, as patch tokens (``[rows, P, C·ps²]`` float32), and the basin
+masks; per series modality the same days (``[rows, F]``); the static attributes, each window's first row, and
+(synthetic source) each window's missing frames. :class:`DeviceCollator` then turns a list of window keys into
+the :class:`crossmae.data.collate.PackedBatch` that the host path (``dataset[key]`` for each key, then
 :class:`crossmae.data.collate.MaskingCollator`) makes of the same keys, with torch ops on the device:
 
 - the host chooses the windows (their keys), and draws each mask group's noise with the collator's own
   per-sample generators (``torch.Generator`` seeded by the key's noise seed, on the CPU: the same numbers, so
   the same masks); the noise goes to the device in one copy per mask group;
-- the device gathers the windows' rows, applies the basin masks and missing frames, cuts grids into patch
-  tokens, decides validity, draws the masks from the noise (:func:`crossmae.data.collate.draw_masks`), builds
-  every packed index (``nonzero_static`` once the sizes are known) and the per-sample concatenations;
+- the device gathers the windows' token rows, applies the basin masks and missing frames, decides validity,
+  draws the masks from the noise (:func:`crossmae.data.collate.draw_masks`), builds every packed index
+  (``nonzero_static`` once the sizes are known) and the per-sample concatenations;
 - the host reads back one small vector per batch: every segment length and each modality's count of
   predicted values (packed boundaries and ``max_seqlen`` are host ints by the project's contract).
 
@@ -56,6 +56,7 @@ from crossmae.data.collate import (
     TokenValues,
     day_of_year,
     patch_grid_shape,
+    patchify,
 )
 from crossmae.data.sample import Sample, window_key
 from crossmae.packed import Packed
@@ -73,16 +74,22 @@ def _check_kinds(spec) -> None:
 class DeviceDataset:
     """A data set's windows as device tensors (see the module docstring).
 
+    Grids are kept as patch tokens (:func:`crossmae.data.collate.patchify`'s layout, cells past the grid NaN), so
+    a batch's grid values are one row gather.
+
     Args:
         dataset: a :class:`crossmae.data.synthetic.SyntheticWaterDataset` or
             :class:`crossmae.data.files.FilesDataset`.
         device: where the copy lives.
+        patch_size: grid patch side in cells (the collator's).
 
     Attributes:
         spec: the data set's modalities.
         steps: T.
-        grids: grid modality → ``[rows, C, H, W]`` float32 normalised values (cells outside a basin as read).
-        basin_masks: grid modality → ``[basins, H, W]`` bool.
+        patch_size: grid patch side in cells.
+        grids: grid modality → ``[rows, P, C·ps²]`` float32 normalised days as patch tokens (cells outside a basin
+            as read).
+        inside: grid modality → ``[basins, P, C·ps²]`` bool, True at the cells inside each basin.
         series: series modality → ``[rows, F]`` float32.
         first_row: modality → ``[windows]`` int64, the row of each window's first day.
         basin: ``[windows]`` int64, each window's basin.
@@ -93,7 +100,7 @@ class DeviceDataset:
             or ``where`` (set to +0, as the files source does).
     """
 
-    def __init__(self, dataset, device: torch.device | str):
+    def __init__(self, dataset, device: torch.device | str, patch_size: int):
         from crossmae.data.files import FilesDataset
         from crossmae.data.synthetic import SyntheticWaterDataset
 
@@ -101,12 +108,15 @@ class DeviceDataset:
         if not isinstance(dataset, (SyntheticWaterDataset, FilesDataset)):
             raise ValueError(f"data.on_device supports the synthetic and files sources, got a "
                              f"{type(dataset).__name__} (set data.on_device=false)")
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be at least 1, got {patch_size}")
         self.device = torch.device(device)
         self.spec = dataset.spec
         self.steps = dataset.steps
+        self.patch_size = patch_size
         self.size = len(dataset)
         self.grids: dict[str, torch.Tensor] = {}
-        self.basin_masks: dict[str, torch.Tensor] = {}
+        self.inside: dict[str, torch.Tensor] = {}
         self.series: dict[str, torch.Tensor] = {}
         self.first_row: dict[str, torch.Tensor] = {}
         self.outage = None
@@ -146,9 +156,9 @@ class DeviceDataset:
                     np.log1p(x, out=x)
                 np.subtract(x, np.asarray(entry.mean[0], x.dtype), out=x)
                 np.multiply(x, np.asarray(1.0 / entry.std[0], x.dtype), out=x)
-                parts.append(x[:, None])  # [days, 1, H, W]
-            self.grids[name] = self._put(np.concatenate(parts))  # [rows, 1, H, W]
-            self.basin_masks[name] = self._put(ds.basin_masks)  # [basins, H, W]
+                parts.append(self._tokens(torch.from_numpy(x[:, None])))  # [days, P, ps²]
+            self.grids[name] = torch.cat(parts)  # [rows, P, ps²]
+            self.inside[name] = self._inside(torch.from_numpy(ds.basin_masks), 1)  # [basins, P, ps²]
         for name in ds.series_names:
             record = ds._series[name]  # [basins, record_days]
             self.series[name] = self._put(np.concatenate([record[b, first:first + days, None]
@@ -177,7 +187,8 @@ class DeviceDataset:
                 spans[id(reader)] = (min(lo, first), max(hi, last))
             rows = sum(last - first + 1 for first, last in spans.values())
             channels = len(ds.channel_names[name])
-            table = torch.zeros(rows, channels, height, width, dtype=torch.float32, device=self.device)
+            grid_rows, grid_cols = patch_grid_shape(height, width, self.patch_size)
+            table = torch.empty(rows, grid_rows * grid_cols, channels * self.patch_size**2, device=self.device)
             start_row, offset = {}, 0
             for reader in readers:
                 if id(reader) not in spans or id(reader) in start_row:
@@ -186,13 +197,14 @@ class DeviceDataset:
                 for block in range(first, last + 1, reader.block_days):
                     end = min(block + reader.block_days, last + 1)
                     x = ds.stats.normalize(name, reader.read(block, end))  # [L, C, h, w]
-                    table[offset + block - first:offset + end - first, :, :x.shape[2], :x.shape[3]] = \
-                        torch.from_numpy(x)
+                    padded = np.zeros((*x.shape[:2], height, width), dtype=np.float32)  # as __getitem__ pads
+                    padded[..., :x.shape[2], :x.shape[3]] = x
+                    table[offset + block - first:offset + end - first] = self._tokens(torch.from_numpy(padded))
                 reader.close()  # drops the reader's cache: the device holds the days now
                 start_row[id(reader)] = offset - first
                 offset += last - first + 1
-            self.grids[name] = table  # [rows, C, H, W]
-            self.basin_masks[name] = self._put(np.stack(ds._masks[name]))  # [basins, H, W]
+            self.grids[name] = table  # [rows, P, C·ps²]
+            self.inside[name] = self._inside(torch.from_numpy(np.stack(ds._masks[name])), channels)
             self.first_row[name] = torch.tensor([start_row[id(readers[b])] + s for b, s in ds.starts],
                                                 dtype=torch.int64, device=self.device)
         for name, per_basin in ds._series.items():
@@ -205,43 +217,47 @@ class DeviceDataset:
         self._meta = [{"basin": ds.basins[b], "start": day_to_iso(s), "start_day": s, "split": ds.split, "index": i}
                       for i, (b, s) in enumerate(ds.starts)]
 
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Days ``x [L, C, H, W]`` → ``[L, P, C·ps²]`` patch tokens on the device (cells past the grid NaN)."""
+        tokens, _ = patchify(x[None], torch.ones(1, *x.shape[-2:], dtype=torch.bool), self.patch_size)
+        return tokens[0].to(self.device)  # [L, P, C·ps²]
+
+    def _inside(self, masks: torch.Tensor, channels: int) -> torch.Tensor:
+        """Basin masks ``[basins, H, W]`` → ``[basins, P, C·ps²]`` bool on the device."""
+        grid = torch.zeros(masks.shape[0], 1, channels, *masks.shape[-2:])  # [basins, 1, C, H, W]
+        _, inside = patchify(grid, masks.bool(), self.patch_size)
+        return inside.to(self.device)
+
     def meta(self, index: int) -> dict:
         """The metadata the data set's ``__getitem__`` gives window ``index``."""
         return dict(self._meta[index])
 
     def window_values(self, name: str, index: torch.Tensor) -> torch.Tensor:
-        """The windows ``index [B]`` (device int64) of modality ``name``: grid ``[B, T, C, H, W]`` with the basin
-        mask and missing frames applied, series ``[B, T, F]``; NaN = missing."""
+        """Series modality ``name``'s windows ``index [B]`` (device int64) → ``[B, T, F]`` (NaN = missing)."""
         days = self.first_row[name][index][:, None] + torch.arange(self.steps, device=self.device)  # [B, T]
-        if name in self.series:
-            table = self.series[name]
-            return table.index_select(0, days.view(-1)).view(*days.shape, table.shape[-1])  # [B, T, F]
+        table = self.series[name]
+        return table.index_select(0, days.view(-1)).view(*days.shape, table.shape[-1])  # [B, T, F]
+
+    def window_tokens(self, name: str, index: torch.Tensor):
+        """Grid modality ``name``'s windows ``index [B]`` as :func:`crossmae.data.collate.grid_tokens` makes them
+        from the samples: values (:class:`TokenValues`), valid ``[B, T, P]``, cell weight ``[B, P, C·ps²]``.
+
+        One gather of the token rows, then in place: the basin mask (the synthetic source multiplies by it, the
+        files source sets outside cells to +0: the host's bits either way) and the missing frames (NaN).
+        """
+        days = self.first_row[name][index][:, None] + torch.arange(self.steps, device=self.device)  # [B, T]
         table = self.grids[name]
-        x = table.index_select(0, days.view(-1)).view(*days.shape, *table.shape[1:])  # [B, T, C, H, W]
-        inside = self.basin_masks[name][self.basin[index]][:, None, None]  # [B, 1, 1, H, W]
-        x = x * inside if self.outside == "multiply" else torch.where(inside, x, 0.0)
+        tokens = table.index_select(0, days.view(-1)).view(*days.shape, *table.shape[1:])  # [B, T, P, K]
+        inside = self.inside[name][self.basin[index]]  # [B, P, K]
+        if self.outside == "multiply":
+            tokens.mul_(inside[:, None])
+        else:
+            tokens.masked_fill_(~inside[:, None], 0.0)
         if self.outage is not None:
-            x = torch.where(self.outage[index][:, :, None, None, None], float("nan"), x)
-        return x
-
-
-def _grid_tokens_on_device(x: torch.Tensor, basin: torch.Tensor, patch_size: int):
-    """:func:`crossmae.data.collate.grid_tokens` of ``x [B, T, C, H, W]`` and ``basin [B, H, W]`` on their device:
-    values (:class:`TokenValues`), valid ``[B, T, P]``, cell weight ``[B, P, C·ps²]``."""
-    b, t, c, h, w = x.shape
-    rows, cols = patch_grid_shape(h, w, patch_size)
-    pad_h, pad_w = rows * patch_size - h, cols * patch_size - w
-    if pad_h or pad_w:
-        x = torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), value=float("nan"))
-        basin = torch.nn.functional.pad(basin, (0, pad_w, 0, pad_h), value=False)
-    cells = x.reshape(b, t, c, rows, patch_size, cols, patch_size)  # [B, T, C, R, ps, Q, ps]
-    tokens = cells.permute(0, 1, 3, 5, 2, 4, 6).reshape(b, t, rows * cols, c * patch_size**2)  # [B, T, P, C·ps²]
-    m = basin.reshape(b, rows, patch_size, cols, patch_size).permute(0, 1, 3, 2, 4)  # [B, R, Q, ps, ps]
-    m = m.reshape(b, rows * cols, 1, patch_size**2).expand(b, rows * cols, c, patch_size**2)  # [B, P, C, ps²]
-    inside = m.reshape(b, rows * cols, c * patch_size**2)  # [B, P, C·ps²]
-    valid = (torch.isfinite(tokens) | ~inside[:, None]).all(-1) & inside.any(-1)[:, None]  # [B, T, P]
-    tokens = tokens * inside[:, None]  # outside cells 0 (NaN · 0 stays NaN: rows() clears it)
-    return TokenValues(tokens=tokens, finite=False), valid, inside.float()
+            tokens.masked_fill_(self.outage[index][:, :, None, None], float("nan"))
+        finite = (tokens * 0) == 0  # isfinite (x · 0 is ±0 for a finite x, NaN otherwise), in fewer passes on a CPU
+        valid = finite.logical_or_(~inside[:, None]).all(-1) & inside.any(-1)[:, None]  # [B, T, P]
+        return TokenValues(tokens=tokens, finite=False), valid, inside.float()
 
 
 def _concat_on(parts: Sequence[Packed], device: torch.device) -> tuple[Packed, torch.Tensor, list[torch.Tensor]]:
@@ -292,8 +308,9 @@ class DeviceCollator:
 
     def __init__(self, collator: MaskingCollator, data: DeviceDataset):
         _check_kinds(collator.spec)
-        if collator.steps != data.steps:
-            raise ValueError(f"the collator's steps ({collator.steps}) differ from the data set's ({data.steps})")
+        if collator.steps != data.steps or collator.patch_size != data.patch_size:
+            raise ValueError(f"the collator's steps and patch size ({collator.steps}, {collator.patch_size}) differ "
+                             f"from the device data set's ({data.steps}, {data.patch_size})")
         if collator.spec != data.spec:
             raise ValueError("the collator and the device data set must describe the same modalities")
         self.collator, self.data = collator, data
@@ -324,12 +341,10 @@ class DeviceCollator:
         seeds = [Sample(noise_seed=s) for _, s in keys]
         tokens = {}
         for m in data.spec.modalities:
-            x = data.window_values(m.name, index)
             if m.kind == "grid":
-                basin = data.basin_masks[m.name][data.basin[index]]  # [B, H, W]
-                tokens[m.name] = _grid_tokens_on_device(x, basin, settings.patch_size)
+                tokens[m.name] = data.window_tokens(m.name, index)
             else:
-                series = x[:, :, None, :]  # [B, T, 1, F]
+                series = data.window_values(m.name, index)[:, :, None, :]  # [B, T, 1, F]
                 tokens[m.name] = (TokenValues(tokens=series, finite=False), torch.isfinite(series).all(-1),
                                   torch.ones(b, 1, series.shape[-1], device=device))
         valid = {name: v for name, (_, v, _) in tokens.items()}
