@@ -99,7 +99,8 @@ def check_same_modalities(run: DataConfig, other: DataConfig, what: str) -> None
 
 def resolve_data(config: Config, config_file: str | None = None, data_root: str | None = None) -> DataConfig:
     """The data section to read: the run's, or ``config_file``'s (checked against the run's), with
-    ``data.files.root`` replaced by ``data_root`` when given (a moved data folder)."""
+    ``data.files.root`` (``data.region.root`` for a region run) replaced by ``data_root`` when given (a
+    moved data folder)."""
     data = copy.deepcopy(config.data)
     if config_file:
         from crossmae.config import resolve_config
@@ -109,13 +110,16 @@ def resolve_data(config: Config, config_file: str | None = None, data_root: str 
             raise ValueError(f"--config {config_file!r} has no data section")
         check_same_modalities(config.data, other.data, f"--config {config_file!r}")
         data = copy.deepcopy(other.data)
+    section = {"files": data.files, "region": data.region}.get(data.source)
     if data_root:
+        if section is None:
+            raise ValueError(f"--data-root: the run's data.source {data.source!r} reads no files")
         if not os.path.isdir(data_root):
             raise FileNotFoundError(f"--data-root {data_root!r} is not a folder")
-        data.files.root = os.path.abspath(data_root)
-    elif data.source == "files" and data.files.root and not os.path.isdir(data.files.root):
-        raise FileNotFoundError(f"data.files.root {data.files.root!r} of the run does not exist (moved?); pass "
-                                "--data-root with the folder that holds the run's data files now")
+        section.root = os.path.abspath(data_root)
+    elif section is not None and section.root and not os.path.isdir(section.root):
+        raise FileNotFoundError(f"data.{data.source}.root {section.root!r} of the run does not exist (moved?); "
+                                "pass --data-root with the folder that holds the run's data files now")
     return data
 
 

@@ -118,3 +118,20 @@ def test_a_moved_data_folder_is_named_and_data_root_finds_it(tmp_path):
         evaluate_run(run, "val", plots=False)
     metrics = evaluate_run(run, "val", plots=False, data_root=str(tmp_path / "moved"))
     assert metrics["windows"] > 0 and "flow" in metrics["flow"]
+
+
+def test_data_root_moves_a_region_runs_files_and_a_missing_region_root_is_named(tmp_path):
+    from crossmae.config import Config
+    from crossmae.fill import resolve_data
+
+    config = Config()
+    config.data.source = "region"
+    config.data.region.synthetic = ""
+    config.data.region.root = str(tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match="data.region.root .* does not exist \\(moved\\?\\)"):
+        resolve_data(config)
+    (tmp_path / "here").mkdir()
+    assert resolve_data(config, data_root=str(tmp_path / "here")).region.root == str(tmp_path / "here")
+    config.data.source = "synthetic"
+    with pytest.raises(ValueError, match="reads no files"):
+        resolve_data(config, data_root=str(tmp_path / "here"))
