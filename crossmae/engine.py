@@ -570,7 +570,9 @@ class Trainer:
         if cfg.cuda_graphs and not graphs_refused:
             self.graph_steps = CudaGraphSteps(self, self._scan_buckets())
         amp = cfg.amp == "bf16" or (cfg.amp == "auto" and self.device.type == "cuda")
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if amp \
+        # a captured graph must not hold autocast's cast weights: its cache is emptied when the context exits
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                cache_enabled=self.graph_steps is None)) if amp \
             else contextlib.nullcontext
 
         names = list(self.model.names)
