@@ -474,6 +474,7 @@ def _varlen_attn_bwd_preprocess_kernel(
 def _bwd_dkdv_tile(
     dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_ptrs, rows_left, offs_m, n_mask, d_mask, qk_scale,
     MASK_M: tl.constexpr, EVEN_D: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DP_EARLY: tl.constexpr,
 ):
     """dK/dV (and with ATOMIC_DQ dQ) contributions of one query block; MASK_M: a partial block."""
     # -- load Q^T, dO and the row statistics --
@@ -490,13 +491,16 @@ def _bwd_dkdv_tile(
         do = _load_block(do_ptrs, d_mask, EVEN_D, 1)
         lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
-    # -- raw scores S^T and dP^T = V dO^T, both issued before the exponentials --
+    # -- raw scores S^T; dP^T = V dO^T issued beside them (DP_EARLY) or after the dV product --
     st = tl.dot(k, qt, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    if DP_EARLY:
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
     # -- P^T from the saved log-sum-exp, the scale folded in: one FFMA per score --
     pt = tl.exp2(tl.fma(st, qk_scale, -lse[None, :]))
     # -- dV += P^T dO;  dS^T = P^T * (dP^T - delta);  dK += dS^T Q --
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    if not DP_EARLY:
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
     dst = pt * (dpt - delta[None, :])
     dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
     if ATOMIC_DQ:
@@ -581,10 +585,15 @@ def _varlen_attn_bwd_dkdv_kernel(
     #    dots, whose operands would stay live from the loop into the tail) masks every block instead --
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
     SPLIT_TAIL: tl.constexpr = Q.dtype.element_ty != tl.float32
+    # dP^T beside S^T, before the exponentials, in the two-pass 16-bit kernel at head dim 16 (exponentials
+    # dominate, registers to spare) and for fp32 (FMA-unit dots: the other order spills at head dim 64);
+    # elsewhere after the dV product, so that its tile is not live during the exponentials: fewer registers
+    # and more overlap (bench/results/kernel_report.md)
+    DP_EARLY: tl.constexpr = (BLOCK_D == 16 and not ATOMIC_DQ) or not SPLIT_TAIL
     m_full = (q_len // BLOCK_M) * BLOCK_M if SPLIT_TAIL else 0
     for _ in range(0, m_full, BLOCK_M):
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_ptrs, BLOCK_M, offs_m,
-                                n_mask, d_mask, qk_scale, False, EVEN_D, ATOMIC_DQ, DOT_PRECISION)
+                                n_mask, d_mask, qk_scale, False, EVEN_D, ATOMIC_DQ, DOT_PRECISION, DP_EARLY)
         qt_ptrs += BLOCK_M * stride_qt
         do_ptrs += BLOCK_M * stride_dot
         lse_ptrs += BLOCK_M
@@ -592,7 +601,7 @@ def _varlen_attn_bwd_dkdv_kernel(
         dqa_ptrs += BLOCK_M * stride_dqat
     for m0 in range(m_full, q_len, BLOCK_M):
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_ptrs, q_len - m0,
-                                offs_m, n_mask, d_mask, qk_scale, True, EVEN_D, ATOMIC_DQ, DOT_PRECISION)
+                                offs_m, n_mask, d_mask, qk_scale, True, EVEN_D, ATOMIC_DQ, DOT_PRECISION, DP_EARLY)
         qt_ptrs += BLOCK_M * stride_qt
         do_ptrs += BLOCK_M * stride_dot
         lse_ptrs += BLOCK_M
