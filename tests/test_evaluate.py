@@ -125,3 +125,27 @@ def test_a_norm_pix_run_reports_no_physical_scores_for_its_normalised_modalities
     assert set(metrics["flow"]) == {"streamflow"}
     saved = json.loads((run / "eval" / "metrics_val.json").read_text())
     assert saved["modalities"]["precip"]["rmse"] is None
+
+
+def test_evaluate_regional_run_scores_every_site_with_csv_and_maps(tmp_path):
+    config = resolve_config("regional_small", None, ["train.val_every=0", "train.ckpt_every=0", "train.max_steps=4",
+                                                     f"train.out_dir={tmp_path / 'region'}"])
+    config.train.fused = True
+    Trainer(config).fit()
+    run = tmp_path / "region"
+    metrics = evaluate_run(run, "val")
+    layout_sites = 0
+    for key in ("gauges:riverflow", "gauges:evaporation"):
+        entry = metrics["sites"][key]
+        layout_sites = len(entry["per_basin"])
+        assert layout_sites > 10 and math.isfinite(entry["median_nse"])
+        assert math.isfinite(entry["baseline_interp"]["median_nse"])
+        days = [s["days"] for s in entry["per_basin"].values()]
+        assert sum(d > 0 for d in days) > 0.8 * len(days)  # a site without data in the split has 0 days and no score
+        assert all(math.isnan(s["nse"]) for s in entry["per_basin"].values() if s["days"] == 0)
+    rows = (run / "eval" / "val_sites_gauges.csv").read_text().splitlines()
+    assert rows[0].split(",")[:3] == ["site", "group", "slot"] and len(rows) == 1 + 2 * layout_sites
+    first = rows[1].split(",")
+    assert float(first[7]) == pytest.approx(metrics["sites"]["gauges:riverflow"]["per_basin"][first[0]]["nse"])
+    for name in ("val_sites_gauges_riverflow_nse.png", "val_sites_gauges_evaporation_nse.png"):
+        assert name in metrics["plots"] and (run / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
