@@ -462,13 +462,26 @@ class CudaGraphSteps:
             metrics = trainer.step_body(static, skip=self._run)
         return graph, static, metrics
 
+    def _fall_back(self, batch, exc: RuntimeError) -> torch.Tensor:
+        """A capture failed: say why, run this and every later step eagerly (a failed capture ran nothing on the
+        device, so weights, optimizer state and schedule are as they were)."""
+        trainer = self.trainer
+        trainer._say(f"train.cuda_graphs: capturing the training step failed ({exc}); the steps run eagerly, "
+                     f"unpadded, from step {trainer.step + 1}", warn=True)
+        trainer.graph_steps = None
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return trainer.step_body(batch)
+
     def __call__(self, batch) -> torch.Tensor:
         """One training step on ``batch`` (on the trainer's device); returns its metric vector."""
         bucket = self.buckets.choose(batch_totals(batch))
         padded = pad_batch(batch, bucket)
         entry = self.graphs.get(bucket)
         if entry is None:
-            entry = self.graphs[bucket] = self._capture(padded)
+            try:
+                entry = self.graphs[bucket] = self._capture(padded)
+            except RuntimeError as exc:
+                return self._fall_back(batch, exc)
             log.info("captured the training step for bucket %d of %d (%d token rows)",
                      self.buckets.buckets.index(bucket) + 1, len(self.buckets.buckets), bucket.rows)
         else:

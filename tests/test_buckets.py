@@ -13,7 +13,7 @@ from test_train_step_sync import assert_same_state, clone_state
 from crossmae.config import MaskConfig
 from crossmae.data.buckets import ALIGN, Bucket, BucketSet, batch_totals, check_kinds, pad_batch
 from crossmae.data.loader import GlobalBatchOrder
-from crossmae.engine import Trainer
+from crossmae.engine import CudaGraphSteps, Trainer
 from crossmae.model import MultimodalCrossMAE
 
 OPTIONS = {
@@ -142,6 +142,25 @@ def test_cuda_graphs_without_cuda_fall_back_to_eager_steps_with_a_message(tmp_pa
         trainer = Trainer(tiny_config(tmp_path, "train.val_every=0", "train.device=cpu", "train.cuda_graphs=true"))
     assert trainer.graph_steps is None
     assert "train.cuda_graphs is on, but train.device resolves to cpu" in caplog.text
+
+
+def test_a_failed_capture_falls_back_to_eager_steps_with_a_message(tmp_path, monkeypatch, caplog):
+    """Where capturing raises (here: made to, on the CPU), the step runs eagerly and so do the later ones."""
+    trainer = Trainer(tiny_config(tmp_path / "a", "train.val_every=0"))
+    eager = Trainer(tiny_config(tmp_path / "b", "train.val_every=0"))
+    data = run_batches(trainer, 2)
+    trainer.graph_steps = CudaGraphSteps(trainer, BucketSet.from_totals([batch_totals(b) for b in data]))
+
+    def refuse(self, static):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(CudaGraphSteps, "_capture", refuse)
+    with caplog.at_level("WARNING"):
+        got = trainer.train_step(data[0])
+    assert "capturing the training step failed (operation not permitted" in caplog.text
+    assert trainer.graph_steps is None
+    assert torch.equal(got, eager.train_step(data[0]))
+    assert torch.equal(trainer.train_step(data[1]), eager.train_step(data[1]))
 
 
 def test_a_forced_skip_leaves_weights_optimizer_and_schedule_unchanged(tmp_path):
