@@ -100,4 +100,6 @@ def test_cuda_device_batches_equal_the_host_path(synthetic, mask):
     order = GlobalBatchOrder(len(synthetic), 6, seed=1)
     for step in range(3):
         keys = order.batch(step)
-        assert_identical(device(keys).to("cpu"), collator([synthetic[k] for k in keys]), f"step {step}")
+        batch = device(keys).to("cpu")
+        torch.cuda.synchronize()  # the copies to the host are asynchronous
+        assert_identical(batch, collator([synthetic[k] for k in keys]), f"step {step}")
