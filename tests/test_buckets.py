@@ -12,8 +12,9 @@ from test_train_step_sync import assert_same_state, clone_state
 
 from crossmae.config import MaskConfig
 from crossmae.data.buckets import ALIGN, Bucket, BucketSet, batch_totals, check_kinds, pad_batch
+from crossmae.data.device import batch_tensors
 from crossmae.data.loader import GlobalBatchOrder
-from crossmae.engine import CudaGraphSteps, Trainer
+from crossmae.engine import CudaGraphSteps, Trainer, _copy_into
 from crossmae.model import MultimodalCrossMAE
 
 OPTIONS = {
@@ -79,6 +80,23 @@ def test_padded_batch_gives_the_same_loss_and_gradients(options, kept):
         real = batch.modalities[name].encoder.visible.total
         if grad is not None:
             assert torch.equal(grad[real:], torch.zeros_like(grad[real:])), f"{name}: padding rows got a gradient"
+
+
+def test_a_bucket_input_buffer_takes_every_tensor_of_the_next_batch():
+    """What a replay reads: after ``_copy_into``, every tensor of the first padded batch (its buffers) holds the
+    second's, and the model computes the second batch's loss from them (host-side fields, such as the counts for
+    logs, are the first batch's: a replay reads none)."""
+    cfg = small_model_config(use_cross_attn=False, static="both", day_of_year=True)
+    collate = collator_for(cfg, MaskConfig(grid_ratio=0.6, series_ratio=0.5, kept_mask_ratio=0.3))
+    first, second = (collate(random_samples(5, seed=s)) for s in (1, 2))
+    bucket = BucketSet.from_totals([batch_totals(first), batch_totals(second)], count=1).buckets[0]
+    static, new = pad_batch(first, bucket), pad_batch(second, bucket)
+    _copy_into(static, new)
+    pairs = list(zip(batch_tensors(static), batch_tensors(new), strict=True))
+    assert len(pairs) > 40 and all(a is not b and torch.equal(a, b) for a, b in pairs)
+    torch.manual_seed(0)
+    model = MultimodalCrossMAE(SPEC, cfg, patch_size=4, steps=STEPS, fused=True)
+    assert torch.equal(model(static).loss, model(new).loss)
 
 
 def test_bucket_sizes_follow_the_quantile_rule_and_grow_for_a_larger_batch():

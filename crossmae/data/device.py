@@ -330,7 +330,7 @@ class DeviceCollator:
         if self.stream is not None:
             main = torch.cuda.current_stream(self.device)
             main.wait_stream(self.stream)
-            for t in _tensors(batch):
+            for t in batch_tensors(batch):
                 t.record_stream(main)
         return batch
 
@@ -417,7 +417,7 @@ class DeviceCollator:
         )
 
 
-def _tensors(obj):
+def batch_tensors(obj):
     """Every tensor inside a batch (dataclasses, dicts, :class:`Packed`)."""
     if isinstance(obj, torch.Tensor):
         yield obj
@@ -425,7 +425,7 @@ def _tensors(obj):
         yield obj.cu_seqlens
     elif isinstance(obj, dict):
         for value in obj.values():
-            yield from _tensors(value)
+            yield from batch_tensors(value)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         for f in dataclasses.fields(obj):
-            yield from _tensors(getattr(obj, f.name))
+            yield from batch_tensors(getattr(obj, f.name))
