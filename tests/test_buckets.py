@@ -24,6 +24,7 @@ OPTIONS = {
     "standard_joint": {"use_cross_attn": False},
     "standard_own": {"use_cross_attn": False, "memory": "own"},
     "samples_reduction": {"loss_reduction": "samples", "decoder_self_attn": True},
+    "memory_drop_standard": {"memory_drop": ["evap"], "use_cross_attn": False, "static": "token"},
 }
 
 
