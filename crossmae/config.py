@@ -264,6 +264,7 @@ class SiteTableSource:
     Attributes:
         path: a CSV or Parquet file (by extension: ``.parquet``/``.pq`` is Parquet).
         delimiter: CSV field separator.
+        skip_rows: 0-based line numbers of the CSV file to skip (lines above the header, a units line under it).
         id_column: the site id column.
         coords: ``latlon`` (``lat_column``/``lon_column``, degrees: placed on the grid by its latitude and
             longitude coordinates, 1-D or 2-D), ``rowcol`` (``row_column``/``col_column``: the grid frame in
@@ -276,6 +277,7 @@ class SiteTableSource:
 
     path: str = ""
     delimiter: str = ","
+    skip_rows: list[int] = field(default_factory=list)
     id_column: str = "site_id"
     coords: str = "latlon"
     lat_column: str = "lat"
@@ -299,8 +301,9 @@ class SiteSetSource:
             ``camels_streamflow``, with ``{site}`` in ``path`` (one variable each).
         path: the gauge table, or the per-site file template.
         site_column, date_column: the long table's site id and date columns.
-        date_format: a ``strptime`` format of the dates; empty = ISO 8601.
+        date_format: a ``strptime`` format of the dates; empty = ISO 8601 or another unambiguous common format.
         delimiter: CSV field separator.
+        skip_rows: 0-based line numbers of the CSV file to skip (lines above the header, a units line under it).
         variables: the value columns (F, the features of each site); per-site formats: one name.
         missing_values: values that mean "missing" besides NaN and empty fields.
         transform, transforms: ``none`` or ``log1p`` for every variable, and per-variable overrides.
@@ -318,6 +321,7 @@ class SiteSetSource:
     date_column: str = "date"
     date_format: str = ""
     delimiter: str = ","
+    skip_rows: list[int] = field(default_factory=list)
     variables: list[str] = field(default_factory=list)
     missing_values: list[float] = field(default_factory=lambda: [-9999.0, -999.0])
     transform: str = "none"

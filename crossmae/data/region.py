@@ -54,9 +54,11 @@ Memory
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -88,7 +90,16 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 STATS_BLOCK_DAYS = 366
-MISSING_TEXT = ("", "na", "nan", "n/a", "null", "none")
+MISSING_TEXT = frozenset(("", "na", "nan", "-nan", "n/a", "#n/a", "#na", "<na>", "null", "none", "-", "--"))
+TABLE_DELIMITERS = (",", ";", "\t", "|")
+DATE_FORMATS = ("%Y/%m/%d", "%d.%m.%Y", "%Y.%m.%d", "%Y%m%d", "%d/%m/%Y", "%m/%d/%Y", "%d-%m-%Y")
+DATE_PARTS = (("year", "yyyy", "yr"), ("month", "mnth", "mon", "mm"), ("day", "dd"))
+COLUMN_ALIASES = {  # a default column name -> the other names a table may give that column
+    "site_id": ("site", "id", "gauge_id", "gauge", "station_id", "station"),
+    "date": ("time", "datetime", "timestamp"),
+    "lat": ("latitude", "gauge_lat"),
+    "lon": ("longitude", "long", "lng", "gauge_lon"),
+}
 
 
 # -- what a region source provides -----------------------------------------------------------------------
@@ -200,8 +211,41 @@ def _transform(x: np.ndarray, transform: str) -> np.ndarray:
     return x
 
 
-def _read_table(path: str, delimiter: str, what: str):
-    """A CSV (``delimiter``) or Parquet (by extension) table as strings, with ``line_of(i)``: where row i is."""
+# -- users' tables ----------------------------------------------------------------------------------------
+@dataclass
+class UserTable:
+    """A gauge or site table as a user wrote it, rows in file order (blank lines and rows of empty fields dropped).
+
+    Attributes:
+        path: the file.
+        frame: the columns, names stripped (CSV: strings as written; Parquet: as stored).
+        places: int64 ``[R]``: where each row is, as the user sees it: the CSV file's 1-based line number, or
+            the Parquet row (0-based).
+        csv: a CSV file (else Parquet).
+        decimal_comma: a comma inside a number is its decimal separator (``3,5``): CSV files separated by
+            something else than commas, and text columns of Parquet files.
+    """
+
+    path: str
+    frame: object
+    places: np.ndarray
+    csv: bool
+    decimal_comma: bool
+
+    def where(self, i: int) -> str:
+        """Row ``i`` as the user finds it: ``line 7`` (CSV) or ``row 5`` (Parquet)."""
+        return f"{'line' if self.csv else 'row'} {int(self.places[i])}"
+
+    def keep(self, rows: np.ndarray) -> None:
+        """Keep only ``rows`` (bool ``[R]``)."""
+        self.frame = self.frame[rows].reset_index(drop=True)
+        self.places = self.places[rows]
+
+
+def read_user_table(path: str, delimiter: str, skip_rows: Sequence[int], what: str) -> UserTable:
+    """A CSV (``delimiter``; another of ``, ; tab |`` when the header holds only that one) or Parquet (by extension)
+    table. CSV: UTF-8 with or without a byte-order mark, else Latin-1; ``skip_rows`` (0-based file lines) are
+    skipped; blank lines and lines of empty fields are dropped, every other row keeps its file line number."""
     import pandas as pd
 
     if path.lower().endswith((".parquet", ".pq")):
@@ -212,91 +256,330 @@ def _read_table(path: str, delimiter: str, what: str):
                                 f"{exc}") from None
         except (OSError, ValueError) as exc:
             raise DataFileError(f"{what}: can't read {path!r} as Parquet: {exc}") from None
+        if not isinstance(frame.index, pd.RangeIndex):  # ids or dates written as the index
+            frame = frame.reset_index()
         frame = frame.reset_index(drop=True)
-        return frame, (lambda i: f"row {i}"), "parquet"
-    sep = r"\s+" if delimiter == " " else delimiter
-    try:
-        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataFileError(f"{what}: can't read {path!r} as a table separated by {delimiter!r}: {exc}") from None
+        frame.columns = [str(c).strip() for c in frame.columns]
+        return UserTable(path, frame, np.arange(len(frame)), csv=False, decimal_comma=True)
+    skip = sorted({int(r) for r in skip_rows})
+    if skip and skip[0] < 0:
+        raise DataFileError(f"{what}: skip_rows holds {skip[0]}; expected 0-based line numbers of {path!r}")
+    sep = _sniff_delimiter(path, delimiter, skip, what)
+    frame = None
+    for encoding in ("utf-8-sig", "latin-1"):
+        try:
+            frame = pd.read_csv(path, sep=r"\s+" if sep == " " else sep, dtype=str, keep_default_na=False,
+                                skipinitialspace=True, skip_blank_lines=False, skiprows=skip or None,
+                                encoding=encoding)
+            break
+        except UnicodeDecodeError:
+            log.info("%s: %r is not UTF-8: read as Latin-1", what, path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+            raise DataFileError(f"{what}: can't read {path!r} as a table separated by {sep!r}: {exc}") from None
     frame.columns = [str(c).strip() for c in frame.columns]
-    return frame, (lambda i: f"line {i + 2}"), "csv"
+    read = np.ones(len(frame) + len(skip) + 1, dtype=bool)
+    read[[r for r in skip if r < read.size]] = False
+    lines = np.flatnonzero(read)  # 0-based file lines of the header and the rows
+    table = UserTable(path, frame, lines[1:len(frame) + 1] + 1, csv=True, decimal_comma=sep != ",")
+    if len(frame.columns):
+        first = frame.iloc[:, 0].str.strip() == ""
+        if first.any():
+            blank = frame[first.to_numpy()].apply(lambda c: c.str.strip() == "").all(axis=1)
+            empty = np.zeros(len(frame), dtype=bool)
+            empty[np.flatnonzero(first.to_numpy())[blank.to_numpy()]] = True
+            table.keep(~empty)
+    return table
 
 
-def _column(frame, name: str, path: str, what: str):
-    if name not in frame.columns:
-        raise DataFileError(f"{what}: {path!r} has no column {name!r} (columns there: {list(frame.columns)})")
-    return frame[name]
+def _sniff_delimiter(path: str, delimiter: str, skip: list[int], what: str) -> str:
+    """``delimiter``, or the one of ``, ; tab |`` that the header line holds more often."""
+    if delimiter == " ":
+        return delimiter
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            header = next((line for n, line in enumerate(handle) if n not in set(skip)), "")
+    except OSError as exc:
+        raise DataFileError(f"{what}: can't read {path!r}: {exc}") from None
+    counts = {d: header.count(d) for d in TABLE_DELIMITERS}
+    best = max(TABLE_DELIMITERS, key=lambda d: counts[d])
+    if counts[best] > counts.get(delimiter, header.count(delimiter)):
+        log.info("%s: the header of %r is separated by %r, not %r: read with %r", what, path, best, delimiter, best)
+        return best
+    return delimiter
 
 
-def _numeric(frame, name: str, path: str, what: str, line_of) -> np.ndarray:
-    """Column ``name`` as float64, NaN for empty/NA; DataFileError naming the first value that is not a number."""
+def _bare(name: str) -> str:
+    """A column name without units in brackets, case, and space: ``Q [m3/s]`` → ``q``, ``Site ID`` → ``site_id``."""
+    return re.sub(r"[\s\-]+", "_", re.sub(r"[\(\[\{][^\)\]\}]*[\)\]\}]", " ", name).strip().lower())
+
+
+def _find_column(table: UserTable, name: str, what: str, required: bool = True) -> str | None:
+    """The column of ``table`` that ``name`` means: the exact name, else the one that equals it in any case or
+    without units in brackets, else (for a default name) one of its usual other names (``latitude`` for ``lat``)."""
+    columns = [str(c) for c in table.frame.columns]
+    if name in columns:
+        return name
+    aliases = {_bare(a) for a in COLUMN_ALIASES.get(name, ())}
+    for matches in ([c for c in columns if c.lower() == name.lower()], [c for c in columns if _bare(c) == _bare(name)],
+                    [c for c in columns if _bare(c) in aliases]):
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise DataFileError(f"{what}: {table.path!r} has several columns that could be {name!r}: {matches}; "
+                                "expected one (give its exact name in the config)")
+    if not required:
+        return None
+    close = difflib.get_close_matches(name, columns, n=3)
+    raise DataFileError(f"{what}: {table.path!r} has no column {name!r} (columns there: {columns})"
+                        + (f"; did you mean {close}?" if close else ""))
+
+
+def _numbers(table: UserTable, column: str, what: str) -> np.ndarray:
+    """Column ``column`` as float64 ``[R]``, NaN for empty fields and missing-value text (``NA``, ``nan``, ``-``
+    ...); DataFileError naming the line and the first value that is not a number."""
     import pandas as pd
 
-    raw = _column(frame, name, path, what)
+    raw = table.frame[column]
     if pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
         return raw.to_numpy(dtype=np.float64, na_value=np.nan)
-    out = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
-    text = raw.astype(str).str.strip().str.lower()
-    bad = np.isnan(out) & raw.notna().to_numpy() & ~text.isin(MISSING_TEXT).to_numpy()
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise DataFileError(f"{what}: column {name!r} of {path!r} holds {raw.iloc[i]!r} on {line_of(i)}; expected a "
-                            "number (or a missing-value marker)")
+    text = raw
+    if table.decimal_comma and pd.api.types.is_string_dtype(raw) and raw.str.contains(",", regex=False).any():
+        text = raw.str.replace(",", ".", regex=False)  # a number with both '.' and ',' stays unread
+    out = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    unread = np.flatnonzero(np.isnan(out))
+    if unread.size == 0:
+        return out
+    missing = raw.iloc[unread].isna().to_numpy() | \
+        raw.iloc[unread].astype(str).str.strip().str.lower().isin(MISSING_TEXT).to_numpy()
+    unread = unread[~missing]
+    if unread.size:
+        value = raw.iloc[unread[0]]
+        hint = ""
+        if "," in str(value) and not table.decimal_comma:
+            hint = " (decimal commas are read in files separated by ';' or tabs)"
+        elif "," in str(value) and "." in str(value):
+            hint = " (without thousands separators)"
+        raise DataFileError(f"{what}: column {column!r} of {table.path!r} holds {value!r} on "
+                            f"{table.where(unread[0])}; expected a number{hint} or a missing-value marker")
     return out
 
 
-def _dates(frame, name: str, date_format: str, path: str, what: str, line_of) -> np.ndarray:
-    """Column ``name`` as days since 1970-01-01; DataFileError naming the first date that does not parse."""
+def _factorize_text(table: UserTable, column: str) -> tuple[np.ndarray, list[str]]:
+    """``(codes [R] int64, distinct values as stripped text)`` of a column; code -1 = an empty or missing field.
+    Integers (and whole floats of a Parquet column) are written without a fraction."""
     import pandas as pd
 
-    raw = _column(frame, name, path, what)
-    if pd.api.types.is_datetime64_any_dtype(raw):
-        parsed = raw
-        expected = "dates"
-    else:
-        text = raw.astype(str).str.strip()
-        if date_format:
-            parsed = pd.to_datetime(text, format=date_format, errors="coerce")
-            expected = f"dates in the format {date_format!r}"
+    codes, uniques = pd.factorize(table.frame[column])
+    text = []
+    for u in uniques:
+        if isinstance(u, (int, np.integer)) and not isinstance(u, bool):
+            text.append(str(int(u)))
+        elif isinstance(u, (float, np.floating)) and math.isfinite(u) and float(u).is_integer():
+            text.append(str(int(u)))
         else:
-            parsed = pd.to_datetime(text, format="ISO8601", errors="coerce")
-            expected = "ISO 8601 dates (YYYY-MM-DD; set date_format for others)"
-    bad = parsed.isna().to_numpy()
+            text.append(str(u).strip())
+    missing = np.array([t.lower() in MISSING_TEXT for t in text] + [True])  # the last entry: code -1
+    return np.where(missing[codes], -1, codes).astype(np.int64), text
+
+
+def _site_ids(table: UserTable, column: str, what: str) -> tuple[np.ndarray, list[str]]:
+    """``(codes [R], ids)`` of the site id column; DataFileError naming the first row without an id."""
+    codes, ids = _factorize_text(table, column)
+    if (codes < 0).any():
+        i = int(np.flatnonzero(codes < 0)[0])
+        raise DataFileError(f"{what}: column {column!r} of {table.path!r} holds {table.frame[column].iloc[i]!r} on "
+                            f"{table.where(i)}; expected a site id")
+    return codes, ids
+
+
+def _parse_dates(text, date_format: str, column: str, table: UserTable, what: str):
+    """Distinct date texts → ``(DatetimeIndex (NaT = does not parse), what was expected)``: ``date_format``, or
+    ISO 8601, or the one of :data:`DATE_FORMATS` that reads every text (DataFileError when two read them
+    differently, as ``05/01/2001`` day first and month first)."""
+    import pandas as pd
+
+    if date_format:
+        return pd.to_datetime(text, format=date_format, errors="coerce"), f"dates in the format {date_format!r}"
+    expected = f"ISO 8601 dates (YYYY-MM-DD) or one of {list(DATE_FORMATS)}; set date_format for others"
+    try:
+        iso = pd.to_datetime(text, format="ISO8601", errors="coerce")
+    except (ValueError, TypeError):
+        iso = pd.DatetimeIndex([pd.NaT] * len(text))
+    if not iso.isna().any():
+        return iso, expected
+    fits = []
+    for fmt in DATE_FORMATS:
+        parsed = pd.to_datetime(text, format=fmt, exact=False, errors="coerce")
+        if not parsed.isna().any():
+            fits.append((fmt, parsed))
+    if not fits:
+        return iso, expected
+    differ = [f for f, parsed in fits[1:] if not parsed.equals(fits[0][1])]
+    if differ:
+        example = next(t for t, a, b in zip(text, fits[0][1], dict(fits)[differ[0]], strict=True) if a != b)
+        raise DataFileError(f"{what}: the dates of column {column!r} of {table.path!r} (such as {example!r}) read "
+                            f"as {fits[0][0]!r} and as {differ[0]!r}; set date_format to say which")
+    return fits[0][1], expected
+
+
+def _dates(table: UserTable, column: str, date_format: str, what: str) -> np.ndarray:
+    """Column ``column`` as int64 days since 1970-01-01 ``[R]`` (a time of day is dropped; a time zone kept as
+    the local date); DataFileError naming the line and the first date that is empty or does not parse."""
+    import pandas as pd
+
+    raw = table.frame[column]
+    if pd.api.types.is_datetime64_any_dtype(raw):
+        values = raw.dt.tz_localize(None) if getattr(raw.dt, "tz", None) is not None else raw
+        if values.isna().any():
+            i = int(np.flatnonzero(values.isna().to_numpy())[0])
+            raise DataFileError(f"{what}: column {column!r} of {table.path!r} has no date on {table.where(i)}")
+        return to_days(values.to_numpy().astype("datetime64[D]"))
+    codes, text = _factorize_text(table, column)
+    if (codes < 0).any():
+        i = int(np.flatnonzero(codes < 0)[0])
+        raise DataFileError(f"{what}: column {column!r} of {table.path!r} holds {raw.iloc[i]!r} on {table.where(i)}; "
+                            "expected a date")
+    parsed, expected = _parse_dates(pd.Index(text), date_format, column, table, what)
+    if parsed.tz is not None:
+        parsed = parsed.tz_localize(None)
+    bad = np.asarray(parsed.isna())
+    if bad.any():
+        i = int(np.flatnonzero(bad[codes])[0])
+        raise DataFileError(f"{what}: column {column!r} of {table.path!r} holds {raw.iloc[i]!r} on {table.where(i)}, "
+                            f"which does not parse; expected {expected}")
+    return to_days(parsed.to_numpy().astype("datetime64[D]"))[codes]
+
+
+def _date_from_parts(table: UserTable, what: str) -> np.ndarray | None:
+    """Days ``[R]`` from year, month and day columns, or None when the table has not all three."""
+    import pandas as pd
+
+    columns = [next((c for c in table.frame.columns if _bare(str(c)) in names), None) for names in DATE_PARTS]
+    if any(c is None for c in columns):
+        return None
+    parts = np.stack([_numbers(table, c, what) for c in columns], axis=1)  # [R, 3]
+    whole = np.isfinite(parts).all(axis=1) & (parts == np.round(parts)).all(axis=1)
+    parts = np.where(whole[:, None], parts, 1)
+    dates = pd.to_datetime(pd.DataFrame({"year": parts[:, 0], "month": parts[:, 1], "day": parts[:, 2]}),
+                           errors="coerce")
+    bad = ~whole | dates.isna().to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataFileError(f"{what}: column {name!r} of {path!r} holds {raw.iloc[i]!r} on {line_of(i)}, which does "
-                            f"not parse; expected {expected}")
-    return to_days(parsed.to_numpy().astype("datetime64[D]"))
+        given = "-".join(str(table.frame[c].iloc[i]) for c in columns)
+        raise DataFileError(f"{what}: columns {columns} of {table.path!r} hold {given!r} on {table.where(i)}, which "
+                            "is no date; expected year, month and day")
+    return to_days(dates.to_numpy().astype("datetime64[D]"))
+
+
+def _looks_like_a_date(text: str) -> bool:
+    import pandas as pd
+
+    if not pd.isna(pd.to_datetime(text, format="ISO8601", errors="coerce")):
+        return True
+    return any(not pd.isna(pd.to_datetime(text, format=fmt, exact=False, errors="coerce")) for fmt in DATE_FORMATS)
+
+
+def _drop_units_row(table: UserTable, numeric: list[str], date: str | None, what: str) -> None:
+    """Drop the table's first row when it holds units (or other text) rather than data: no ``numeric`` column
+    holds a number there, at least one holds text, and ``date`` (if given) holds no date."""
+    import pandas as pd
+
+    if not len(table.frame) or not table.csv or not numeric:
+        return
+    cells = [str(table.frame[c].iloc[0]).strip() for c in numeric]
+    numbers = pd.to_numeric(pd.Series([c.replace(",", ".") for c in cells]), errors="coerce")
+    if numbers.notna().any() or all(c.lower() in MISSING_TEXT for c in cells):
+        return
+    if date is not None and _looks_like_a_date(str(table.frame[date].iloc[0]).strip()):
+        return
+    log.info("%s: %s of %r holds %s under the header, no values: read as a units line and skipped", what,
+             table.where(0), table.path, cells)
+    table.keep(np.arange(len(table.frame)) > 0)
 
 
 def read_site_table(path: str, table: SiteTableSource, what: str):
-    """``(ids [S], coordinate columns {name: [S] float64}, attributes [S, A] float64)`` of a site table."""
-    frame, line_of, _ = _read_table(path, table.delimiter, what)
-    ids = _column(frame, table.id_column, path, what).astype(str).str.strip().to_numpy()
-    for i, site in enumerate(ids):
-        if site.lower() in MISSING_TEXT:
-            raise DataFileError(f"{what}: column {table.id_column!r} of {path!r} holds {site!r} on {line_of(i)}; "
-                                "expected a site id")
+    """``(ids [S], coordinate columns {configured name: [S] float64}, attributes [S, A] float64)`` of a site table."""
+    t = read_user_table(path, table.delimiter, table.skip_rows, what)
+    id_column = _find_column(t, table.id_column, what)
+    names = {"latlon": (table.lat_column, table.lon_column), "rowcol": (table.row_column, table.col_column),
+             "xy": (table.y_column, table.x_column)}[table.coords]
+    coord_columns = [_find_column(t, n, what) for n in names]
+    attr_columns = [_find_column(t, a, what) for a in table.attributes]
+    _drop_units_row(t, coord_columns + attr_columns, None, what)
+    codes, text = _site_ids(t, id_column, what)
+    ids = [text[c] for c in codes]
     seen: dict[str, int] = {}
     for i, site in enumerate(ids):
         if site in seen:
-            raise DataFileError(f"{what}: {path!r} lists site {site!r} twice ({line_of(seen[site])} and "
-                                f"{line_of(i)}); expected one row per site")
+            raise DataFileError(f"{what}: {path!r} lists site {site!r} twice ({t.where(seen[site])} and "
+                                f"{t.where(i)}); expected one row per site")
         seen[site] = i
-    names = {"latlon": (table.lat_column, table.lon_column), "rowcol": (table.row_column, table.col_column),
-             "xy": (table.y_column, table.x_column)}[table.coords]
     coords = {}
-    for name in names:
-        values = _numeric(frame, name, path, what, line_of)
+    for name, column in zip(names, coord_columns, strict=True):
+        values = _numbers(t, column, what)
         if not np.isfinite(values).all():
             i = int(np.flatnonzero(~np.isfinite(values))[0])
-            raise DataFileError(f"{what}: column {name!r} of {path!r} has no value for site {ids[i]!r} on "
-                                f"{line_of(i)}; expected the site's coordinates")
+            raise DataFileError(f"{what}: column {column!r} of {path!r} has no value for site {ids[i]!r} on "
+                                f"{t.where(i)}; expected the site's coordinates")
         coords[name] = values
-    attrs = np.stack([_numeric(frame, a, path, what, line_of) for a in table.attributes], axis=1) \
-        if table.attributes else np.zeros((len(ids), 0))
-    return [str(s) for s in ids], coords, mark_missing(attrs, list(table.missing_values))
+    attrs = np.stack([_numbers(t, c, what) for c in attr_columns], axis=1) if attr_columns \
+        else np.zeros((len(ids), 0))
+    return ids, coords, mark_missing(attrs, list(table.missing_values))
+
+
+def _match_sites(names: list[str], codes: np.ndarray, known: dict[str, int], table: UserTable, site_table: str,
+                 what: str) -> np.ndarray:
+    """Site-table index (int64) of each distinct gauge-table id ``names``: the same text, else, for ids of digits
+    only, the same number when one site-table id has it (``1022500`` for ``01022500``: leading zeros lost by a
+    spreadsheet or an integer column). DataFileError naming the first row of an id in neither form."""
+    index = np.array([known.get(n, -1) for n in names], dtype=np.int64)
+    unknown = np.flatnonzero(index < 0)
+    if unknown.size:
+        by_number: dict[int, list[int]] = {}
+        for site, i in known.items():
+            if site.isdigit():
+                by_number.setdefault(int(site), []).append(i)
+        matched = []
+        for u in unknown:
+            candidates = by_number.get(int(names[u]), []) if names[u].isdigit() else []
+            if len(candidates) == 1:
+                index[u] = candidates[0]
+                matched.append(names[u])
+        if matched:
+            log.warning("%s: %r names sites %s that the site table %r writes otherwise (leading zeros): matched by "
+                        "number", what, table.path, matched[:10], site_table)
+    if (index < 0).any():
+        i = int(np.flatnonzero(index[codes] < 0)[0])
+        raise DataFileError(f"{what}: {table.path!r} names site {names[codes[i]]!r} on {table.where(i)}, which is not "
+                            f"in the site table {site_table!r}; expected every gauge in the site table")
+    return index
+
+
+def read_gauge_table(path: str, src: SiteSetSource, known: dict[str, int], what: str
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A long gauge table → ``(site index [R] into known, day [R], values [R, F] float64)``; DataFileError naming
+    the row and value of an unknown site, an unparseable date, a duplicate (site, date) or a non-number."""
+    t = read_user_table(path, src.delimiter, src.skip_rows, what)
+    site_column = _find_column(t, src.site_column, what)
+    date_column = _find_column(t, src.date_column, what, required=False)
+    value_columns = [_find_column(t, v, what) for v in src.variables]
+    _drop_units_row(t, value_columns, date_column, what)
+    codes, names = _site_ids(t, site_column, what)
+    index = _match_sites(names, codes, known, t, src.sites.path, what)[codes]
+    days = _dates(t, date_column, src.date_format, what) if date_column is not None else _date_from_parts(t, what)
+    if days is None:
+        raise DataFileError(f"{what}: {path!r} has no column {src.date_column!r} and no year, month and day columns "
+                            f"(columns there: {[str(c) for c in t.frame.columns]}); expected the dates")
+    key = index * 10**7 + (days - days.min() if days.size else days)
+    order = np.argsort(key, kind="stable")
+    repeated = np.flatnonzero(np.diff(key[order]) == 0)
+    if repeated.size:
+        first, second = int(order[repeated[0]]), int(order[repeated[0] + 1])
+        raise DataFileError(f"{what}: {path!r} gives site {names[codes[second]]!r} on {day_to_iso(days[second])} "
+                            f"twice ({t.where(first)} and {t.where(second)}); expected one row per site and date")
+    values = np.stack([_numbers(t, c, what) for c in value_columns], axis=1) if value_columns \
+        else np.zeros((index.size, 0))
+    return index, days, mark_missing(values, list(src.missing_values))
 
 
 def _axis_position(values: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -336,11 +619,16 @@ def _latlon_2d(reader: GridReader, what: str) -> tuple[np.ndarray, np.ndarray]:
     return found["lat"], found["lon"]
 
 
+def _wrap_degrees(delta):
+    """Longitude differences brought into [-180, 180)."""
+    return (delta + 180.0) % 360.0 - 180.0
+
+
 def _position_2d(lat: np.ndarray, lon: np.ndarray, grid_lat: np.ndarray, grid_lon: np.ndarray) -> tuple[float, float]:
     """Fractional (row, col) of one point on a grid of 2-D cell-centre coordinates: the nearest centre, refined by
     the local linear map between neighbouring centres."""
     scale = math.cos(math.radians(float(lat)))
-    d2 = (grid_lat - lat) ** 2 + ((grid_lon - lon) * scale) ** 2
+    d2 = (grid_lat - lat) ** 2 + (_wrap_degrees(grid_lon - lon) * scale) ** 2
     i, j = np.unravel_index(int(np.argmin(d2)), d2.shape)
     h, w = grid_lat.shape
 
@@ -352,20 +640,25 @@ def _position_2d(lat: np.ndarray, lon: np.ndarray, grid_lat: np.ndarray, grid_lo
         else:
             lo, hi = (i, max(j - 1, 0)), (i, min(j + 1, n - 1))
         steps = (hi[axis] - lo[axis]) or 1
-        return float(a[hi] - a[lo]) / steps
+        step = a[hi] - a[lo]
+        return float(_wrap_degrees(step) if a is grid_lon else step) / steps
 
     jac = np.array([[derivative(grid_lat, 0), derivative(grid_lat, 1)],
                     [derivative(grid_lon, 0) * scale, derivative(grid_lon, 1) * scale]])
     if h == 1 or w == 1 or abs(np.linalg.det(jac)) < 1e-12:
         return i + 0.5, j + 0.5
-    delta = np.linalg.solve(jac, [lat - grid_lat[i, j], (lon - grid_lon[i, j]) * scale])
+    delta = np.linalg.solve(jac, [lat - grid_lat[i, j], _wrap_degrees(lon - grid_lon[i, j]) * scale])
     return i + 0.5 + float(delta[0]), j + 0.5 + float(delta[1])
 
 
 def place_sites(coords: dict[str, np.ndarray], table: SiteTableSource, reader: GridReader | None,
                 frame: tuple[int, int], ids: list[str], path: str, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Site coordinates → float64 ``(rows [S], cols [S])`` in the grid frame; DataFileError naming the first site
-    that lies outside the grid."""
+    that lies outside the grid.
+
+    Longitudes are compared modulo 360 (a table in 0..360 on a grid in -180..180, or the other way round). A site
+    given by latitude/longitude or x/y exactly on the grid's outer edge belongs to the edge cell; row/col
+    coordinates are the frame itself, so row H (or column W) is outside."""
     if table.coords == "rowcol":
         rows, cols = coords[table.row_column], coords[table.col_column]
     else:
@@ -376,16 +669,20 @@ def place_sites(coords: dict[str, np.ndarray], table: SiteTableSource, reader: G
         if reader.crop is not None:
             y0, y1, x0, x1 = reader.crop
             ys, xs = (None if ys is None else ys[y0:y1]), (None if xs is None else xs[x0:x1])
-        if table.coords == "xy" or (ys is not None and xs is not None and reader.longitude[1]):
+        one_d = ys is not None and xs is not None and any(reader.longitude)
+        if table.coords == "xy" or one_d:
             if ys is None or xs is None or min(ys.size, xs.size) < 2:
                 raise DataFileError(f"{what}: the grid in {reader.path!r} has no 1-D y and x coordinates of 2 cells "
                                     f"or more ({reader.dims}); expected them to place sites by {table.coords}")
             if table.coords == "xy":
                 y, x = coords[table.y_column], coords[table.x_column]
             else:
-                y = coords[table.lat_column]
-                x = coords[table.lon_column].copy()
-                x = xs.min() + np.mod(x - xs.min(), 360.0)
+                y, x = coords[table.lat_column], coords[table.lon_column]
+                lons = xs if reader.longitude[1] else ys
+                middle = (float(lons.min()) + float(lons.max())) / 2
+                x = middle + _wrap_degrees(x - middle)
+                if not reader.longitude[1]:  # dims (lon, lat): rows run along longitude
+                    y, x = x, y
             rows, cols = _axis_position(y, ys), _axis_position(x, xs)
         else:
             grid_lat, grid_lon = _latlon_2d(reader, what)
@@ -393,6 +690,11 @@ def place_sites(coords: dict[str, np.ndarray], table: SiteTableSource, reader: G
                       for a, o in zip(coords[table.lat_column], coords[table.lon_column], strict=True)]
             rows = np.array([p[0] for p in placed])
             cols = np.array([p[1] for p in placed])
+    if table.coords != "rowcol":  # on the outer edge, to rounding: in the edge cell
+        edge = 1e-6
+        for pos, n in ((rows, frame[0]), (cols, frame[1])):
+            on_edge = ((pos >= -edge) & (pos < 0)) | ((pos >= n) & (pos <= n + edge))
+            pos[on_edge] = np.clip(pos[on_edge], 0.0, np.nextafter(n, 0))
     outside = ~((rows >= 0) & (rows < frame[0]) & (cols >= 0) & (cols < frame[1]))
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
@@ -401,31 +703,6 @@ def place_sites(coords: dict[str, np.ndarray], table: SiteTableSource, reader: G
                             f"grid (at row {rows[i]:.2f}, col {cols[i]:.2f} of the grid frame); expected every site "
                             "inside the grid")
     return rows.astype(np.float64), cols.astype(np.float64)
-
-
-def read_gauge_table(path: str, src: SiteSetSource, known: dict[str, int], what: str
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A long gauge table → ``(site index [R] into known, day [R], values [R, F] float64)``; DataFileError naming
-    the row and value of an unknown site, an unparseable date, a duplicate (site, date) or a non-number."""
-    frame, line_of, _ = _read_table(path, src.delimiter, what)
-    names = _column(frame, src.site_column, path, what).astype(str).str.strip()
-    found = names.map(known)
-    if found.isna().any():
-        i = int(np.flatnonzero(found.isna().to_numpy())[0])
-        raise DataFileError(f"{what}: {path!r} names site {names.iloc[i]!r} on {line_of(i)}, which is not in the site "
-                            f"table {src.sites.path!r}; expected every gauge in the site table")
-    index, sites = found.to_numpy(dtype=np.int64), names.to_numpy()
-    days = _dates(frame, src.date_column, src.date_format, path, what, line_of)
-    key = index * 10**7 + (days - days.min() if days.size else days)
-    order = np.argsort(key, kind="stable")
-    repeated = np.flatnonzero(np.diff(key[order]) == 0)
-    if repeated.size:
-        first, second = int(order[repeated[0]]), int(order[repeated[0] + 1])
-        raise DataFileError(f"{what}: {path!r} gives site {sites[second]!r} on {day_to_iso(days[second])} twice "
-                            f"({line_of(first)} and {line_of(second)}); expected one row per site and date")
-    values = np.stack([_numeric(frame, v, path, what, line_of) for v in src.variables], axis=1) \
-        if src.variables else np.zeros((sites.size, 0))
-    return index, days, mark_missing(values, list(src.missing_values))
 
 
 def _grid_periods(region: RegionConfig) -> dict[str, tuple[int, int]]:
@@ -523,14 +800,25 @@ def _load_site_set(src: SiteSetSource, what: str, path_of, reader: GridReader | 
         values = np.concatenate([p[2] for p in parts])
     named = np.zeros(len(ids), dtype=bool)
     named[site_index] = True
-    if not named.all():
-        log.info("%s: sites %s of the site table have no row in the gauge data: left out", what,
-                 [ids[s] for s in np.flatnonzero(~named)][:10])
+    observed = np.zeros(len(ids), dtype=bool)
+    observed[site_index[np.isfinite(values).any(axis=1)]] = True
+    for absent, why in ((~named, "have no row in the gauge data: left out"),
+                        (named & ~observed, "have rows but no value: kept, never a token")):
+        if absent.any():
+            log.warning("%s: %d sites of the site table %s (%s%s)", what, int(absent.sum()), why,
+                        [ids[s] for s in np.flatnonzero(absent)][:10], " ..." if absent.sum() > 10 else "")
+    if not observed.any():
+        raise DataFileError(f"{what}: no site of the site table {table_path!r} has a value in the gauge data; "
+                            "expected one row per site and day with observed values")
+    huge = np.flatnonzero((np.abs(np.nan_to_num(values)) > np.finfo(np.float32).max).any(axis=1))
+    if huge.size:
+        r = int(huge[0])
+        raise DataFileError(f"{what}: the gauge data gives site {ids[site_index[r]]!r} on {day_to_iso(days[r])} the "
+                            f"value {values[r][np.nanargmax(np.abs(values[r]))]:g}, beyond float32; "
+                            "expected a measurement (or add the value to missing_values)")
     keep = np.flatnonzero(named)
     remap = np.full(len(ids), -1)
     remap[keep] = np.arange(keep.size)
-    if days.size == 0:
-        raise DataFileError(f"{what}: the gauge data holds no row; expected one row per site and day")
     first, last = int(days.min()), int(days.max())
     dense = np.full((last - first + 1, keep.size, len(src.variables)), np.nan, dtype=np.float32)
     dense[days - first, remap[site_index]] = values
@@ -736,8 +1024,15 @@ class RegionDataset(Dataset):
         values = np.full((x.shape[0], len(order), len(s.variables)), np.nan, dtype=np.float32)
         present = [i for i, site in enumerate(order) if site in position]
         values[:, present] = x[:, [position[order[i]] for i in present]]
-        for f, tr in enumerate(entry.transforms):
-            values[..., f] = (_transform(values[..., f], tr) - mean[:, f]) / std[:, f]
+        with np.errstate(over="ignore"):
+            for f, tr in enumerate(entry.transforms):
+                values[..., f] = (_transform(values[..., f], tr) - mean[:, f]) / std[:, f]
+        if np.isinf(values).any():
+            day, site, f = (int(a[0]) for a in np.nonzero(np.isinf(values)))
+            raise DataFileError(f"site set {s.name!r}: {s.variables[f]!r} of site {order[site]!r} on "
+                                f"{day_to_iso(d0 + day)} is {x[day, position[order[site]], f]:g}, beyond float32 once "
+                                f"standardised (mean {mean[site, f]:g}, std {std[site, f]:g}); expected a measurement "
+                                "(or add the value to missing_values)")
         self._site_values[s.name] = (d0, values)
         self._slot_stats[s.name] = (group_values(mean[None], layout)[0].numpy(),  # [G, K, F]
                                     group_values(std[None], layout)[0].numpy(), entry.transforms)
