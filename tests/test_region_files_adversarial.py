@@ -144,11 +144,11 @@ def test_semicolons_decimal_commas_units_lines_and_bracketed_spaced_names(tmp_pa
 
 def test_a_semicolon_file_read_with_the_default_delimiter_and_a_latin1_file(tmp_path, caplog):
     """The header shows the separator when the config keeps the default ','; a file saved as Latin-1 (a
-    spreadsheet's `m³/s`) reads as well as UTF-8."""
+    spreadsheet's `m³/s`) with Windows line ends reads as well as UTF-8."""
     write_grid(tmp_path)
     write_tidy_sites(tmp_path)
     lines = ["site_id;date;flow [m³/s];evap"] + [f"{s};{FIRST + d};{q};{e}" for s, d, q, e in gauge_rows()]
-    (tmp_path / "gauges.csv").write_bytes(("\n".join(lines) + "\n").encode("latin-1"))
+    (tmp_path / "gauges.csv").write_bytes(("\r\n".join(lines) + "\r\n").encode("latin-1"))  # Windows lines
     with caplog.at_level(logging.INFO, logger="crossmae.data.region"):
         ds = open_region(tmp_path, data_section(tmp_path, {}))
     assert "separated by ';'" in caplog.text
@@ -178,6 +178,17 @@ def test_skip_rows_and_blank_lines_keep_the_line_numbers_a_user_sees(tmp_path):
     with pytest.raises(DataFileError, match=r"column 'evap' of '.*gauges.csv' holds 'twelve' on line 12; expected a "
                                             r"number"):
         open_region(tmp_path, data)
+
+
+def test_a_units_line_keeps_the_line_numbers(tmp_path):
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path)
+    lines = ["site_id,date,flow,evap", "[-],[yyyy-mm-dd],[m3/s],[mm/d]"]
+    lines += [f"{s},{FIRST + d},{q},{e}" for s, d, q, e in gauge_rows()]
+    lines[4] = "a,2001-01-03,1..0,0.1"
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFileError, match=r"column 'flow' of '.*gauges.csv' holds '1..0' on line 5; expected"):
+        open_region(tmp_path, data_section(tmp_path, {}))
 
 
 def test_a_first_data_row_with_text_is_an_error_not_a_units_line(tmp_path):
@@ -277,7 +288,7 @@ def test_year_month_day_columns_with_an_impossible_date(tmp_path):
         open_region(tmp_path, data_section(tmp_path, {}))
 
 
-@pytest.mark.parametrize("kind", ["datetime64", "string", "date32", "zoned", "index"])
+@pytest.mark.parametrize("kind", ["datetime64", "string", "date32", "zoned", "index", "categorical_nullable"])
 def test_parquet_dates_of_every_kind(tmp_path, kind):
     pytest.importorskip("pyarrow")
     import pandas as pd
@@ -288,15 +299,21 @@ def test_parquet_dates_of_every_kind(tmp_path, kind):
     dates = pd.to_datetime([str(FIRST + d) for _, d, _, _ in rows])
     column = {"datetime64": dates, "string": [str(FIRST + d) for _, d, _, _ in rows],
               "date32": [t.date() for t in dates], "zoned": dates.tz_localize("Europe/Berlin"),
-              "index": dates}[kind]
+              "index": dates, "categorical_nullable": dates}[kind]
     frame = pd.DataFrame({"site_id": [r[0] for r in rows], "date": column, "flow": [r[2] for r in rows],
                           "evap": [r[3] for r in rows]})
     if kind == "index":
         frame = frame.set_index(["site_id", "date"])
+    if kind == "categorical_nullable":  # ids as a dictionary column, values as nullable floats with pd.NA
+        frame["site_id"] = frame["site_id"].astype("category")
+        frame["flow"] = frame["flow"].astype("Float64")
+        frame.loc[frame.index[:3], "flow"] = pd.NA
     frame.to_parquet(tmp_path / "gauges.parquet")
     ds = open_region(tmp_path, data_section(tmp_path, {"format": "parquet", "path": "gauges.parquet"}))
-    got = physical(ds)
-    for site, values in expected().items():
+    got, want = physical(ds), expected()
+    if kind == "categorical_nullable":  # the table's first rows: site c's last days
+        want["c"][-3:, 0] = np.nan
+    for site, values in want.items():
         np.testing.assert_allclose(got[site], values, rtol=1e-6)
 
 
@@ -413,6 +430,26 @@ def test_longitudes_in_0_360_and_descending_or_ascending_latitudes(tmp_path):
         if order == "south_first":  # rows counted from the south: row r becomes 6 - r
             got[:, 0] = 6 - got[:, 0]
         np.testing.assert_allclose(got, north, atol=1e-9, err_msg=f"{order} {convention}")
+
+
+def test_a_grid_stored_longitude_first(tmp_path):
+    """Dims (time, lon, lat): the frame's rows run along longitude, and sites are placed accordingly."""
+    import xarray as xr
+
+    lat, lon = 50.0 - np.arange(6) * 0.1, 7.0 + np.arange(5) * 0.1
+    xr.Dataset({"pre": (("time", "lon", "lat"), np.ones((DAYS, 5, 6), dtype=np.float32)),
+                "mask": (("lon", "lat"), np.ones((5, 6)))},
+               coords={"time": (FIRST + np.arange(DAYS)).astype("datetime64[ns]"),
+                       "lat": ("lat", lat, {"units": "degrees_north"}),
+                       "lon": ("lon", lon, {"units": "degrees_east"})}).to_netcdf(tmp_path / "grid.nc",
+                                                                                  engine="h5netcdf")
+    write_tidy_sites(tmp_path)
+    lines = ["site_id,date,flow,evap"] + [f"{s},{FIRST + d},{q},{e}" for s, d, q, e in gauge_rows()]
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    ds = open_region(tmp_path, data_section(tmp_path, {}))
+    assert ds.spec.grid_shape == (5, 6)
+    np.testing.assert_allclose(site_position(ds, "a"), (0.6, 0.9), atol=1e-9)
+    np.testing.assert_allclose(site_position(ds, "b"), (4.6, 5.4), atol=1e-9)
 
 
 def test_projected_grid_with_2d_latitude_longitude_and_sites_in_0_360(tmp_path):

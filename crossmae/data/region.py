@@ -9,18 +9,30 @@ Where the data comes from
         ``data.files.grids`` applies); each grid's mask (``mask_path``/``mask_variable``) says which cells are
         land; every grid must have the shape of the first, whose cells are the region's grid frame.
     site sets: a long-format gauge table, CSV or Parquet, one row per (site, day): ``site_column``,
-        ``date_column`` (ISO 8601 or ``date_format``) and the ``variables``; empty fields, ``NA``, NaN,
-        infinities and ``missing_values`` are missing; a day with no row is missing. Or one file per site in a
-        per-site format (``mhm_gauge``, ``camels_streamflow``, :mod:`crossmae.data.readers`), ``{site}`` in the
-        path. The site table (CSV or Parquet) gives each site's id, coordinates and numeric attributes; the
-        coordinates are placed on the grid frame (:mod:`crossmae.data.sites` states the frame): ``rowcol`` as
-        given, ``xy`` through the first grid's 1-D y and x coordinates, ``latlon`` through its 1-D latitude and
-        longitude coordinates or, on a projected grid, its 2-D ``lat``/``lon`` variables (nearest cell centre,
-        refined linearly between neighbouring centres). Sites of the site table that the gauge table never
-        names are left out (logged).
-    Bad input stops with a :class:`crossmae.data.readers.DataFileError` naming the file, the row and the value:
-    a gauge row naming a site missing from the site table, a site outside the grid, a (site, date) given twice,
-    a date that does not parse, a value that is not a number.
+        ``date_column`` and the ``variables`` (other columns ignored, rows in any order); empty fields,
+        :data:`MISSING_TEXT` (``NA``, ``nan``, ``-`` ...), infinities and ``missing_values`` are missing; a day
+        with no row is missing. Or one file per site in a per-site format (``mhm_gauge``,
+        ``camels_streamflow``, :mod:`crossmae.data.readers`), ``{site}`` in the path. The site table (CSV or
+        Parquet) gives each site's id, coordinates and numeric attributes; the coordinates are placed on the
+        grid frame (:mod:`crossmae.data.sites` states the frame): ``rowcol`` as given, ``xy`` through the first
+        grid's 1-D y and x coordinates, ``latlon`` through its 1-D latitude and longitude coordinates or, on a
+        projected grid, its 2-D ``lat``/``lon`` variables (nearest cell centre, refined linearly between
+        neighbouring centres); longitudes modulo 360; a lat/lon or x/y site on the grid's outer edge is in the
+        edge cell. Sites of the site table that the gauge table never names are left out; a site with rows but
+        no value is kept and never a token (both logged).
+    Tables as users write them (:func:`read_user_table`, :func:`read_gauge_table`, :func:`read_site_table`):
+        the separator of the header when it is not the configured one; decimal commas in files not separated
+        by commas; UTF-8 (byte-order mark or not) or Latin-1; ``skip_rows``, a units line under the header,
+        blank lines dropped, every row keeping its file line for messages; column names matched in any case,
+        without units in brackets, or by a usual other name (:data:`COLUMN_ALIASES`); dates in ISO 8601 (times
+        and zones dropped to the local date), ``date_format``, the one of :data:`DATE_FORMATS` that reads every
+        date, or year/month/day columns; site ids as text (leading zeros kept; an id of digits that lost them
+        matches the one site-table id of that number).
+    Bad input stops with a :class:`crossmae.data.readers.DataFileError` naming the file, the row (the CSV line
+    as the user sees it, or the Parquet row) and the value: a gauge row naming a site missing from the site
+    table, a site outside the grid, a (site, date) given twice, a date that is missing, does not parse or
+    reads both day first and month first, a value that is not a number or beyond float32, a missing or
+    ambiguous column, a row without a site id.
 
 Record, windows, splits
     The record runs from the first to the last day any grid or site set covers. A window is ``data.steps`` days
