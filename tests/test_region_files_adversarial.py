@@ -607,3 +607,18 @@ def test_a_table_of_a_million_rows_reads_in_reasonable_time_and_memory(tmp_path)
     seconds, grown_mib, _ = (float(v) for v in result.stdout.split())
     assert seconds < 60, seconds
     assert grown_mib < 1500, grown_mib
+
+
+def test_a_groups_file_as_a_spreadsheet_writes_it(tmp_path):
+    """`;`, a byte-order mark, spaced header names, a blank line, ids with leading zeros."""
+    write_grid(tmp_path)
+    ids = {"01022500": SITES["a"], "01030500": SITES["b"], "10000": SITES["c"]}
+    write_tidy_sites(tmp_path, ids)
+    lines = ["site_id,date,flow,evap"] + [f"{s},{FIRST + d},{q},{e}" for s, d, q, e in gauge_rows(tuple(ids))]
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "groups.csv").write_text("\ufeff Site_ID ; Group \n01022500;north\n\n01030500;south\n10000;north\n")
+    data = data_section(tmp_path, {"grouping": {"method": "file", "file": "groups.csv"}})
+    assert open_region(tmp_path, data).site_layouts["gauges"].ids == (("01022500", "10000"), ("01030500", None))
+    (tmp_path / "groups.csv").write_text("site_id;group\n01022500;north\n\n1030500;south\n10000;north\n")
+    with pytest.raises(ValueError, match=r"groups.csv' line 4: site '1030500' is not in the site table"):
+        open_region(tmp_path, data)

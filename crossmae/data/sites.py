@@ -208,18 +208,32 @@ def build_layout(ids: Sequence[str], rows: np.ndarray, cols: np.ndarray, groupin
 
 
 def _file_groups(ids: list[str], path: Path) -> list[list[int]]:
-    """Site indices per group from a ``site_id,group`` CSV (every site of ``ids`` exactly once)."""
+    """Site indices per group from a ``site_id,group`` table (every site of ``ids`` exactly once).
+
+    The table is read as users write it: UTF-8 with or without a byte-order mark, separated by ``,``, ``;``,
+    a tab or ``|`` (whichever the header holds), header names in any case and with spaces around them, blank
+    lines skipped; messages give the file's line numbers."""
     if not path.is_file():
         raise ValueError(f"groups_file {str(path)!r} does not exist")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or not {"site_id", "group"} <= set(reader.fieldnames):
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        header = handle.readline()
+        delimiter = max(",;\t|", key=header.count)
+        handle.seek(0)
+        reader = csv.reader(handle, delimiter=delimiter)
+        columns = [n.strip().lower() for n in next(reader, [])]
+        if not {"site_id", "group"} <= set(columns):
             raise ValueError(f"groups_file {str(path)!r} must have the header columns site_id and group, got "
-                             f"{reader.fieldnames}")
+                             f"{columns}")
+        site_at, group_at = columns.index("site_id"), columns.index("group")
+        known = set(ids)
         labels: dict[str, str] = {}
-        for line, row in enumerate(reader, start=2):
-            site, label = (row["site_id"] or "").strip(), (row["group"] or "").strip()
-            if site not in ids:
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            line = reader.line_num
+            cells = row + [""] * (len(columns) - len(row))
+            site, label = cells[site_at].strip(), cells[group_at].strip()
+            if site not in known:
                 raise ValueError(f"groups_file {str(path)!r} line {line}: site {site!r} is not in the site table")
             if site in labels:
                 raise ValueError(f"groups_file {str(path)!r} line {line}: site {site!r} is listed twice")
