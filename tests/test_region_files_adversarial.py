@@ -622,3 +622,28 @@ def test_a_groups_file_as_a_spreadsheet_writes_it(tmp_path):
     (tmp_path / "groups.csv").write_text("site_id;group\n01022500;north\n\n1030500;south\n10000;north\n")
     with pytest.raises(ValueError, match=r"groups.csv' line 4: site '1030500' is not in the site table"):
         open_region(tmp_path, data)
+
+
+@pytest.mark.parametrize("style", ["rdb", "aligned"])
+def test_comment_lines_tabs_a_format_line_and_aligned_columns(tmp_path, style):
+    """USGS RDB-like (`#` comments above a tab-separated header, a format line under it) and a table aligned
+    with spaces, both with the config's default delimiter."""
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path)
+    if style == "rdb":
+        lines = ["# U.S. Geological Survey", "# retrieved: 2024-05-01", "#", "site_id\tdate\tflow\tevap",
+                 "5s\t10d\t14n\t14n"]
+        lines += [f"{s}\t{FIRST + d}\t{q}\t{e}" for s, d, q, e in gauge_rows()]
+        bad_line = 12  # a, day 6: after 3 comments, the header and the format line
+    else:
+        lines = ["site_id   date         flow     evap"]
+        lines += [f"{s:<9} {FIRST + d}  {q:<8} {e}" for s, d, q, e in gauge_rows()]
+        bad_line = 8
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    got = physical(open_region(tmp_path, data_section(tmp_path, {})))
+    for site, values in expected().items():
+        np.testing.assert_allclose(got[site], values, rtol=1e-6)
+    lines[bad_line - 1] = lines[bad_line - 1].replace("2001-01-07", "2001-01-77")
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFileError, match=rf"holds '2001-01-77' on line {bad_line}, which does not parse"):
+        open_region(tmp_path, data_section(tmp_path, {}))

@@ -255,9 +255,12 @@ class UserTable:
 
 
 def read_user_table(path: str, delimiter: str, skip_rows: Sequence[int], what: str) -> UserTable:
-    """A CSV (``delimiter``; another of ``, ; tab |`` when the header holds only that one) or Parquet (by extension)
-    table. CSV: UTF-8 with or without a byte-order mark, else Latin-1; ``skip_rows`` (0-based file lines) are
-    skipped; blank lines and lines of empty fields are dropped, every other row keeps its file line number."""
+    """A CSV or Parquet (by extension) table.
+
+    CSV: separated by ``delimiter``, or by the one of ``, ; tab |`` that the header holds more often, or by
+    whitespace when the header holds none of them; UTF-8 with or without a byte-order mark, else Latin-1;
+    ``skip_rows`` (0-based file lines) are skipped, and so are blank and ``#`` comment lines above the header;
+    blank lines and lines of empty fields are dropped; every other row keeps its file line number."""
     import pandas as pd
 
     if path.lower().endswith((".parquet", ".pq")):
@@ -276,7 +279,8 @@ def read_user_table(path: str, delimiter: str, skip_rows: Sequence[int], what: s
     skip = sorted({int(r) for r in skip_rows})
     if skip and skip[0] < 0:
         raise DataFileError(f"{what}: skip_rows holds {skip[0]}; expected 0-based line numbers of {path!r}")
-    sep = _sniff_delimiter(path, delimiter, skip, what)
+    header, skip = _header(path, skip, what)
+    sep = _sniff_delimiter(header, delimiter, path, what)
     frame = None
     for encoding in ("utf-8-sig", "latin-1"):
         try:
@@ -303,21 +307,34 @@ def read_user_table(path: str, delimiter: str, skip_rows: Sequence[int], what: s
     return table
 
 
-def _sniff_delimiter(path: str, delimiter: str, skip: list[int], what: str) -> str:
-    """``delimiter``, or the one of ``, ; tab |`` that the header line holds more often."""
-    if delimiter == " ":
-        return delimiter
+def _header(path: str, skip: list[int], what: str) -> tuple[str, list[int]]:
+    """The header line of a CSV file, and ``skip`` with the blank and ``#`` comment lines above the header."""
+    skip = list(skip)
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
-            header = next((line for n, line in enumerate(handle) if n not in set(skip)), "")
+            for n, line in enumerate(handle):
+                if n in skip:
+                    continue
+                if line.strip() and not line.lstrip().startswith("#"):
+                    return line, sorted(skip)
+                skip.append(n)
     except OSError as exc:
         raise DataFileError(f"{what}: can't read {path!r}: {exc}") from None
+    raise DataFileError(f"{what}: {path!r} holds no header line; expected a table with a header")
+
+
+def _sniff_delimiter(header: str, delimiter: str, path: str, what: str) -> str:
+    """``delimiter``, or the one of ``, ; tab |`` that the header line holds more often, or whitespace."""
+    if delimiter == " ":
+        return delimiter
     counts = {d: header.count(d) for d in TABLE_DELIMITERS}
     best = max(TABLE_DELIMITERS, key=lambda d: counts[d])
-    if counts[best] > counts.get(delimiter, header.count(delimiter)):
-        log.info("%s: the header of %r is separated by %r, not %r: read with %r", what, path, best, delimiter, best)
-        return best
-    return delimiter
+    if counts[best] == 0 and header.count(delimiter) == 0 and len(header.split()) > 1:
+        best = " "
+    elif counts[best] <= header.count(delimiter):
+        return delimiter
+    log.info("%s: the header of %r is separated by %r, not %r: read with %r", what, path, best, delimiter, best)
+    return best
 
 
 def _bare(name: str) -> str:
