@@ -5,11 +5,17 @@ Algorithm
     ``(cdiv(max_seqlen, BLOCK), B, H)`` and each program reads its segment's start and length
     from ``cu_seqlens``; a program whose block starts past its segment's end exits at once.
     Forward: a block of BLOCK_M query rows streams over its segment's keys in blocks of
-    BLOCK_N with an online softmax (running max ``m``, running sum ``l``, rescaled fp32
-    accumulator). The full key blocks run software-pipelined (the scores of block j + 1 are
-    issued before the softmax of block j, so the tensor cores and the exponentials overlap),
-    the row max is taken on raw scores and the scale folded into one FFMA per score; the
-    last, partial block runs once with masks. Backward, ``deterministic=True`` (the default:
+    BLOCK_N. fp32 inputs: an online softmax (running max ``m``, running sum ``l``, rescaled fp32
+    accumulator). 16-bit inputs: every block against the row max of the first key block, kept
+    fixed: no running max, no rescaling of ``l`` and the accumulator, one FFMA, one exponential
+    and one add per score (FlashAttention-4 rescales only when the max grew past a threshold;
+    here it never does, and a row block in which a later block outgrew the first block's max so
+    far that a row sum reached FIXED_MAX_LIMIT_* (2^64 bf16, 2^15 fp16: P, its 16-bit copy and
+    P V stay finite below it) runs again with the online softmax). The full key blocks run
+    software-pipelined (the scores of block j + 1 are issued before the softmax of block j, so
+    the tensor cores and the exponentials overlap), the row max is taken on raw scores and the
+    scale folded into one FFMA per score; the last, partial block runs once with masks.
+    Backward, ``deterministic=True`` (the default:
     no atomics, bit-for-bit the same on every run):
       1. preprocess   delta_i = rowsum(dO_i * O_i)
       2. dK/dV pass   one program per key block, streaming over the segment's query blocks
@@ -36,8 +42,11 @@ Numerics
     ``exp``. The saved log-sum-exp is in the same units:
         lse[h, i] = log2( sum_j exp2(s2_ij) )      (natural-log LSE = lse * ln 2).
     Products accumulate in fp32. P and dS are cast to the input dtype before their matmuls
-    (as FlashAttention-2 does). fp32 inputs use IEEE fp32 products unless
-    ``torch.backends.cuda.matmul.allow_tf32`` is set.
+    (as FlashAttention-2 does). With the fixed max of 16-bit inputs, P is exp2(s2 - m) for
+    the first block's max m: up to the limit above instead of at most 1, with the same relative
+    precision from 2^-126 (fp32, bf16) or 2^-14 (fp16) up; the row sum is at least 1 (the
+    first block's max key has P = 1), so a P below those weighs less than 2^-14 of it. fp32
+    inputs use IEEE fp32 products unless ``torch.backends.cuda.matmul.allow_tf32`` is set.
     A query row whose key segment is empty gets out = 0, lse = -inf and dq = 0; key rows whose
     query segment is empty get dk = dv = 0. A negative softmax_scale is allowed: the forward
     then takes the row minimum of the raw scores (constexpr SCALE_POSITIVE).
@@ -78,6 +87,11 @@ import triton.language as tl
 LOG2_E = 1.4426950408889634
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# 16-bit forward: the row sum of P, taken against the first key block's row max, from which the kernel
+# redoes its row block with the online softmax. Every P is below it, so P, its 16-bit copy for the P V
+# product and the fp32 accumulator stay finite: bf16 has fp32's exponent range, fp16 tops out at 65504.
+FIXED_MAX_LIMIT_BF16 = tl.constexpr(2.0**64)
+FIXED_MAX_LIMIT_FP16 = tl.constexpr(2.0**15)
 MIN_HEAD_DIM = 16
 MAX_HEAD_DIM = 128
 # deterministic=False (atomic dQ) up to this head dim; above it the dK/dV kernel's extra dS K
@@ -302,16 +316,28 @@ def _load_block(ptrs, d_mask, EVEN_D: tl.constexpr, D_AXIS: tl.constexpr):
 
 
 @triton.jit
-def _attn_fwd_update(acc, l_i, m_i, s, v, qk_scale, SCALE_POSITIVE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update with one block of raw scores ``s`` [BLOCK_M, BLOCK_N] and its V.
-
-    The row max is taken on the raw scores (the min when the scale is negative) and the scale is
-    folded into the exponent's argument: one FFMA per score, s * qk_scale - m, in base 2.
-    """
+def _row_max(s, qk_scale, SCALE_POSITIVE: tl.constexpr):
+    """max_j s_ij * qk_scale of raw scores ``s``: their max, or their min when the scale is negative."""
     if SCALE_POSITIVE:
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    else:
-        m_new = tl.maximum(m_i, tl.min(s, 1) * qk_scale)
+        return tl.max(s, 1) * qk_scale
+    return tl.min(s, 1) * qk_scale
+
+
+@triton.jit
+def _attn_fwd_update(acc, l_i, m_i, s, v, qk_scale, SCALE_POSITIVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     FIXED_MAX: tl.constexpr):
+    """Softmax update with one block of raw scores ``s`` [BLOCK_M, BLOCK_N] and its V.
+
+    The scale is folded into the exponent's argument: one FFMA per score, s * qk_scale - m, in
+    base 2. FIXED_MAX: ``m_i`` stays as it is (no row max, no rescaling); else the online softmax,
+    its row max taken on the raw scores.
+    """
+    if FIXED_MAX:
+        p = tl.exp2(tl.fma(s, qk_scale, -m_i[:, None]))
+        l_i += tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        return acc, l_i, m_i
+    m_new = tl.maximum(m_i, _row_max(s, qk_scale, SCALE_POSITIVE))
     p = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -324,51 +350,89 @@ def _attn_fwd_update(acc, l_i, m_i, s, v, qk_scale, SCALE_POSITIVE: tl.constexpr
 def _attn_fwd_full_blocks(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, n_full, qk_scale, d_mask,
     BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE_POSITIVE: tl.constexpr,
+    FIXED_MAX: tl.constexpr,
 ):
     """The key blocks [0, n_full), n_full > 0 a multiple of BLOCK_N, without masks.
 
     Software-pipelined for 16-bit inputs: the scores of block j + 1 are computed before the
     softmax of block j, so that the P V product of block j is still on the tensor cores while
     the exponentials of block j + 1 run. fp32 inputs (FMA-unit dots, no tensor cores to
-    overlap with, and a second score tile would spill) take one block at a time.
+    overlap with, and a second score tile would spill) take one block at a time. FIXED_MAX
+    (16-bit inputs only): the row max of the first block is the max of every block.
     """
     if q.dtype == tl.float32:
         for _ in range(0, n_full, BLOCK_N):
             s = tl.dot(q, _load_block(k_ptrs, d_mask, EVEN_D, 0), input_precision=DOT_PRECISION)
             v = _load_block(v_ptrs, d_mask, EVEN_D, 1)
-            acc, l_i, m_i = _attn_fwd_update(acc, l_i, m_i, s, v, qk_scale, SCALE_POSITIVE, DOT_PRECISION)
+            acc, l_i, m_i = _attn_fwd_update(acc, l_i, m_i, s, v, qk_scale, SCALE_POSITIVE, DOT_PRECISION, False)
             k_ptrs += BLOCK_N * stride_kt
             v_ptrs += BLOCK_N * stride_vt
         return acc, l_i, m_i
     s = tl.dot(q, _load_block(k_ptrs, d_mask, EVEN_D, 0), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if FIXED_MAX:
+        m_i = _row_max(s, qk_scale, SCALE_POSITIVE)
     for _ in range(BLOCK_N, n_full, BLOCK_N):
         k_ptrs += BLOCK_N * stride_kt
         s_next = tl.dot(q, _load_block(k_ptrs, d_mask, EVEN_D, 0), input_precision=DOT_PRECISION)
         v = _load_block(v_ptrs, d_mask, EVEN_D, 1)  # [BLOCK_N, BLOCK_D]
-        acc, l_i, m_i = _attn_fwd_update(acc, l_i, m_i, s, v, qk_scale, SCALE_POSITIVE, DOT_PRECISION)
+        acc, l_i, m_i = _attn_fwd_update(acc, l_i, m_i, s, v, qk_scale, SCALE_POSITIVE, DOT_PRECISION, FIXED_MAX)
         v_ptrs += BLOCK_N * stride_vt
         s = s_next
     v = _load_block(v_ptrs, d_mask, EVEN_D, 1)
-    return _attn_fwd_update(acc, l_i, m_i, s, v, qk_scale, SCALE_POSITIVE, DOT_PRECISION)
+    return _attn_fwd_update(acc, l_i, m_i, s, v, qk_scale, SCALE_POSITIVE, DOT_PRECISION, FIXED_MAX)
 
 
 @triton.jit
 def _attn_fwd_tail_block(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, n0, k_len, qk_scale, offs_n, d_mask, DOT_PRECISION: tl.constexpr,
+    FIXED_MAX: tl.constexpr,
 ):
-    """The last, partial key block [n0, k_len): keys past the segment get probability 0."""
+    """The last, partial key block [n0, k_len): keys past the segment get probability 0.
+
+    FIXED_MAX: ``m_i`` is kept, unless no block came before (n0 == 0): then this block's max."""
     n_mask = (n0 + offs_n) < k_len
     kt = tl.load(k_ptrs, mask=n_mask[None, :] & d_mask[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
     v = tl.load(v_ptrs, mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
     s = tl.dot(q, kt, input_precision=DOT_PRECISION)
     s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N], base 2
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if FIXED_MAX:
+        m_new = tl.where(n0 == 0, tl.max(s, 1), m_i)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    if FIXED_MAX:
+        l_i += tl.sum(p, 1)
+    else:
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _attn_fwd_all_blocks(
+    q, k_ptrs, v_ptrs, stride_kt, stride_vt, k_len, qk_scale, offs_n, d_mask,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCALE_POSITIVE: tl.constexpr, FIXED_MAX: tl.constexpr,
+):
+    """acc [BLOCK_M, BLOCK_D], l, m [BLOCK_M] over the whole key segment: the full key blocks
+    without masks, then the partial tail block with them."""
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = (k_len // BLOCK_N) * BLOCK_N
+    if n_full > 0:
+        acc, l_i, m_i = _attn_fwd_full_blocks(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, n_full, qk_scale, d_mask,
+            BLOCK_N, EVEN_D, DOT_PRECISION, SCALE_POSITIVE, FIXED_MAX,
+        )
+    if n_full < k_len:
+        acc, l_i, m_i = _attn_fwd_tail_block(
+            acc, l_i, m_i, q, k_ptrs + n_full * stride_kt, v_ptrs + n_full * stride_vt,
+            n_full, k_len, qk_scale, offs_n, d_mask, DOT_PRECISION, FIXED_MAX,
+        )
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -416,22 +480,18 @@ def _varlen_attn_fwd_kernel(
     k_ptrs = K + (k_start + offs_n[None, :]) * stride_kt + head * stride_kh + offs_d[:, None] * stride_kd
     v_ptrs = V + (k_start + offs_n[:, None]) * stride_vt + head * stride_vh + offs_d[None, :] * stride_vd
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    # -- full key blocks without masks, then the partial tail block with them --
-    n_full = (k_len // BLOCK_N) * BLOCK_N
-    if n_full > 0:
-        acc, l_i, m_i = _attn_fwd_full_blocks(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, n_full, qk_scale, d_mask,
-            BLOCK_N, EVEN_D, DOT_PRECISION, SCALE_POSITIVE,
-        )
-    if n_full < k_len:
-        acc, l_i, m_i = _attn_fwd_tail_block(
-            acc, l_i, m_i, q, k_ptrs + n_full * stride_kt, v_ptrs + n_full * stride_vt,
-            n_full, k_len, qk_scale, offs_n, d_mask, DOT_PRECISION,
-        )
+    # -- 16-bit inputs: every key block against the first block's row max (no running max, no
+    #    rescaling); the row block again with the online softmax where a later block outgrew that max
+    #    so far that some row sum reached the limit. fp32: the online softmax --
+    FIXED_MAX: tl.constexpr = Q.dtype.element_ty != tl.float32
+    LIMIT: tl.constexpr = FIXED_MAX_LIMIT_FP16 if Q.dtype.element_ty == tl.float16 else FIXED_MAX_LIMIT_BF16
+    acc, l_i, m_i = _attn_fwd_all_blocks(q, k_ptrs, v_ptrs, stride_kt, stride_vt, k_len, qk_scale, offs_n, d_mask,
+                                         BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, SCALE_POSITIVE, FIXED_MAX)
+    if FIXED_MAX:
+        if tl.max(l_i, 0) >= LIMIT:
+            acc, l_i, m_i = _attn_fwd_all_blocks(q, k_ptrs, v_ptrs, stride_kt, stride_vt, k_len, qk_scale, offs_n,
+                                                 d_mask, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION,
+                                                 SCALE_POSITIVE, False)
 
     # -- normalise; an empty key segment leaves l = 0: output 0, lse = -inf --
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -142,3 +142,29 @@ def test_backend_matches_float64_reference(case: GpuCase):
 @pytest.mark.parametrize("case", EVERY_TRITON_PAIR, ids=[c.id for c in EVERY_TRITON_PAIR])
 def test_triton_every_dtype_and_head_dim(case: GpuCase):
     check_against_reference(case)
+
+
+
+@pytest.mark.parametrize("rise_log2", [10.0, 60.0, 200.0])
+def test_triton_bf16_forward_when_a_later_block_outgrows_the_first(rise_log2):
+    """The bf16 forward takes every key block against the first block's row max and redoes a row block
+    with the online softmax once a row sum reaches 2^64: a later key ``rise_log2`` (base-2 logit units)
+    above the first block's keys stays on the first path at 10 and 60 and overflows it at 200. The late
+    keys sit in a full block (sample 0) and in partial last blocks (samples 1 and 2)."""
+    from attention_cases import reference_fn
+
+    from crossmae_kernels.varlen_attention import LOG2_E, varlen_attn_fwd
+
+    case = make_case([1, 1, 3], [700, 300, 129], heads=1, head_dim=16, dtype=torch.bfloat16, device="cuda",
+                     seed=5, requires_grad=False)
+    base = (rise_log2 / LOG2_E) ** 0.5
+    q = torch.zeros_like(case.q)
+    q[:, 0, 0] = base
+    k = case.k.clone()
+    k[:, 0, 0] = 0.0
+    k[[300, 700 + 299, 1000 + 128], 0, 0] = base
+    out, lse = varlen_attn_fwd(q, k, case.v, *case.args[3:], 1.0)
+    ref = reference_fn(q.double(), k.double(), case.v.double(), *case.args[3:], softmax_scale=1.0)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    err = (out.double() - ref).abs().max().item()
+    assert err < 2e-2, f"rise {rise_log2}: max abs error {err:.3e}"

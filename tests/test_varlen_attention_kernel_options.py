@@ -12,7 +12,7 @@ import pytest
 import torch
 from attention_cases import assert_close, make_case, reference_fn
 
-from crossmae_kernels.varlen_attention import is_interpreting, varlen_attn_bwd, varlen_attn_fwd
+from crossmae_kernels.varlen_attention import LOG2_E, is_interpreting, varlen_attn_bwd, varlen_attn_fwd
 
 pytestmark = pytest.mark.skipif(not is_interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 
@@ -47,3 +47,34 @@ def test_forward_and_both_backwards_match_float64(dtype, scale, head_dim):
         assert_close(got, want, atol=tol, rtol=tol, name=f"{name} (atomic dQ)")
     # dK and dV come from the same pass either way
     assert torch.equal(atomic[1], two_pass[1]) and torch.equal(atomic[2], two_pass[2])
+
+
+
+def _rising_case(rise_log2: float):
+    """fp16, one query row per sample over 40 keys (two full interpreter blocks and a partial one): the
+    keys of the first block score 0, one later key of each sample ``rise_log2`` (base-2 logit units) more.
+
+    The 16-bit forward takes every block against the first block's row max and redoes the row block
+    with the online softmax once a row sum of P reaches 2^15 (fp16's limit; 2^64 for bf16). A rise of
+    10 stays on the first path (P up to 2^10); 20 overflows fp16's P there, 200 even fp32's.
+    """
+    case = make_case([1, 1], [40, 40], heads=1, head_dim=16, dtype=torch.float16, seed=5, requires_grad=False)
+    base = (rise_log2 / LOG2_E) ** 0.5
+    q = torch.zeros_like(case.q)
+    q[:, 0, 0] = base
+    k = case.k.clone()
+    k[:, 0, 0] = 0.0
+    k[20, 0, 0] = base  # sample 0: key 20, in the second block
+    k[40 + 37, 0, 0] = base  # sample 1: key 37, in the partial third block
+    return q, k, case.v, case.args[3:]
+
+
+@pytest.mark.parametrize("rise_log2", [10.0, 20.0, 200.0])
+def test_16bit_forward_when_a_later_block_outgrows_the_first(rise_log2):
+    q, k, v, rest = _rising_case(rise_log2)
+    out, lse = varlen_attn_fwd(q, k, v, *rest, 1.0)
+    expected = reference_fn(q.double(), k.double(), v.double(), *rest, softmax_scale=1.0)
+    assert_close(out, expected, atol=2e-2, rtol=2e-2, name=f"out (rise {rise_log2})")
+    for sample in range(2):
+        logits = q.double()[sample, 0] @ k.double()[40 * sample:40 * (sample + 1), 0].T  # [40], natural units
+        assert lse[0, sample].item() == pytest.approx(torch.logsumexp(logits, 0).item() * LOG2_E, rel=1e-3), sample
