@@ -647,3 +647,21 @@ def test_comment_lines_tabs_a_format_line_and_aligned_columns(tmp_path, style):
     (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataFileError, match=rf"holds '2001-01-77' on line {bad_line}, which does not parse"):
         open_region(tmp_path, data_section(tmp_path, {}))
+
+
+def test_sub_daily_rows_and_float_written_ids(tmp_path):
+    """Two rows of one day (hourly data) are named with their time stamps; ids written from a float column
+    (`1022500.0`) find their zero-padded site."""
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path, {"01022500": SITES["a"], "b": SITES["b"]})
+    lines = ["site_id,date,flow,evap"] + [f"{s},{FIRST + d},{q},{e}" for s, d, q, e in gauge_rows(("a", "b"))]
+    lines = [line.replace("a,", "1022500.0,", 1) for line in lines]
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    ds = open_region(tmp_path, data_section(tmp_path, {}))
+    assert sorted(ds.site_layouts["gauges"].site_ids) == ["01022500", "b"]
+    lines[3:3] = ["b,2001-01-01 06:00,1.0,0.1", "b,2001-01-01 12:00,1.0,0.1"]
+    lines = lines[:1] + [line for line in lines[1:] if not line.startswith(f"b,{FIRST},")]
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFileError, match=r"gives site 'b' on 2001-01-01 twice \(line 4 and line 5\) \(at "
+                                            r"'2001-01-01 06:00' and '2001-01-01 12:00': daily values are expected"):
+        open_region(tmp_path, data_section(tmp_path, {}))

@@ -559,8 +559,9 @@ def read_site_table(path: str, table: SiteTableSource, what: str):
 def _match_sites(names: list[str], codes: np.ndarray, known: dict[str, int], table: UserTable, site_table: str,
                  what: str) -> np.ndarray:
     """Site-table index (int64) of each distinct gauge-table id ``names``: the same text, else, for ids of digits
-    only, the same number when one site-table id has it (``1022500`` for ``01022500``: leading zeros lost by a
-    spreadsheet or an integer column). DataFileError naming the first row of an id in neither form."""
+    only (or ending in ``.0``), the same number when one site-table id has it (``1022500`` or ``1022500.0`` for
+    ``01022500``: leading zeros lost by a spreadsheet or a number column). DataFileError naming the first row of
+    an id in neither form."""
     index = np.array([known.get(n, -1) for n in names], dtype=np.int64)
     unknown = np.flatnonzero(index < 0)
     if unknown.size:
@@ -570,7 +571,8 @@ def _match_sites(names: list[str], codes: np.ndarray, known: dict[str, int], tab
                 by_number.setdefault(int(site), []).append(i)
         matched = []
         for u in unknown:
-            candidates = by_number.get(int(names[u]), []) if names[u].isdigit() else []
+            digits = re.fullmatch(r"(\d+)(?:\.0*)?", names[u])  # 1022500, or 1022500.0 from a float column
+            candidates = by_number.get(int(digits.group(1)), []) if digits else []
             if len(candidates) == 1:
                 index[u] = candidates[0]
                 matched.append(names[u])
@@ -604,8 +606,14 @@ def read_gauge_table(path: str, src: SiteSetSource, known: dict[str, int], what:
     repeated = np.flatnonzero(np.diff(key[order]) == 0)
     if repeated.size:
         first, second = int(order[repeated[0]]), int(order[repeated[0] + 1])
+        hint = ""
+        if date_column is not None:
+            stamps = [str(t.frame[date_column].iloc[r]).strip() for r in (first, second)]
+            if stamps[0] != stamps[1]:
+                hint = f" (at {stamps[0]!r} and {stamps[1]!r}: daily values are expected, not sub-daily ones)"
         raise DataFileError(f"{what}: {path!r} gives site {names[codes[second]]!r} on {day_to_iso(days[second])} "
-                            f"twice ({t.where(first)} and {t.where(second)}); expected one row per site and date")
+                            f"twice ({t.where(first)} and {t.where(second)}){hint}; expected one row per site and "
+                            "date")
     values = np.stack([_numbers(t, c, what) for c in value_columns], axis=1) if value_columns \
         else np.zeros((index.size, 0))
     return index, days, mark_missing(values, list(src.missing_values))
