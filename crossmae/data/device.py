@@ -317,7 +317,7 @@ class DeviceCollator:
         self.device = data.device
         self.span = collator.mask.mode == "span"
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._masks = _MaskDraws(collator, torch.device("cpu") if self.span else self.device)
+        self._draws = _MaskDraws(collator, torch.device("cpu") if self.span else self.device)
 
     def __call__(self, keys: Sequence[int | tuple[int, int]]) -> PackedBatch:
         """The batch of windows ``keys`` (window index, or ``(index, noise seed)`` as the run's batch order gives)."""
@@ -350,9 +350,9 @@ class DeviceCollator:
         valid = {name: v for name, (_, v, _) in tokens.items()}
         if self.span:
             masks = {n: (mk.to(device), pr.to(device)) for n, (mk, pr) in
-                     self._masks._masks(seeds, {n: v.cpu() for n, v in valid.items()}).items()}
+                     self._draws._masks(seeds, {n: v.cpu() for n, v in valid.items()}).items()}
         else:
-            masks = self._masks._masks(seeds, valid)
+            masks = self._draws._masks(seeds, valid)
 
         # one read: every segment length and each modality's count of predicted values
         selections, counted = {}, []
