@@ -631,7 +631,7 @@ def test_comment_lines_tabs_a_format_line_and_aligned_columns(tmp_path, style):
     write_grid(tmp_path)
     write_tidy_sites(tmp_path)
     if style == "rdb":
-        lines = ["# U.S. Geological Survey", "# retrieved: 2024-05-01", "#", "site_id\tdate\tflow\tevap",
+        lines = ["\ufeff# U.S. Geological Survey", "# retrieved: 2024-05-01", "#", "site_id\tdate\tflow\tevap",
                  "5s\t10d\t14n\t14n"]
         lines += [f"{s}\t{FIRST + d}\t{q}\t{e}" for s, d, q, e in gauge_rows()]
         bad_line = 12  # a, day 6: after 3 comments, the header and the format line

@@ -315,7 +315,7 @@ def _header(path: str, skip: list[int], what: str) -> tuple[str, list[int]]:
             for n, line in enumerate(handle):
                 if n in skip:
                     continue
-                if line.strip() and not line.lstrip().startswith("#"):
+                if line.strip("\ufeff \t\r\n") and not line.lstrip("\ufeff \t").startswith("#"):
                     return line, sorted(skip)
                 skip.append(n)
     except OSError as exc:
