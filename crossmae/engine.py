@@ -336,11 +336,15 @@ def data_fingerprint(config: Config, dataset) -> dict:
     """What resuming checks about the data: ``{"files": {path: {bytes, mtime_ns}}, "grids": {name: [C, H, W]}}``.
 
     ``files`` lists every configured file of a ``files`` source for the data set's basins (grids,
-    their masks, series, static tables, the basin list); a synthetic source has none.
+    their masks, series, static tables, the basin list), or every file a ``region`` source read; a
+    synthetic source has none.
     """
     from crossmae.data.readers import resolve_path
 
     grids = {m.name: [m.channels, m.height, m.width] for m in dataset.spec.modalities if m.kind == "grid"}
+    if config.data.source == "region":
+        return {"files": {p: _file_fingerprint(p) for p in sorted(set(dataset.data_paths)) if os.path.exists(p)},
+                "grids": grids}
     if config.data.source != "files":
         return {"files": {}, "grids": grids}
     f = config.data.files
