@@ -197,7 +197,9 @@ def test_a_first_data_row_with_text_is_an_error_not_a_units_line(tmp_path):
     lines = ["site_id,date,flow,evap", "a,2001-01-01,high,low"] + [f"{s},{FIRST + d},{q},{e}"
                                                                      for s, d, q, e in gauge_rows()[1:]]
     (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataFileError, match=r"column 'flow' of '.*gauges.csv' holds 'high' on line 2"):
+    with pytest.raises(DataFileError, match=r"column 'flow' of '.*gauges.csv' holds 'high' on line 2; expected a "
+                                            r"number \(for a line of units or names under the header, skip_rows: "
+                                            r"\[1\]\)"):
         open_region(tmp_path, data_section(tmp_path, {}))
 
 

@@ -388,6 +388,8 @@ def _numbers(table: UserTable, column: str, what: str) -> np.ndarray:
             hint = " (decimal commas are read in files separated by ';' or tabs)"
         elif "," in str(value) and "." in str(value):
             hint = " (without thousands separators)"
+        elif table.csv and unread[0] == 0:
+            hint = f" (for a line of units or names under the header, skip_rows: [{int(table.places[0]) - 1}])"
         raise DataFileError(f"{what}: column {column!r} of {table.path!r} holds {value!r} on "
                             f"{table.where(unread[0])}; expected a number{hint} or a missing-value marker")
     return out
