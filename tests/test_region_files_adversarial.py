@@ -4,6 +4,7 @@ without rows, unsorted rows, longitudes in 0..360, descending latitudes, sites o
 and absent variables, Parquet dates of every kind, a table of a million rows. Every error names the file, the
 line (or Parquet row) and the value; no sample holds an infinity."""
 
+import csv
 import logging
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from crossmae.config import SiteSetSource, SiteTableSource, resolve_config
 from crossmae.data.readers import DataFileError, iso_to_day
 from crossmae.data.region import RegionDataset, read_gauge_table, read_site_table
 from crossmae.data.sites import ungroup_values
+from crossmae.engine import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DAYS = 60
@@ -667,3 +669,39 @@ def test_sub_daily_rows_and_float_written_ids(tmp_path):
     with pytest.raises(DataFileError, match=r"gives site 'b' on 2001-01-01 twice \(line 4 and line 5\) \(at "
                                             r"'2001-01-01 06:00' and '2001-01-01 12:00': daily values are expected"):
         open_region(tmp_path, data_section(tmp_path, {}))
+
+
+def test_a_messy_region_trains_with_finite_losses(tmp_path):
+    """All at once, end to end: `;` and decimal commas, units lines, ids with leading zeros, unsorted rows, a
+    site table in 0..360 with latitude/longitude columns and a site without rows, a site constant in the
+    training period under per-site statistics, a site with no value: five training steps, every loss finite."""
+    write_grid(tmp_path)
+    ids = {"01022500": SITES["a"], "01030500": SITES["b"], "00100": SITES["c"], "09999": (49.6, 7.1, 5.0)}
+    lines = ["Site ID;Latitude;Longitude;Area [km2]", ";°N;°E;km2"]
+    lines += [f"{s};{str(la).replace('.', ',')};{str(lo + 360).replace('.', ',')};{ar}"
+              for s, (la, lo, ar) in ids.items()]
+    (tmp_path / "sites.csv").write_text("\n".join(lines) + "\n")
+    rows = gauge_rows(("01022500", "01030500", "00100"))
+    rows = [rows[i] for i in np.random.default_rng(1).permutation(len(rows))]
+    lines = ["site_id;date;Q [m3/s];evap [mm]", ";;m3/s;mm"]
+    for s, d, q, e in rows:
+        q = 2.0 if (s == "01030500" and d < 31) else q
+        lines.append(f"{s};{(FIRST + d).astype(object):%d.%m.%Y};{str(q).replace('.', ',')};"
+                     f"{'NA' if s == '00100' else str(e).replace('.', ',')}")
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    data = data_section(tmp_path, {"delimiter": ";", "variables": ["Q", "evap"], "flow": ["Q"],
+                                   "per_site": ["Q", "evap"], "transforms": {"Q": "log1p"}},
+                        {"delimiter": ";", "attributes": ["area"]})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"data": data}))
+    config = resolve_config(None, str(path), [
+        "train.warmup_steps=1", "train.max_steps=5", "train.ckpt_every=5", "train.log_every=1",
+        "train.device=cpu", "train.val_every=0", f"train.out_dir={tmp_path / 'run'}", "model.enc_dim=32",
+        "model.enc_depth=1", "model.enc_heads=2", "model.dec_dim=32", "model.dec_depth=1", "model.dec_heads=2"])
+    config.train.fused = True
+    trainer = Trainer(config)
+    assert sorted(trainer.train_set.site_layouts["gauges"].site_ids) == ["00100", "01022500", "01030500"]
+    trainer.fit()
+    with open(tmp_path / "run" / "metrics.csv", newline="") as handle:
+        losses = [float(r["loss"]) for r in csv.DictReader(handle)]
+    assert len(losses) == 5 and all(np.isfinite(losses)), losses
