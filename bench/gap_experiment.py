@@ -3,6 +3,8 @@
     python bench/gap_experiment.py                                      # Moselle + 4 CAMELS-US basins, 3 seeds
     python bench/gap_experiment.py --datasets camels_us --seeds 0 --max-steps 200 --gap 30
     python bench/gap_experiment.py --datasets camels_us --mask.ratios.streamflow=0.75   # settings for every run
+    python bench/gap_experiment.py --configs camels_us=configs/gaps_camels_us.yaml --select-every 500 \
+        --splits train,val,test --swap-forcing        # checkpoint chosen on val; the forcing-swap diagnostic
 
 For each data set and seed it trains a run with ``train.py --fused`` on the data set's config
 (``configs/<name>.yaml``) with span masks (``mask.mode=span``: the streamflow hidden in runs of
@@ -11,6 +13,13 @@ then scores it with ``python -m crossmae.evaluate --gaps N`` (:mod:`crossmae.gap
 splits: one N-day gap per window, windows every ``--eval-stride`` days, gap positions from seed 0 for
 every run, so all runs and baselines see the same gaps. The baselines (linear interpolation, day-of-year
 climatology, lagged-precipitation regression) are fitted on the training split.
+
+``--select-every K`` keeps a checkpoint every K steps and scores the val split at each; the one with the
+highest median model NSE over the run's basins is scored on the other splits (model selection on val
+only). ``--swap-forcing`` also scores the model with every window's forcing taken from another window
+(:func:`crossmae.gaps.evaluate_gaps`, ``swap_forcing``): the column ``swapped`` shows how much of the
+model's skill comes from the forcing (none if it equals ``model``). A ``train`` split in ``--splits``
+scores the training period itself: the baselines are fitted on it, and the model trained on it.
 
 The headline pools the five basins (Moselle at Perl and the 4 CAMELS-US basins): per seed and split,
 the median over basins of each method's NSE on the gap days; then the mean and spread over seeds.
@@ -34,6 +43,8 @@ if not __package__:  # run as `python bench/gap_experiment.py`: find the `bench`
     import _package  # noqa: F401
 
 from bench.harness import command_line, environment, machine_summary, run_logged
+from crossmae.checkpoint import write_atomic_text
+from crossmae.gaps import evaluate_gaps
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASETS = {
@@ -43,6 +54,7 @@ DATASETS = {
     "camels_us": ["--mask.ratios.forcing=0.05", "--mask.ratios.streamflow=0.5", "--model.dec_depth=1"],
 }
 METHODS = ("model", "interp", "climatology", "regression")
+COLUMNS = (*METHODS, "swapped")  # swapped: the model with another window's forcing (--swap-forcing)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,7 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gap", type=int, default=30, help="gap days")
     p.add_argument("--span", default="5,60", help="shortest,longest hidden run in training (mask.span_days)")
     p.add_argument("--eval-stride", type=int, default=16, help="days between evaluation windows")
-    p.add_argument("--splits", default="val,test")
+    p.add_argument("--splits", default="val,test", help="splits scored: val, test, train")
+    p.add_argument("--configs", default="", help="config file per data set (default configs/<name>.yaml): "
+                   "camels_us=configs/gaps_camels_us.yaml")
+    p.add_argument("--select-every", type=int, default=0,
+                   help="checkpoint every K steps; score val at each and the other splits at the best (0: the last)")
+    p.add_argument("--swap-forcing", action="store_true", help="also score the model with swapped forcing")
     p.add_argument("--runs", help="where the runs go (default a temporary folder)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gaps_30"))
     args, extra = p.parse_known_args(argv)
@@ -77,6 +94,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     else:
         args.max_steps = {d: int(args.max_steps) for d in args.datasets}
     args.splits = [s for s in args.splits.split(",") if s]
+    unknown = [s for s in args.splits if s not in ("train", "val", "test")]
+    if unknown:
+        p.error(f"--splits names {unknown}; expected some of train, val, test")
+    if args.select_every < 0:
+        p.error(f"--select-every must be 0 or a positive number of steps, got {args.select_every}")
+    if args.select_every and "val" not in args.splits:
+        p.error("--select-every chooses the checkpoint on the val split, so --splits must hold val")
+    configs = dict(item.split("=", 1) for item in args.configs.split(",") if item)
+    bad = [d for d in configs if d not in DATASETS]
+    if bad:
+        p.error(f"--configs names {bad}; expected some of {list(DATASETS)}")
+    args.configs = {d: configs.get(d, str(ROOT / "configs" / f"{d}.yaml")) for d in args.datasets}
     return args
 
 
@@ -86,53 +115,95 @@ def main(argv: list[str] | None = None) -> int:
     runs.mkdir(parents=True, exist_ok=True)
     meta = {"command": command_line("python bench/gap_experiment.py", sys.argv[1:] if argv is None else argv),
             "environment": environment("cpu"), "runs": str(runs), "gap_days": args.gap, "window_days": args.steps,
-            "max_steps": args.max_steps, "span_days": args.span, "eval_stride": args.eval_stride}
+            "max_steps": args.max_steps, "span_days": args.span, "eval_stride": args.eval_stride,
+            "configs": args.configs, "select_every": args.select_every, "swap_forcing": args.swap_forcing}
     rows = []
     planned = len(args.datasets) * len(args.seeds)
     lo, hi = args.span.split(",")
     for seed in args.seeds:
         for name in args.datasets:
             run = runs / f"{name}_seed{seed}"
-            cmd = [sys.executable, "train.py", "--fused", "--config", str(ROOT / "configs" / f"{name}.yaml"),
-                   "--seed", str(seed), "--max-steps", str(args.max_steps[name]), "--out-dir", str(run),
+            steps = args.max_steps[name]
+            every = args.select_every or steps
+            cmd = [sys.executable, "train.py", "--fused", "--config", args.configs[name],
+                   "--seed", str(seed), "--max-steps", str(steps), "--out-dir", str(run),
                    f"--data.steps={args.steps}", "--mask.mode=span", f"--mask.span_days=[{lo}, {hi}]",
                    "--model.day_of_year=true", "--train.val_every=0", "--train.log_every=50",
-                   f"--train.ckpt_every={args.max_steps[name]}", *DATASETS[name], *args.train_settings]
+                   f"--train.ckpt_every={every}", f"--train.keep_checkpoints={steps // every + 1}",
+                   *DATASETS[name], *args.train_settings]
             train_seconds = run_logged(cmd, runs / f"{name}_seed{seed}.train.log")
+            checkpoint, selection = select_checkpoint(run, args, runs / f"{name}_seed{seed}") if args.select_every \
+                else (None, {})
             for split in args.splits:
-                ev = [sys.executable, "-m", "crossmae.evaluate", "--run", str(run), "--split", split,
-                      "--gaps", str(args.gap), "--stride", str(args.eval_stride), "--seed", "0"]
-                eval_seconds = run_logged(ev, runs / f"{name}_seed{seed}.gaps_{split}.log")
-                metrics = json.loads((run / "eval" / f"gaps{args.gap}_{split}.json").read_text())
+                metrics, eval_seconds = score(run, split, checkpoint, args, runs / f"{name}_seed{seed}")
+                swapped = evaluate_gaps(run, args.gap, split, checkpoint, seed=0, stride=args.eval_stride,
+                                        swap_forcing=True) if args.swap_forcing else None
                 for key, result in metrics["flow"].items():
                     for basin, scores in result["per_basin"].items():
+                        extra = {"swapped_nse": swapped["flow"][key]["per_basin"][basin]["model"]["nse"],
+                                 "swapped_kge": swapped["flow"][key]["per_basin"][basin]["model"]["kge"]} \
+                            if swapped else {}
                         rows.append({"dataset": name, "seed": seed, "split": split, "flow": key, "basin": basin,
                                      "days": scores["days"], "train_s": round(train_seconds),
                                      "eval_s": round(eval_seconds), "step": metrics["step"],
+                                     "val_by_step": selection,
                                      **{f"{m}_nse": scores[m]["nse"] for m in METHODS if m in scores},
-                                     **{f"{m}_kge": scores[m]["kge"] for m in METHODS if m in scores}})
+                                     **{f"{m}_kge": scores[m]["kge"] for m in METHODS if m in scores}, **extra})
             done = len({(r["dataset"], r["seed"]) for r in rows})
             write(Path(args.out), meta, rows, complete=done == planned)
     return 0
 
 
+def score(run: Path, split: str, checkpoint: Path | None, args: argparse.Namespace, log_stem: Path
+          ) -> tuple[dict, float]:
+    """``python -m crossmae.evaluate --gaps`` on ``split`` (at ``checkpoint``, default the last): its metrics and
+    wall seconds."""
+    ev = [sys.executable, "-m", "crossmae.evaluate", "--run", str(run), "--split", split, "--gaps", str(args.gap),
+          "--stride", str(args.eval_stride), "--seed", "0"] + (["--checkpoint", str(checkpoint)] if checkpoint else [])
+    tag = f"_{checkpoint.name}" if checkpoint else ""
+    seconds = run_logged(ev, log_stem.with_name(f"{log_stem.name}.gaps_{split}{tag}.log"))
+    return json.loads((run / "eval" / f"gaps{args.gap}_{split}.json").read_text()), seconds
+
+
+def select_checkpoint(run: Path, args: argparse.Namespace, log_stem: Path) -> tuple[Path, dict[int, float]]:
+    """The run's checkpoint with the highest median model NSE over its basins on the val split's gaps (the first
+    of equals), and that median at each checkpoint's step."""
+    by_step, best = {}, None
+    for checkpoint in sorted((run / "checkpoints").glob("step_*")):
+        metrics, _ = score(run, "val", checkpoint, args, log_stem)
+        median = float(np.nanmedian([r["model"]["nse"] for result in metrics["flow"].values()
+                                     for r in result["per_basin"].values()]))
+        by_step[metrics["step"]] = median
+        if best is None or median > by_step[best[1]]:
+            best = (checkpoint, metrics["step"])
+    if best is None:
+        raise SystemExit(f"run {run} wrote no checkpoint under {run / 'checkpoints'}")
+    return best[0], by_step
+
+
+def columns(rows: list[dict]) -> tuple[str, ...]:
+    """The methods with a score in ``rows``: :data:`METHODS`, and ``swapped`` where it was measured."""
+    return COLUMNS if any("swapped_nse" in r for r in rows) else METHODS
+
+
 def summarize(rows: list[dict], splits: list[str]) -> tuple[list[str], dict]:
     """Per split: each seed's median NSE over all basins for each method, then the mean and spread."""
     lines, summary = [], {}
+    methods = columns(rows)
     for split in splits:
         per_seed = {}
         for seed in sorted({r["seed"] for r in rows if r["split"] == split}):
             chosen = [r for r in rows if r["split"] == split and r["seed"] == seed]
             per_seed[seed] = {m: float(np.nanmedian([r.get(f"{m}_nse", np.nan) for r in chosen]))
-                              for m in METHODS} | {"basins": len(chosen)}
+                              for m in methods} | {"basins": len(chosen)}
         if not per_seed:
             continue
-        mean = {m: float(np.mean([v[m] for v in per_seed.values()])) for m in METHODS}
-        spread = {m: float(np.std([v[m] for v in per_seed.values()])) for m in METHODS}
-        best = max((m for m in METHODS if m != "model"), key=lambda m: mean[m])
+        mean = {m: float(np.mean([v[m] for v in per_seed.values()])) for m in methods}
+        spread = {m: float(np.std([v[m] for v in per_seed.values()])) for m in methods}
+        best = max((m for m in METHODS if m != "model"), key=lambda m: mean[m])  # swapped is no baseline
         summary[split] = {"per_seed": per_seed, "mean": mean, "sd": spread, "best_baseline": best,
                           "model_minus_best": mean["model"] - mean[best]}
-        lines.append(f"| {split} | " + " | ".join(f"{mean[m]:.3f} ± {spread[m]:.3f}" for m in METHODS)
+        lines.append(f"| {split} | " + " | ".join(f"{mean[m]:.3f} ± {spread[m]:.3f}" for m in methods)
                      + f" | {best} | {mean['model'] - mean[best]:+.3f} | {len(per_seed)} |")
     return lines, summary
 
@@ -140,28 +211,36 @@ def summarize(rows: list[dict], splits: list[str]) -> tuple[list[str], dict]:
 def write(out: Path, meta: dict, rows: list[dict], complete: bool) -> None:
     splits = sorted({r["split"] for r in rows}, key=lambda s: ("train", "val", "test").index(s))
     table, summary = summarize(rows, splits)
+    methods = columns(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "complete": complete, "summary": summary,
-                                                    "rows": rows}, indent=1, default=float))
+    write_atomic_text(out.with_suffix(".json"), json.dumps({"meta": meta, "complete": complete, "summary": summary,
+                                                            "rows": rows}, indent=1, default=float))
     env = meta["environment"]
+    chosen = (f"- checkpoint: every {meta['select_every']} steps, the one with the best val median model NSE over "
+              "the run's basins (column step)" if meta.get("select_every") else "- checkpoint: the last")
+    swapped = ["- swapped: the model with each window's forcing taken from another window (its own flow around "
+               "the gap, static attributes and calendar kept): skill that survives the swap does not come from "
+               "the forcing"] if "swapped" in methods else []
     lines = [f"# {meta['gap_days']}-day streamflow gaps: model vs baselines",
              "", f"- command: `{meta['command']}`", f"- machine: {machine_summary(env)}",
              f"- load average at the start: {env.get('load_avg_1m')} (the CPU was shared with other work)",
              f"- runs: {meta['runs']}; windows of {meta['window_days']} days, steps {meta['max_steps']}, span masks "
              f"{meta['span_days']} days; evaluation windows every {meta['eval_stride']} days, one gap each",
+             f"- configs: {meta.get('configs')}", chosen, *swapped,
              f"- complete: {complete}" + ("" if complete else " (PARTIAL: not every run has finished)"), "",
              "Median NSE over the basins that ran (Moselle at Perl, the CAMELS-US basins) of the gap days, mean ± "
              "sd over seeds:", "",
-             "| split | " + " | ".join(METHODS) + " | best baseline | model − best | seeds |",
-             "|---|" + "---:|" * len(METHODS) + "---|---:|---:|", *table, "",
-             "Every basin, seed and split (NSE; wall seconds of training and of one evaluation):", "",
-             "| data set | seed | split | basin | days | " + " | ".join(METHODS) + " | train s | eval s |",
-             "|---|---:|---|---|---:|" + "---:|" * len(METHODS) + "---:|---:|"]
+             "| split | " + " | ".join(methods) + " | best baseline | model − best | seeds |",
+             "|---|" + "---:|" * len(methods) + "---|---:|---:|", *table, "",
+             "Every basin, seed and split (NSE; the checkpoint's step; wall seconds of training and of one "
+             "evaluation):", "",
+             "| data set | seed | split | basin | days | " + " | ".join(methods) + " | step | train s | eval s |",
+             "|---|---:|---|---|---:|" + "---:|" * len(methods) + "---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['dataset']} | {r['seed']} | {r['split']} | {r['basin']} | {r['days']} | "
-                     + " | ".join(f"{r.get(f'{m}_nse', float('nan')):.3f}" for m in METHODS)
-                     + f" | {r['train_s']} | {r['eval_s']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+                     + " | ".join(f"{r.get(f'{m}_nse', float('nan')):.3f}" for m in methods)
+                     + f" | {r.get('step', '')} | {r['train_s']} | {r['eval_s']} |")
+    write_atomic_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,13 @@ Baselines, on the same days
     t … t−6, its means over days t−7…t−13, t−14…t−29, t−30…t−59 and t−60…t−119, and sin/cos of the day of
     the year; where a feature is missing the climatology stands in.
 
+Forcing swapped (``swap_forcing``, a diagnostic)
+    Each window's model input keeps its own flow around the gap, static attributes and calendar, but takes
+    every other modality (precipitation, temperature …) from the window half the split away (window
+    ``(i + W // 2) mod W`` of W): a model that fills gaps from the forcing loses skill, one that fills them
+    from the basin, the season and the flow around the gap does not. The baselines keep the true forcing.
+    The metrics go to ``gaps<N>_<split>_swapped.json``.
+
 Metrics (``RUN/eval/gaps<N>_<split>.json``): per flow channel, per basin ``days`` and ``nse``/``kge`` of
 ``model``, ``interp``, ``climatology``, ``regression``; ``median_nse``/``median_kge`` of each over basins, and
 ``best_baseline`` (the baseline with the highest median NSE).
@@ -37,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crossmae.checkpoint import write_atomic_text
 from crossmae.data.loader import build_dataset, make_collator
 from crossmae.evaluate import _finite_or_none, _flow_names, _load, interpolate_masked, kge, nse
 from crossmae.fill import GapCollator, resolve_data
@@ -132,9 +140,10 @@ def basin_precipitation(dataset, name: str, channel: int, basin: int) -> np.ndar
 
 def evaluate_gaps(run_dir: str | Path, gap_days: int, split: str = "val", checkpoint: str | Path | None = None, *,
                   seed: int = 0, stride: int | None = None, flow: list[str] | None = None, precip: str | None = None,
-                  batch_size: int | None = None, device: str = "cpu", data_root: str | None = None) -> dict:
+                  batch_size: int | None = None, device: str = "cpu", data_root: str | None = None,
+                  swap_forcing: bool = False) -> dict:
     """Score the model and the baselines on ``gap_days``-day gaps of ``split`` (see the module docstring);
-    writes ``eval/gaps<N>_<split>.json`` and returns the metrics."""
+    writes ``eval/gaps<N>_<split>.json`` (``swap_forcing``: ``…_swapped.json``) and returns the metrics."""
     run_dir = Path(run_dir)
     config, weights, norm_stats, ckpt_path, step = _load(run_dir, Path(checkpoint) if checkpoint else None)
     config = copy.deepcopy(config)
@@ -158,6 +167,9 @@ def evaluate_gaps(run_dir: str | Path, gap_days: int, split: str = "val", checkp
         raise ValueError("--gaps scores streamflow-like series, and the run has none it predicts in physical units "
                          "(mark one with flow: true or pass --flow)")
     rain = find_precipitation(dataset, precip)
+    if swap_forcing and (len(dataset) < 2 or len(spec.modalities) == len(flow_names)):
+        raise ValueError(f"swap_forcing takes the other modalities from another window: the {split} split needs at "
+                         f"least 2 windows (it has {len(dataset)}) and a modality besides {flow_names}")
     collator = GapCollator.from_collator(make_collator(config, dataset))
 
     # -- the baselines' fits on the training split --
@@ -189,6 +201,9 @@ def evaluate_gaps(run_dir: str | Path, gap_days: int, split: str = "val", checkp
     for first_window in range(0, len(dataset), bs):
         indices = range(first_window, min(first_window + bs, len(dataset)))
         samples = [dataset[(i, seed * 1_000_003 + i)] for i in indices]
+        if swap_forcing:
+            for i, s in zip(indices, samples):
+                _take_forcing(s, dataset[(i + len(dataset) // 2) % len(dataset)], flow_names)
         gaps = {}
         truth = {}
         for i, s in zip(indices, samples):
@@ -234,6 +249,7 @@ def evaluate_gaps(run_dir: str | Path, gap_days: int, split: str = "val", checkp
     methods = [m for m in METHODS if m != "regression" or rain is not None]
     metrics: dict = {"run": str(run_dir), "split": split, "checkpoint": str(ckpt_path), "step": step,
                      "gap_days": gap_days, "seed": seed, "windows": len(dataset), "window_days": steps,
+                     "swap_forcing": swap_forcing,
                      "precipitation": None if rain is None else f"{rain[0]}:{dataset.channel_names[rain[0]][rain[1]]}",
                      "flow": {}}
     for name in flow_names:
@@ -257,8 +273,18 @@ def evaluate_gaps(run_dir: str | Path, gap_days: int, split: str = "val", checkp
             metrics["flow"][key] = result
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"gaps{gap_days}_{split}.json").write_text(json.dumps(_finite_or_none(metrics), indent=1))
+    name = f"gaps{gap_days}_{split}{'_swapped' if swap_forcing else ''}.json"
+    write_atomic_text(out_dir / name, json.dumps(_finite_or_none(metrics), indent=1))
     return metrics
+
+
+def _take_forcing(sample, donor, flow_names: list[str]) -> None:
+    """Give ``sample`` every modality of ``donor`` except the flow series (grids with their basin masks)."""
+    for name in sample.series:
+        if name not in flow_names:
+            sample.series[name] = donor.series[name]
+    for name in sample.grids:
+        sample.grids[name], sample.basin_masks[name] = donor.grids[name], donor.basin_masks[name]
 
 
 def _or_low(value: float) -> float:

@@ -87,3 +87,21 @@ def test_gaps_score_the_model_and_three_baselines_on_the_gap_days(tmp_path, caps
     assert flow["best_baseline"] in ("interp", "climatology", "regression")
     assert evaluate_main(["--run", str(run), "--gaps", "15"]) == 2
     assert "--gaps must be between 1 and data.steps - 2 = 14" in capsys.readouterr().err
+
+
+def test_swapped_forcing_changes_the_model_alone(tmp_path):
+    from crossmae.gaps import evaluate_gaps
+
+    config = make_data(tmp_path / "data", basins=("a", "b"))
+    run = train_run(config, tmp_path / "run", 3, "mask.mode=span", "mask.span_days=[2, 6]")
+    own = evaluate_gaps(run, 5, "val")
+    swapped = evaluate_gaps(run, 5, "val", swap_forcing=True)
+    assert swapped["swap_forcing"] and (run / "eval" / "gaps5_val_swapped.json").is_file()
+    mine, theirs = own["flow"]["flow"]["per_basin"], swapped["flow"]["flow"]["per_basin"]
+    for basin in ("a", "b"):
+        for method in ("interp", "climatology", "regression"):  # the baselines read the true forcing
+            assert theirs[basin][method] == mine[basin][method]
+    assert any(theirs[b]["model"]["nse"] != mine[b]["model"]["nse"] for b in ("a", "b"))
+    one = train_run(make_data(tmp_path / "one", basins=("a",)), tmp_path / "one_run", 1)
+    with pytest.raises(ValueError, match=r"the val split needs at least 2 windows \(it has 1\)"):
+        evaluate_gaps(one, 5, "val", stride=1000, swap_forcing=True)
