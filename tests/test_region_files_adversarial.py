@@ -385,6 +385,39 @@ def test_sites_without_rows_are_left_out_and_sites_without_values_kept(tmp_path,
         assert torch.isfinite(per_site[:, order["c"], 0]).all() and torch.isfinite(per_site[:, order["a"]]).all()
 
 
+def test_a_national_site_table_serves_a_regional_gauge_table(tmp_path):
+    """Sites of the site table that the gauge data does not name may lie outside the grid or lack coordinates:
+    they are left out, not refused."""
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path, {**SITES, "far": (40.0, -3.0, 1.0), "unplaced": (float("nan"), 7.2, 1.0)})
+    lines = ["site_id,date,flow,evap"] + [f"{s},{FIRST + d},{q},{e}" for s, d, q, e in gauge_rows()]
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    ds = open_region(tmp_path, data_section(tmp_path, {}))
+    assert sorted(ds.site_layouts["gauges"].site_ids) == ["a", "b", "c"]
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + f"\nfar,{FIRST},1.0,1.0\n")
+    with pytest.raises(DataFileError, match=r"site 'far' of '.*sites.csv' \(lat=40, lon=-3\) lies outside"):
+        open_region(tmp_path, data_section(tmp_path, {}))
+
+
+def test_per_site_files_of_some_sites_only(tmp_path, caplog):
+    """mHM gauge files for two of three sites: the third is left out (logged); none at all names the path."""
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path)
+    for s, site in enumerate("ab"):
+        lines = [f"gauge {site}", "nodata -9999", "n 1", "start 2001 01 01 00 00", "end 2001 03 01 00 00"]
+        lines += [f"{(FIRST + d).astype(object):%Y %m %d} 00 00 {flow(s, d)}" for d in range(DAYS)]
+        (tmp_path / f"q_{site}.txt").write_text("\n".join(lines) + "\n")
+    data = data_section(tmp_path, {"format": "mhm_gauge", "path": "q_{site}.txt", "variables": ["flow"]})
+    with caplog.at_level(logging.WARNING, logger="crossmae.data.region"):
+        ds = open_region(tmp_path, data)
+    assert "1 sites of the site table have no file" in caplog.text and "q_c.txt" in caplog.text
+    assert sorted(ds.site_layouts["gauges"].site_ids) == ["a", "b"]
+    np.testing.assert_allclose(physical(ds)["b"][:, 0], expected()["b"][:, 0], rtol=1e-6)
+    data["region"]["site_sets"][0]["path"] = "flow_{site}.txt"
+    with pytest.raises(FileNotFoundError, match=r"site 'a'.*flow_a.txt' does not exist"):
+        open_region(tmp_path, data)
+
+
 def test_a_gauge_table_of_no_observation_is_refused(tmp_path):
     write_grid(tmp_path)
     write_tidy_sites(tmp_path)
@@ -504,14 +537,15 @@ def test_a_site_past_the_edge_is_outside(tmp_path):
 
 def test_site_table_errors_name_the_line_and_value(tmp_path):
     write_grid(tmp_path)
-    (tmp_path / "gauges.csv").write_text("site_id,date,flow,evap\na,2001-01-01,1,1\n")
+    (tmp_path / "gauges.csv").write_text("site_id,date,flow,evap\na,2001-01-01,1,1\nb,2001-01-01,1,1\n")
     for table, message in [
         ("site_id;lat;lon;area\na;49,96;7,01;100\nb;49.5.1;7,41;220\n",
          r"column 'lat' of '.*sites.csv' holds '49.5.1' on line 3; expected a number"),
         ("site_id;lat;lon;area\na;49,96;7,01;100\n;49,51;7,41;220\n",
          r"column 'site_id' of '.*sites.csv' holds '' on line 3; expected a site id"),
         ("site_id;lat;lon;area\na;49,96;7,01;100\nb;NA;7,41;220\n",
-         r"column 'lat' of '.*sites.csv' has no value for site 'b' on line 3"),
+         r"column 'lat' of '.*sites.csv' has no value for site 'b' on line 3; expected the coordinates of every "
+         r"site the gauge data names"),
     ]:
         (tmp_path / "sites.csv").write_text(table)
         with pytest.raises(DataFileError, match=message):
@@ -521,8 +555,9 @@ def test_site_table_errors_name_the_line_and_value(tmp_path):
 def test_the_table_readers_directly(tmp_path):
     """read_site_table and read_gauge_table as a user's script would call them."""
     (tmp_path / "sites.csv").write_text("gauge_id\tLAT\tLONG\n01022500\t49,96\t7,01\n")
-    ids, coords, attrs = read_site_table(str(tmp_path / "sites.csv"), SiteTableSource(delimiter="\t"), "sites")
-    assert ids == ["01022500"] and coords["lat"][0] == 49.96 and coords["lon"][0] == 7.01 and attrs.shape == (1, 0)
+    table = read_site_table(str(tmp_path / "sites.csv"), SiteTableSource(delimiter="\t"), "sites")
+    assert table.ids == ["01022500"] and table.where == ["line 2"] and table.attrs.shape == (1, 0)
+    assert table.coords["lat"][0] == 49.96 and table.coords["lon"][0] == 7.01
     (tmp_path / "g.csv").write_text("Station;Time;Q\n01022500;05.01.2001 12:00;3,5\n1022500;06.01.2001 12:00;-9999\n")
     src = SiteSetSource(path="g.csv", delimiter=";", variables=["Q"], sites=SiteTableSource(path="sites.csv"))
     index, days, values = read_gauge_table(str(tmp_path / "g.csv"), src, {"01022500": 0}, "gauges")

@@ -18,8 +18,9 @@ Where the data comes from
         grid's 1-D y and x coordinates, ``latlon`` through its 1-D latitude and longitude coordinates or, on a
         projected grid, its 2-D ``lat``/``lon`` variables (nearest cell centre, refined linearly between
         neighbouring centres); longitudes modulo 360; a lat/lon or x/y site on the grid's outer edge is in the
-        edge cell. Sites of the site table that the gauge table never names are left out; a site with rows but
-        no value is kept and never a token (both logged).
+        edge cell. Sites of the site table that the gauge data never names (or, per-site files, that have no
+        file) are left out, wherever they lie; a site with rows but no value is kept and never a token (both
+        logged).
     Tables as users write them (:func:`read_user_table`, :func:`read_gauge_table`, :func:`read_site_table`):
         the separator of the header when it is not the configured one; decimal commas in files not separated
         by commas; UTF-8 (byte-order mark or not) or Latin-1; ``skip_rows``, a units line under the header,
@@ -370,11 +371,12 @@ def _numbers(table: UserTable, column: str, what: str) -> np.ndarray:
 
     raw = table.frame[column]
     if pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
-        return raw.to_numpy(dtype=np.float64, na_value=np.nan)
+        return np.require(raw.to_numpy(dtype=np.float64, na_value=np.nan), requirements="W")
     text = raw
     if table.decimal_comma and pd.api.types.is_string_dtype(raw) and raw.str.contains(",", regex=False).any():
         text = raw.str.replace(",", ".", regex=False)  # a number with both '.' and ',' stays unread
-    out = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    out = np.require(pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan),
+                     requirements="W")  # a view of Arrow memory is read-only
     unread = np.flatnonzero(np.isnan(out))
     if unread.size == 0:
         return out
@@ -528,8 +530,28 @@ def _drop_units_row(table: UserTable, numeric: list[str], date: str | None, what
     table.keep(np.arange(len(table.frame)) > 0)
 
 
-def read_site_table(path: str, table: SiteTableSource, what: str):
-    """``(ids [S], coordinate columns {configured name: [S] float64}, attributes [S, A] float64)`` of a site table."""
+@dataclass
+class SiteTable:
+    """A site table as read: every row, whether or not the gauge data uses the site.
+
+    Attributes:
+        path: the file.
+        ids: the S site ids, in table order.
+        coords: configured coordinate column name → float64 ``[S]`` (NaN = not given).
+        attrs: float64 ``[S, A]`` attributes (NaN = unknown).
+        where: ``[S]`` each site's place in the file (``line 7``, ``row 5``).
+    """
+
+    path: str
+    ids: list[str]
+    coords: dict[str, np.ndarray]
+    attrs: np.ndarray
+    where: list[str]
+
+
+def read_site_table(path: str, table: SiteTableSource, what: str) -> SiteTable:
+    """A site table (CSV or Parquet, read as :func:`read_user_table`): ids, coordinates and attributes;
+    DataFileError naming the line and value of a row without an id, an id listed twice, a non-number."""
     t = read_user_table(path, table.delimiter, table.skip_rows, what)
     id_column = _find_column(t, table.id_column, what)
     names = {"latlon": (table.lat_column, table.lon_column), "rowcol": (table.row_column, table.col_column),
@@ -545,17 +567,12 @@ def read_site_table(path: str, table: SiteTableSource, what: str):
             raise DataFileError(f"{what}: {path!r} lists site {site!r} twice ({t.where(seen[site])} and "
                                 f"{t.where(i)}); expected one row per site")
         seen[site] = i
-    coords = {}
-    for name, column in zip(names, coord_columns, strict=True):
-        values = _numbers(t, column, what)
-        if not np.isfinite(values).all():
-            i = int(np.flatnonzero(~np.isfinite(values))[0])
-            raise DataFileError(f"{what}: column {column!r} of {path!r} has no value for site {ids[i]!r} on "
-                                f"{t.where(i)}; expected the site's coordinates")
-        coords[name] = values
+    coords = {name: mark_missing(_numbers(t, column, what), [])
+              for name, column in zip(names, coord_columns, strict=True)}
     attrs = np.stack([_numbers(t, c, what) for c in attr_columns], axis=1) if attr_columns \
         else np.zeros((len(ids), 0))
-    return ids, coords, mark_missing(attrs, list(table.missing_values))
+    return SiteTable(path, ids, coords, mark_missing(attrs, list(table.missing_values)),
+                     [t.where(i) for i in range(len(ids))])
 
 
 def _match_sites(names: list[str], codes: np.ndarray, known: dict[str, int], table: UserTable, site_table: str,
@@ -815,25 +832,29 @@ def _load_site_set(src: SiteSetSource, what: str, path_of, reader: GridReader | 
                    ) -> SiteSetData:
     table_path = resolve_path(path_of(src.sites.path), f"{what} site table")
     paths.append(table_path)
-    ids, coords, attrs = read_site_table(table_path, src.sites, f"{what} site table")
-    if frame is None:
-        if src.sites.coords != "rowcol":
-            raise DataFileError(f"{what}: a region without grids needs site coordinates as row/col (coords: rowcol)")
-        frame = tuple(int(math.floor(coords[c].max())) + 1 for c in (src.sites.row_column, src.sites.col_column))
-    rows, cols = place_sites(coords, src.sites, reader, frame, ids, table_path, f"{what} site table")
+    sites = read_site_table(table_path, src.sites, f"{what} site table")
+    ids = sites.ids
     known = {s: i for i, s in enumerate(ids)}
     if src.format in ("csv", "parquet"):
         path = resolve_path(path_of(src.path), what)
         paths.append(path)
         site_index, days, values = read_gauge_table(path, src, known, what)
     else:
-        parts = []
+        parts, absent = [], []
         for s, site in enumerate(ids):
-            path = resolve_path(path_of(src.path.replace("{site}", site)), f"{what} site {site!r}")
+            try:
+                path = resolve_path(path_of(src.path.replace("{site}", site)), f"{what} site {site!r}")
+            except FileNotFoundError as exc:
+                absent.append(exc)
+                continue
             paths.append(path)
             reader_fn = read_mhm_gauge if src.format == "mhm_gauge" else read_camels_streamflow
             table = reader_fn(path, list(src.missing_values), f"{what} site {site!r}")
             parts.append((np.full(table.days.size, s), table.days, table.values))
+        if not parts:
+            raise absent[0]
+        if absent:
+            log.warning("%s: %d sites of the site table have no file (%s)", what, len(absent), absent[0])
         site_index = np.concatenate([p[0] for p in parts])
         days = np.concatenate([p[1] for p in parts])
         values = np.concatenate([p[2] for p in parts])
@@ -849,22 +870,36 @@ def _load_site_set(src: SiteSetSource, what: str, path_of, reader: GridReader | 
     if not observed.any():
         raise DataFileError(f"{what}: no site of the site table {table_path!r} has a value in the gauge data; "
                             "expected one row per site and day with observed values")
+    keep = np.flatnonzero(named)
+    coords = {name: values[keep] for name, values in sites.coords.items()}
+    for name, given in coords.items():
+        if not np.isfinite(given).all():
+            i = int(np.flatnonzero(~np.isfinite(given))[0])
+            raise DataFileError(f"{what} site table: column {name!r} of {table_path!r} has no value for site "
+                                f"{ids[keep[i]]!r} on {sites.where[keep[i]]}; expected the coordinates of every "
+                                "site the gauge data names")
+    if frame is None:
+        if src.sites.coords != "rowcol":
+            raise DataFileError(f"{what}: a region without grids needs site coordinates as row/col (coords: rowcol)")
+        frame = tuple(int(math.floor(coords[c].max())) + 1 for c in (src.sites.row_column, src.sites.col_column))
+    rows, cols = place_sites(coords, src.sites, reader, frame, [ids[s] for s in keep], table_path,
+                             f"{what} site table")
     huge = np.flatnonzero((np.abs(np.nan_to_num(values)) > np.finfo(np.float32).max).any(axis=1))
     if huge.size:
         r = int(huge[0])
         raise DataFileError(f"{what}: the gauge data gives site {ids[site_index[r]]!r} on {day_to_iso(days[r])} the "
                             f"value {values[r][np.nanargmax(np.abs(values[r]))]:g}, beyond float32; "
                             "expected a measurement (or add the value to missing_values)")
-    keep = np.flatnonzero(named)
     remap = np.full(len(ids), -1)
     remap[keep] = np.arange(keep.size)
     first, last = int(days.min()), int(days.max())
     dense = np.full((last - first + 1, keep.size, len(src.variables)), np.nan, dtype=np.float32)
     dense[days - first, remap[site_index]] = values
     return SiteSetData(
-        name=src.name, ids=[ids[s] for s in keep], rows=rows[keep], cols=cols[keep], first_day=first, values=dense,
+        name=src.name, ids=[ids[s] for s in keep], rows=rows, cols=cols, first_day=first, values=dense,
         variables=list(src.variables), transforms=[src.transforms.get(v, src.transform) for v in src.variables],
-        per_site=list(src.per_site), flow=list(src.flow), attr_names=list(src.sites.attributes), attrs=attrs[keep],
+        per_site=list(src.per_site), flow=list(src.flow), attr_names=list(src.sites.attributes),
+        attrs=sites.attrs[keep],
         grouping=src.grouping)
 
 
