@@ -20,6 +20,7 @@ only). ``--swap-forcing`` also scores the model with every window's forcing take
 (:func:`crossmae.gaps.evaluate_gaps`, ``swap_forcing``): the column ``swapped`` shows how much of the
 model's skill comes from the forcing (none if it equals ``model``). A ``train`` split in ``--splits``
 scores the training period itself: the baselines are fitted on it, and the model trained on it.
+``--rescore`` trains nothing and scores the runs an earlier experiment left in ``--runs``.
 
 The headline pools the five basins (Moselle at Perl and the 4 CAMELS-US basins): per seed and split,
 the median over basins of each method's NSE on the gap days; then the mean and spread over seeds.
@@ -73,6 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--select-every", type=int, default=0,
                    help="checkpoint every K steps; score val at each and the other splits at the best (0: the last)")
     p.add_argument("--swap-forcing", action="store_true", help="also score the model with swapped forcing")
+    p.add_argument("--rescore", action="store_true",
+                   help="train nothing: score the runs already in --runs (<data set>_seed<seed>)")
     p.add_argument("--runs", help="where the runs go (default a temporary folder)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "gaps_30"))
     args, extra = p.parse_known_args(argv)
@@ -99,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--splits names {unknown}; expected some of train, val, test")
     if args.select_every < 0:
         p.error(f"--select-every must be 0 or a positive number of steps, got {args.select_every}")
+    if args.rescore and not args.runs:
+        p.error("--rescore scores the runs of an earlier experiment: give their folder with --runs")
     if args.select_every and "val" not in args.splits:
         p.error("--select-every chooses the checkpoint on the val split, so --splits must hold val")
     configs = dict(item.split("=", 1) for item in args.configs.split(",") if item)
@@ -131,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
                    "--model.day_of_year=true", "--train.val_every=0", "--train.log_every=50",
                    f"--train.ckpt_every={every}", f"--train.keep_checkpoints={steps // every + 1}",
                    *DATASETS[name], *args.train_settings]
-            train_seconds = run_logged(cmd, runs / f"{name}_seed{seed}.train.log")
+            if args.rescore:
+                if not (run / "checkpoints").is_dir():
+                    raise SystemExit(f"--rescore: {run} holds no checkpoints (expected a run of an earlier experiment)")
+                train_seconds = None
+            else:
+                train_seconds = run_logged(cmd, runs / f"{name}_seed{seed}.train.log")
             checkpoint, selection = select_checkpoint(run, args, runs / f"{name}_seed{seed}") if args.select_every \
                 else (None, {})
             for split in args.splits:
@@ -143,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                         extra = {"swapped_nse": swapped["flow"][key]["per_basin"][basin]["model"]["nse"],
                                  "swapped_kge": swapped["flow"][key]["per_basin"][basin]["model"]["kge"]} \
                             if swapped else {}
+                        seconds = None if train_seconds is None else round(train_seconds)
                         rows.append({"dataset": name, "seed": seed, "split": split, "flow": key, "basin": basin,
-                                     "days": scores["days"], "train_s": round(train_seconds),
+                                     "days": scores["days"], "train_s": seconds,
                                      "eval_s": round(eval_seconds), "step": metrics["step"],
                                      "val_by_step": selection,
                                      **{f"{m}_nse": scores[m]["nse"] for m in METHODS if m in scores},
@@ -239,7 +250,7 @@ def write(out: Path, meta: dict, rows: list[dict], complete: bool) -> None:
     for r in rows:
         lines.append(f"| {r['dataset']} | {r['seed']} | {r['split']} | {r['basin']} | {r['days']} | "
                      + " | ".join(f"{r.get(f'{m}_nse', float('nan')):.3f}" for m in methods)
-                     + f" | {r.get('step', '')} | {r['train_s']} | {r['eval_s']} |")
+                     + f" | {r.get('step', '')} | {'-' if r['train_s'] is None else r['train_s']} | {r['eval_s']} |")
     write_atomic_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 

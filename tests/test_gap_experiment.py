@@ -40,7 +40,8 @@ def test_options_are_checked(capsys):
     for argv, message in ((["--configs", "rhine=x.yaml"], "--configs names ['rhine']"),
                           (["--splits", "val,dev"], "--splits names ['dev']"),
                           (["--select-every", "5", "--splits", "test"], "--splits must hold val"),
-                          (["--select-every", "-1"], "--select-every must be 0 or a positive")):
+                          (["--select-every", "-1"], "--select-every must be 0 or a positive"),
+                          (["--rescore"], "--rescore scores the runs of an earlier experiment")):
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert message in capsys.readouterr().err
