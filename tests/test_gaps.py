@@ -105,3 +105,37 @@ def test_swapped_forcing_changes_the_model_alone(tmp_path):
     one = train_run(make_data(tmp_path / "one", basins=("a",)), tmp_path / "one_run", 1)
     with pytest.raises(ValueError, match=r"the val split needs at least 2 windows \(it has 1\)"):
         evaluate_gaps(one, 5, "val", stride=1000, swap_forcing=True)
+
+
+def test_a_constant_prediction_scores_as_computed_by_hand(tmp_path, monkeypatch):
+    """A model that predicts 0 (normalised) everywhere fills every gap day with expm1(the training mean of
+    log1p(flow)); its NSE, recomputed here from the CSV files, the gap draws and the saved statistics, must be
+    what the evaluation reports (windows, gap days, denormalisation and pooling per basin)."""
+    import types
+
+    import crossmae.gaps as gaps
+
+    config = make_data(tmp_path / "data", basins=("a", "b"))
+    run = train_run(config, tmp_path / "run", 1)
+
+    class Zero(gaps.MultimodalCrossMAE):
+        def forward(self, batch, normalizers=None):
+            return types.SimpleNamespace(predictions={
+                n: torch.zeros(m.queries.index.shape[0], self.token_dims[n]) for n, m in batch.modalities.items()})
+
+    monkeypatch.setattr(gaps, "MultimodalCrossMAE", Zero)
+    metrics = gaps.evaluate_gaps(run, 5, "val")
+    stats = json.loads((run / "norm_stats.json").read_text())["modalities"]["flow"]
+    constant = np.expm1(stats["mean"][0])
+    for i, basin in enumerate(("a", "b")):
+        text = (tmp_path / "data" / f"{basin}.csv").read_text().splitlines()[1:]
+        flow = np.array([float(line.split(",")[2]) for line in text])  # [240] from 2001-01-01
+        val_start = 181  # 2001-07-01; 59 val days hold 3 windows of 16 days
+        obs = []
+        for w in range(3):
+            start = int(np.random.default_rng([0, 3 * i + w]).integers(1, 16 - 5))
+            first = val_start + 16 * w + start
+            obs += flow[first:first + 5].tolist()
+        obs = np.array(obs)
+        by_hand = 1.0 - ((constant - obs) ** 2).sum() / ((obs - obs.mean()) ** 2).sum()
+        assert np.isclose(metrics["flow"]["flow"]["per_basin"][basin]["model"]["nse"], by_hand, rtol=1e-5)
