@@ -740,3 +740,18 @@ def test_a_messy_region_trains_with_finite_losses(tmp_path):
     with open(tmp_path / "run" / "metrics.csv", newline="") as handle:
         losses = [float(r["loss"]) for r in csv.DictReader(handle)]
     assert len(losses) == 5 and all(np.isfinite(losses)), losses
+
+
+def test_a_value_that_overflows_once_standardised_is_named(tmp_path):
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path)
+    lines = ["site_id,date,flow,evap"]
+    for s, d, q, e in gauge_rows():
+        q = 0.1 * (d % 2) if s == "a" else q
+        lines.append(f"{s},{FIRST + d},{3e37 if (s == 'a' and d == 40) else q},{e}")
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    data = data_section(tmp_path, {"per_site": ["flow"]})
+    train = open_region(tmp_path, data)
+    with pytest.raises(DataFileError, match=r"site set 'gauges' \(.*gauges.csv\): 'flow' of site 'a' on 2001-02-10 is "
+                                            r"3e\+37, beyond float32 once standardised \(mean 0.048\d*, std 0.049"):
+        open_region(tmp_path, data, "val", norm_stats=train.norm_stats)

@@ -150,6 +150,7 @@ class SiteSetData:
         attr_names: the A attribute names.
         attrs: float64 ``[S, A]`` attributes (NaN = unknown).
         grouping: how sites become groups.
+        source: where the values come from (the gauge table, or the per-site file template), for messages.
     """
 
     name: str
@@ -165,6 +166,7 @@ class SiteSetData:
     attr_names: list[str]
     attrs: np.ndarray
     grouping: GroupingConfig
+    source: str = ""
 
 
 @dataclass
@@ -899,8 +901,7 @@ def _load_site_set(src: SiteSetSource, what: str, path_of, reader: GridReader | 
         name=src.name, ids=[ids[s] for s in keep], rows=rows, cols=cols, first_day=first, values=dense,
         variables=list(src.variables), transforms=[src.transforms.get(v, src.transform) for v in src.variables],
         per_site=list(src.per_site), flow=list(src.flow), attr_names=list(src.sites.attributes),
-        attrs=sites.attrs[keep],
-        grouping=src.grouping)
+        attrs=sites.attrs[keep], grouping=src.grouping, source=path_of(src.path))
 
 
 # -- the data set ---------------------------------------------------------------------------------------------
@@ -1103,10 +1104,10 @@ class RegionDataset(Dataset):
                 values[..., f] = (_transform(values[..., f], tr) - mean[:, f]) / std[:, f]
         if np.isinf(values).any():
             day, site, f = (int(a[0]) for a in np.nonzero(np.isinf(values)))
-            raise DataFileError(f"site set {s.name!r}: {s.variables[f]!r} of site {order[site]!r} on "
-                                f"{day_to_iso(d0 + day)} is {x[day, position[order[site]], f]:g}, beyond float32 once "
-                                f"standardised (mean {mean[site, f]:g}, std {std[site, f]:g}); expected a measurement "
-                                "(or add the value to missing_values)")
+            raise DataFileError(f"site set {s.name!r} ({s.source or 'synthetic'}): {s.variables[f]!r} of site "
+                                f"{order[site]!r} on {day_to_iso(d0 + day)} is {x[day, position[order[site]], f]:g}, "
+                                f"beyond float32 once standardised (mean {mean[site, f]:g}, std {std[site, f]:g}); "
+                                "expected a measurement (or add the value to missing_values)")
         self._site_values[s.name] = (d0, values)
         self._slot_stats[s.name] = (group_values(mean[None], layout)[0].numpy(),  # [G, K, F]
                                     group_values(std[None], layout)[0].numpy(), entry.transforms)
