@@ -212,7 +212,7 @@ def test_a_first_data_row_with_text_is_an_error_not_a_units_line(tmp_path):
     ("no_date", "a,,1.0,0.1", r"column 'date' of '.*gauges.csv' holds '' on line 4; expected a date"),
     ("no_site", " ,2001-01-03,1.0,0.1", r"column 'site_id' of '.*gauges.csv' holds '' on line 4; expected a site id"),
     ("beyond_float32", "a,2001-01-03,1e39,0.1",
-     r"gives site 'a' on 2001-01-03 the value 1e\+39, beyond float32"),
+     r"column 'flow' of '.*gauges.csv' holds '1e39' on line 4, beyond float32"),
     ("bad_date", "a,2001-13-03,1.0,0.1",
      r"column 'date' of '.*gauges.csv' holds '2001-13-03' on line 4, which does not parse"),
 ])

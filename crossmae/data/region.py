@@ -637,6 +637,14 @@ def read_gauge_table(path: str, src: SiteSetSource, known: dict[str, int], what:
                             "date")
     values = np.stack([_numbers(t, c, what) for c in value_columns], axis=1) if value_columns \
         else np.zeros((index.size, 0))
+    with np.errstate(invalid="ignore"):
+        huge = np.abs(values) > np.finfo(np.float32).max  # [R, F]; a fill value such as 1e39
+    if huge.any():
+        r, f = (int(a[0]) for a in np.nonzero(huge))
+        column = value_columns[f]
+        raise DataFileError(f"{what}: column {column!r} of {path!r} holds {t.frame[column].iloc[r]!r} on "
+                            f"{t.where(r)}, beyond float32; expected a measurement (or add the value to "
+                            "missing_values)")
     return index, days, mark_missing(values, list(src.missing_values))
 
 
@@ -889,9 +897,9 @@ def _load_site_set(src: SiteSetSource, what: str, path_of, reader: GridReader | 
     huge = np.flatnonzero((np.abs(np.nan_to_num(values)) > np.finfo(np.float32).max).any(axis=1))
     if huge.size:
         r = int(huge[0])
-        raise DataFileError(f"{what}: the gauge data gives site {ids[site_index[r]]!r} on {day_to_iso(days[r])} the "
-                            f"value {values[r][np.nanargmax(np.abs(values[r]))]:g}, beyond float32; "
-                            "expected a measurement (or add the value to missing_values)")
+        raise DataFileError(f"{what}: {path_of(src.path)!r} gives site {ids[site_index[r]]!r} on "
+                            f"{day_to_iso(days[r])} the value {values[r][np.nanargmax(np.abs(values[r]))]:g}, beyond "
+                            "float32; expected a measurement (or add the value to missing_values)")
     remap = np.full(len(ids), -1)
     remap[keep] = np.arange(keep.size)
     first, last = int(days.min()), int(days.max())
