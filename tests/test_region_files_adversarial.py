@@ -755,3 +755,14 @@ def test_a_value_that_overflows_once_standardised_is_named(tmp_path):
     with pytest.raises(DataFileError, match=r"site set 'gauges' \(.*gauges.csv\): 'flow' of site 'a' on 2001-02-10 is "
                                             r"3e\+37, beyond float32 once standardised \(mean 0.048\d*, std 0.049"):
         open_region(tmp_path, data, "val", norm_stats=train.norm_stats)
+
+
+def test_a_variable_without_a_training_value_names_the_file(tmp_path):
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path)
+    lines = ["site_id,date,flow,evap"] + [f"{s},{FIRST + d},{q},{e if d > 31 else 'NA'}"
+                                          for s, d, q, e in gauge_rows()]
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFileError, match=r"sites 'gauges' \(.*gauges.csv\): 'evap' has no valid value in the "
+                                            r"training period 2001-01-01..2001-01-31"):
+        open_region(tmp_path, data_section(tmp_path, {}))

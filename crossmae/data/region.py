@@ -1037,7 +1037,7 @@ class RegionDataset(Dataset):
                     per_site[s.variables[f]] = {site: [float(mean[i]), float(math.sqrt(var[i]))]
                                                 for i, site in enumerate(s.ids)
                                                 if count[i] >= 2 and math.sqrt(var[i]) > 1e-6 * max(1, abs(mean[i]))}
-            entry = self._channel_stats(s.name, "sites", s.transforms, sums, d0, d1)
+            entry = self._channel_stats(s.name, "sites", s.transforms, sums, d0, d1, s.source)
             if per_site:
                 entry["per_site"] = per_site
             stats["modalities"][s.name] = entry
@@ -1061,12 +1061,14 @@ class RegionDataset(Dataset):
         root = self.config.region.root or os.getcwd()
         return grouping.file if os.path.isabs(grouping.file) else os.path.join(root, grouping.file)
 
-    def _channel_stats(self, name: str, kind: str, transforms: list[str], sums: np.ndarray, d0: int, d1: int) -> dict:
+    def _channel_stats(self, name: str, kind: str, transforms: list[str], sums: np.ndarray, d0: int, d1: int,
+                       source: str = "") -> dict:
         means, stds = [], []
         for c, channel in enumerate(self.channel_names[name]):
             count, s1, s2 = sums[:, c]
             if count == 0:
-                raise DataFileError(f"{kind} {name!r}: {channel!r} has no valid value in the training period "
+                where = f" ({source})" if source else ""
+                raise DataFileError(f"{kind} {name!r}{where}: {channel!r} has no valid value in the training period "
                                     f"{day_to_iso(d0)}..{day_to_iso(d1)}; expected observed values there")
             mean = s1 / count
             std = math.sqrt(max(s2 / count - mean * mean, 0.0))
