@@ -531,7 +531,7 @@ def test_a_site_past_the_edge_is_outside(tmp_path):
     write_tidy_sites(tmp_path, {"a": (49.449, 7.2, 1.0), "b": SITES["b"]})
     (tmp_path / "gauges.csv").write_text("site_id,date,flow,evap\na,2001-01-01,1,1\n")
     with pytest.raises(DataFileError, match=r"site 'a' of '.*sites.csv' \(lat=49.449, lon=7.2\) lies outside the 6x5 "
-                                            r"grid \(at row 6.01"):
+                                            r"grid \(at row 6.01, col 2.50 of the grid frame, line 2\)"):
         open_region(tmp_path, data_section(tmp_path, {}))
 
 

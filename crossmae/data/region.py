@@ -718,9 +718,10 @@ def _position_2d(lat: np.ndarray, lon: np.ndarray, grid_lat: np.ndarray, grid_lo
 
 
 def place_sites(coords: dict[str, np.ndarray], table: SiteTableSource, reader: GridReader | None,
-                frame: tuple[int, int], ids: list[str], path: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+                frame: tuple[int, int], ids: list[str], path: str, what: str,
+                where: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Site coordinates → float64 ``(rows [S], cols [S])`` in the grid frame; DataFileError naming the first site
-    that lies outside the grid.
+    that lies outside the grid (and its place in the file, ``where[i]``, when given).
 
     Longitudes are compared modulo 360 (a table in 0..360 on a grid in -180..180, or the other way round). A site
     given by latitude/longitude or x/y exactly on the grid's outer edge belongs to the edge cell; row/col
@@ -765,9 +766,10 @@ def place_sites(coords: dict[str, np.ndarray], table: SiteTableSource, reader: G
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
         given = ", ".join(f"{n}={coords[n][i]:g}" for n in coords)
+        line = f", {where[i]}" if len(where) else ""
         raise DataFileError(f"{what}: site {ids[i]!r} of {path!r} ({given}) lies outside the {frame[0]}x{frame[1]} "
-                            f"grid (at row {rows[i]:.2f}, col {cols[i]:.2f} of the grid frame); expected every site "
-                            "inside the grid")
+                            f"grid (at row {rows[i]:.2f}, col {cols[i]:.2f} of the grid frame{line}); expected every "
+                            "site inside the grid")
     return rows.astype(np.float64), cols.astype(np.float64)
 
 
@@ -893,7 +895,7 @@ def _load_site_set(src: SiteSetSource, what: str, path_of, reader: GridReader | 
             raise DataFileError(f"{what}: a region without grids needs site coordinates as row/col (coords: rowcol)")
         frame = tuple(int(math.floor(coords[c].max())) + 1 for c in (src.sites.row_column, src.sites.col_column))
     rows, cols = place_sites(coords, src.sites, reader, frame, [ids[s] for s in keep], table_path,
-                             f"{what} site table")
+                             f"{what} site table", [sites.where[s] for s in keep])
     huge = np.flatnonzero((np.abs(np.nan_to_num(values)) > np.finfo(np.float32).max).any(axis=1))
     if huge.size:
         r = int(huge[0])
