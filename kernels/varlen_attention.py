@@ -11,7 +11,8 @@ Algorithm
     and one add per score (FlashAttention-4 rescales only when the max grew past a threshold;
     here it never does, and a row block in which a later block outgrew the first block's max so
     far that a row sum reached FIXED_MAX_LIMIT_* (2^64 bf16, 2^15 fp16: P, its 16-bit copy and
-    P V stay finite below it) runs again with the online softmax). The full key blocks run
+    P V stay finite below it) runs again with the online softmax; in fp16 so does a row block
+    with a row of 2^15 keys or more of about equal weight). The full key blocks run
     software-pipelined (the scores of block j + 1 are issued before the softmax of block j, so
     the tensor cores and the exponentials overlap), the row max is taken on raw scores and the
     scale folded into one FFMA per score; the last, partial block runs once with masks.
@@ -488,7 +489,7 @@ def _varlen_attn_fwd_kernel(
     acc, l_i, m_i = _attn_fwd_all_blocks(q, k_ptrs, v_ptrs, stride_kt, stride_vt, k_len, qk_scale, offs_n, d_mask,
                                          BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION, SCALE_POSITIVE, FIXED_MAX)
     if FIXED_MAX:
-        if tl.max(l_i, 0) >= LIMIT:
+        if tl.max(tl.where(m_mask, l_i, 0.0), 0) >= LIMIT:  # rows past the segment: l = k_len
             acc, l_i, m_i = _attn_fwd_all_blocks(q, k_ptrs, v_ptrs, stride_kt, stride_vt, k_len, qk_scale, offs_n,
                                                  d_mask, BLOCK_M, BLOCK_N, BLOCK_D, EVEN_D, DOT_PRECISION,
                                                  SCALE_POSITIVE, False)
