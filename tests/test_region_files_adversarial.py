@@ -280,6 +280,10 @@ def test_day_first_or_month_first_is_asked_when_the_dates_allow_both(tmp_path):
     data["region"]["split"] = {"train": ["2001-01-01", "2001-01-06"], "val": ["2001-01-07", "2001-01-12"]}
     s = open_region(tmp_path, data).region.site_sets[0]
     assert s.first_day == iso_to_day("2001-01-01") and s.values.shape[0] == 12
+    lines[1:] = [line.replace("/2001,", "/2001 09:00,") for line in lines[1:]]  # a time after the date_format
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    s = open_region(tmp_path, data).region.site_sets[0]
+    assert s.first_day == iso_to_day("2001-01-01") and s.values.shape[0] == 12
 
 
 def test_year_month_day_columns_with_an_impossible_date(tmp_path):

@@ -433,8 +433,12 @@ def _parse_dates(text, date_format: str, column: str, table: UserTable, what: st
     differently, as ``05/01/2001`` day first and month first)."""
     import pandas as pd
 
-    if date_format:
-        return pd.to_datetime(text, format=date_format, errors="coerce"), f"dates in the format {date_format!r}"
+    if date_format:  # exactly, else at the start of the text (a time of day after the date)
+        parsed = pd.to_datetime(text, format=date_format, errors="coerce")
+        if parsed.isna().any():
+            parsed = parsed.where(~parsed.isna(), pd.to_datetime(text, format=date_format, exact=False,
+                                                                 errors="coerce"))
+        return pd.DatetimeIndex(parsed), f"dates in the format {date_format!r}"
     expected = f"ISO 8601 dates (YYYY-MM-DD) or one of {list(DATE_FORMATS)}; set date_format for others"
     try:
         iso = pd.to_datetime(text, format="ISO8601", errors="coerce")
