@@ -770,3 +770,18 @@ def test_a_variable_without_a_training_value_names_the_file(tmp_path):
     with pytest.raises(DataFileError, match=r"sites 'gauges' \(.*gauges.csv\): 'evap' has no valid value in the "
                                             r"training period 2001-01-01..2001-01-31"):
         open_region(tmp_path, data_section(tmp_path, {}))
+
+
+def test_a_groups_file_of_the_whole_site_table(tmp_path):
+    """A groups file made for the national site table: rows of sites the gauge data does not use are skipped;
+    a site unknown to the site table is still named."""
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path, {**SITES, "far": (40.0, -3.0, 1.0)})
+    lines = ["site_id,date,flow,evap"] + [f"{s},{FIRST + d},{q},{e}" for s, d, q, e in gauge_rows()]
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "groups.csv").write_text("site_id,group\na,1\nfar,3\nb,2\nc,1\n")
+    data = data_section(tmp_path, {"grouping": {"method": "file", "file": "groups.csv"}})
+    assert open_region(tmp_path, data).site_layouts["gauges"].ids == (("a", "c"), ("b", None))
+    (tmp_path / "groups.csv").write_text("site_id,group\na,1\nfar,3\nb,2\nc,1\nzz,2\n")
+    with pytest.raises(ValueError, match=r"groups.csv' line 6: site 'zz' is not in the site table"):
+        open_region(tmp_path, data)

@@ -151,6 +151,7 @@ class SiteSetData:
         attrs: float64 ``[S, A]`` attributes (NaN = unknown).
         grouping: how sites become groups.
         source: where the values come from (the gauge table, or the per-site file template), for messages.
+        unused: ids of the site table that the data does not use (left out).
     """
 
     name: str
@@ -167,6 +168,7 @@ class SiteSetData:
     attrs: np.ndarray
     grouping: GroupingConfig
     source: str = ""
+    unused: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -915,7 +917,8 @@ def _load_site_set(src: SiteSetSource, what: str, path_of, reader: GridReader | 
         name=src.name, ids=[ids[s] for s in keep], rows=rows, cols=cols, first_day=first, values=dense,
         variables=list(src.variables), transforms=[src.transforms.get(v, src.transform) for v in src.variables],
         per_site=list(src.per_site), flow=list(src.flow), attr_names=list(src.sites.attributes),
-        attrs=sites.attrs[keep], grouping=src.grouping, source=path_of(src.path))
+        attrs=sites.attrs[keep], grouping=src.grouping, source=path_of(src.path),
+        unused=[ids[s] for s in np.flatnonzero(~named)])
 
 
 # -- the data set ---------------------------------------------------------------------------------------------
@@ -1048,7 +1051,8 @@ class RegionDataset(Dataset):
                 entry["per_site"] = per_site
             stats["modalities"][s.name] = entry
             layout = build_layout(s.ids, s.rows, s.cols, s.grouping.method, group_size=s.grouping.size,
-                                  groups_file=self._grouping_file(s.grouping), seed=s.grouping.seed)
+                                  groups_file=self._grouping_file(s.grouping), seed=s.grouping.seed,
+                                  unused=s.unused)
             stats["site_layouts"][s.name] = layout.to_dict()
             if s.attr_names:
                 empty = [s.attr_names[a] for a in np.flatnonzero(~np.isfinite(s.attrs).any(axis=0))]

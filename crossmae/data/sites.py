@@ -11,9 +11,9 @@ Coordinates are in the region's grid frame, in cells: cell (i, j) covers rows ``
 
 Groupings (:func:`build_layout`):
     ``site``: one site per group (G = S, K = 1), in site order.
-    ``file``: a CSV table ``site_id,group`` assigns every site a group label; groups are ordered by label
-        (numerically when all labels are integers), sites inside a group by their order in the site table;
-        K is the largest group.
+    ``file``: a CSV table ``site_id,group`` assigns every site a group label (rows of site-table sites that
+        the data does not use are skipped); groups are ordered by label (numerically when all labels are
+        integers), sites inside a group by their order in the site table; K is the largest group.
     ``kmeans``: G = ceil(S / K) groups of at most K sites each, by k-means on the coordinates with a capacity
         of K per centre; deterministic for a given seed (k-means++ start from a seeded generator, then Lloyd
         iterations in which sites are assigned greedily, nearest site-centre pair first, to centres with room).
@@ -169,7 +169,8 @@ def ungroup_values(grouped: torch.Tensor | np.ndarray, layout: SiteLayout) -> to
 
 # -- groupings ----------------------------------------------------------------------------------
 def build_layout(ids: Sequence[str], rows: np.ndarray, cols: np.ndarray, grouping: str, *, group_size: int = 8,
-                 groups_file: str | Path = "", seed: int = 0, iterations: int = 50) -> SiteLayout:
+                 groups_file: str | Path = "", seed: int = 0, iterations: int = 50,
+                 unused: Sequence[str] = ()) -> SiteLayout:
     """Group S sites by ``grouping`` (``site``, ``file`` or ``kmeans``; see the module docstring).
 
     Args:
@@ -180,6 +181,7 @@ def build_layout(ids: Sequence[str], rows: np.ndarray, cols: np.ndarray, groupin
         groups_file: the ``site_id,group`` CSV for ``file``.
         seed: seeds the k-means start.
         iterations: most Lloyd iterations of ``kmeans``.
+        unused: ids of the site table that the data does not use: ``file`` skips their rows.
     """
     ids = [str(i) for i in ids]
     rows, cols = np.asarray(rows, dtype=np.float64), np.asarray(cols, dtype=np.float64)
@@ -190,7 +192,7 @@ def build_layout(ids: Sequence[str], rows: np.ndarray, cols: np.ndarray, groupin
     if grouping == "site":
         members = [[s] for s in range(len(ids))]
     elif grouping == "file":
-        members = _file_groups(ids, Path(groups_file))
+        members = _file_groups(ids, Path(groups_file), set(map(str, unused)))
     elif grouping == "kmeans":
         if group_size < 1:
             raise ValueError(f"group_size must be at least 1, got {group_size}")
@@ -207,8 +209,9 @@ def build_layout(ids: Sequence[str], rows: np.ndarray, cols: np.ndarray, groupin
     return SiteLayout(slot_ids, slot_rows, slot_cols)
 
 
-def _file_groups(ids: list[str], path: Path) -> list[list[int]]:
-    """Site indices per group from a ``site_id,group`` table (every site of ``ids`` exactly once).
+def _file_groups(ids: list[str], path: Path, unused: set[str]) -> list[list[int]]:
+    """Site indices per group from a ``site_id,group`` table (every site of ``ids`` exactly once; rows of
+    ``unused`` sites are skipped).
 
     The table is read as users write it: UTF-8 with or without a byte-order mark, separated by ``,``, ``;``,
     a tab or ``|`` (whichever the header holds), header names in any case and with spaces around them, blank
@@ -233,6 +236,8 @@ def _file_groups(ids: list[str], path: Path) -> list[list[int]]:
             line = reader.line_num
             cells = row + [""] * (len(columns) - len(row))
             site, label = cells[site_at].strip(), cells[group_at].strip()
+            if site in unused:
+                continue
             if site not in known:
                 raise ValueError(f"groups_file {str(path)!r} line {line}: site {site!r} is not in the site table")
             if site in labels:
