@@ -178,7 +178,12 @@ def test_fp16_forward_backward_within_rule(backend):
 
 @pytest.mark.skipif(not is_interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("case_name", ["lq0-1-1_lk43-1-111", "single_key"])
-def test_triton_interpreter_fp16_forward_backward_within_rule(case_name):
+@pytest.mark.parametrize("deterministic", ["0", "1"], ids=["atomic_dq", "two_pass"])
+def test_triton_interpreter_fp16_forward_backward_within_rule(case_name, deterministic, monkeypatch):
+    """fp16 takes the 16-bit paths that fp32 skips: the forward against the first key block's row max,
+    redone with the online softmax where a row's P would pass fp16's range (in lq0-1-1_lk43-1-111: with
+    that pass off, it fails), and backward loops with an unmasked body."""
+    monkeypatch.setenv("CROSSMAE_TRITON_DETERMINISTIC", deterministic)
     check_backend("triton", case_name, torch.float16)
 
 
