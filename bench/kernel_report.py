@@ -1204,6 +1204,13 @@ def render_other_triton(other: dict) -> list[str]:
              "when the TTGIR has a `ttg.warp_specialize` region.", ""]
     ok = sum(r["ok"] for r in other["rows"] if r["autotuned"])
     lines += [f"{ok} of {sum(r['autotuned'] for r in other['rows'])} configurations ok.", ""]
+    targets = target_rows(other["rows"])
+    if targets:
+        lines += [f"The presets' targets under triton {env['triton']} (best configurations, as in the targets "
+                  "table above):", "",
+                  format_table([{**t, "met": "yes" if t["met"] else "no"} for t in targets], markdown=True,
+                               columns=[("preset", "preset"), ("head_dim", "D"), ("pass", "pass"),
+                                        ("target", "target"), ("predicted", "predicted"), ("met", "met")]), ""]
     table = [{**r, "config": _config_label(r), "fraction": r["loop"]["predicted_fraction"] if r.get("loop") else None}
              for r in other["rows"] if r["autotuned"]]
     columns = [("kernel", "kernel"), ("dtype", "dtype"), ("head_dim", "D"), ("config", "config"),
