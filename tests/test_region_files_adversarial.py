@@ -785,3 +785,20 @@ def test_a_groups_file_of_the_whole_site_table(tmp_path):
     (tmp_path / "groups.csv").write_text("site_id,group\na,1\nfar,3\nb,2\nc,1\nzz,2\n")
     with pytest.raises(ValueError, match=r"groups.csv' line 6: site 'zz' is not in the site table"):
         open_region(tmp_path, data)
+
+
+def test_a_compressed_table_and_a_spreadsheet(tmp_path):
+    import gzip
+
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path)
+    lines = ["# comment", "site_id;date;flow;evap"] + [f"{s};{FIRST + d};{str(q).replace('.', ',')};{e}"
+                                                      for s, d, q, e in gauge_rows()]
+    with gzip.open(tmp_path / "gauges.csv.gz", "wt") as handle:
+        handle.write("\n".join(lines) + "\n")
+    got = physical(open_region(tmp_path, data_section(tmp_path, {"path": "gauges.csv.gz"})))
+    for site, values in expected().items():
+        np.testing.assert_allclose(got[site], values, rtol=1e-6)
+    (tmp_path / "gauges.xlsx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(DataFileError, match=r"gauges.xlsx' is a spreadsheet; expected a CSV"):
+        open_region(tmp_path, data_section(tmp_path, {"path": "gauges.xlsx"}))

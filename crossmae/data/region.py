@@ -66,9 +66,12 @@ Memory
 
 from __future__ import annotations
 
+import bz2
 import copy
 import difflib
+import gzip
 import logging
+import lzma
 import math
 import os
 import re
@@ -281,6 +284,9 @@ def read_user_table(path: str, delimiter: str, skip_rows: Sequence[int], what: s
         frame = frame.reset_index(drop=True)
         frame.columns = [str(c).strip() for c in frame.columns]
         return UserTable(path, frame, np.arange(len(frame)), csv=False, decimal_comma=True)
+    if path.lower().endswith((".xlsx", ".xls", ".xlsm", ".ods")):
+        raise DataFileError(f"{what}: {path!r} is a spreadsheet; expected a CSV (or Parquet) file: save the sheet as "
+                            "CSV")
     skip = sorted({int(r) for r in skip_rows})
     if skip and skip[0] < 0:
         raise DataFileError(f"{what}: skip_rows holds {skip[0]}; expected 0-based line numbers of {path!r}")
@@ -315,15 +321,16 @@ def read_user_table(path: str, delimiter: str, skip_rows: Sequence[int], what: s
 def _header(path: str, skip: list[int], what: str) -> tuple[str, list[int]]:
     """The header line of a CSV file, and ``skip`` with the blank and ``#`` comment lines above the header."""
     skip = list(skip)
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(os.path.splitext(path)[1].lower(), open)
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
             for n, line in enumerate(handle):
                 if n in skip:
                     continue
                 if line.strip("\ufeff \t\r\n") and not line.lstrip("\ufeff \t").startswith("#"):
                     return line, sorted(skip)
                 skip.append(n)
-    except OSError as exc:
+    except (OSError, EOFError, lzma.LZMAError) as exc:
         raise DataFileError(f"{what}: can't read {path!r}: {exc}") from None
     raise DataFileError(f"{what}: {path!r} holds no header line; expected a table with a header")
 
