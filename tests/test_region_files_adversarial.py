@@ -802,3 +802,19 @@ def test_a_compressed_table_and_a_spreadsheet(tmp_path):
     (tmp_path / "gauges.xlsx").write_bytes(b"PK\x03\x04")
     with pytest.raises(DataFileError, match=r"gauges.xlsx' is a spreadsheet; expected a CSV"):
         open_region(tmp_path, data_section(tmp_path, {"path": "gauges.xlsx"}))
+
+
+def test_trailing_separators_and_lines_of_extra_fields(tmp_path):
+    """A separator at the end of every data line (not the header) must not shift the columns; a line with an
+    extra value is named."""
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path)
+    lines = ["site_id,date,flow,evap"] + [f"{s},{FIRST + d},{q},{e}," for s, d, q, e in gauge_rows()]
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    got = physical(open_region(tmp_path, data_section(tmp_path, {})))
+    for site, values in expected().items():
+        np.testing.assert_allclose(got[site], values, rtol=1e-6)
+    lines[6] = lines[6] + "0.3"
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFileError, match=r"line 7 of '.*gauges.csv' holds 5 fields, the header 4: extra \['0.3'\]"):
+        open_region(tmp_path, data_section(tmp_path, {"skip_rows": []}))

@@ -75,6 +75,7 @@ import lzma
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -292,17 +293,21 @@ def read_user_table(path: str, delimiter: str, skip_rows: Sequence[int], what: s
         raise DataFileError(f"{what}: skip_rows holds {skip[0]}; expected 0-based line numbers of {path!r}")
     header, skip = _header(path, skip, what)
     sep = _sniff_delimiter(header, delimiter, path, what)
-    frame = None
+    frame, encoding = None, "utf-8-sig"
     for encoding in ("utf-8-sig", "latin-1"):
         try:
-            frame = pd.read_csv(path, sep=r"\s+" if sep == " " else sep, dtype=str, keep_default_na=False,
-                                skipinitialspace=True, skip_blank_lines=False, skiprows=skip or None,
-                                encoding=encoding)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", pd.errors.ParserWarning)
+                frame = pd.read_csv(path, sep=r"\s+" if sep == " " else sep, dtype=str, keep_default_na=False,
+                                    skipinitialspace=True, skip_blank_lines=False, skiprows=skip or None,
+                                    encoding=encoding, index_col=False)  # never the first column as an index
             break
         except UnicodeDecodeError:
             log.info("%s: %r is not UTF-8: read as Latin-1", what, path)
         except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
             raise DataFileError(f"{what}: can't read {path!r} as a table separated by {sep!r}: {exc}") from None
+    if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+        _check_extra_fields(path, sep, skip, len(frame.columns), encoding, what)
     frame.columns = [str(c).strip() for c in frame.columns]
     read = np.ones(len(frame) + len(skip) + 1, dtype=bool)
     read[[r for r in skip if r < read.size]] = False
@@ -316,6 +321,31 @@ def read_user_table(path: str, delimiter: str, skip_rows: Sequence[int], what: s
             empty[np.flatnonzero(first.to_numpy())[blank.to_numpy()]] = True
             table.keep(~empty)
     return table
+
+
+def _check_extra_fields(path: str, sep: str, skip: list[int], width: int, encoding: str, what: str) -> None:
+    """DataFileError naming the first line of more non-empty fields than the header's ``width`` (a trailing
+    separator, an empty last field, is fine)."""
+    import csv
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(os.path.splitext(path)[1].lower(), open)
+    skipped = set(skip)
+    with opener(path, "rt", encoding=encoding, newline="") as handle:
+        lines = (line for n, line in enumerate(handle) if n not in skipped)
+        next(lines, None)  # the header
+        for n, line in enumerate(lines):
+            fields = line.split() if sep == " " else next(csv.reader([line], delimiter=sep), [])
+            extra = [f for f in fields[width:] if f.strip()]
+            if extra:
+                raise DataFileError(f"{what}: line {_file_line(n, skip)} of {path!r} holds {len(fields)} fields, the "
+                                    f"header {width}: extra {extra[:3]}; expected one value per header column")
+
+
+def _file_line(i: int, skip: list[int]) -> int:
+    """The 1-based file line of data line ``i`` (0-based, after the header) when ``skip`` lines are skipped."""
+    read = np.ones(i + len(skip) + 2, dtype=bool)
+    read[[r for r in skip if r < read.size]] = False
+    return int(np.flatnonzero(read)[i + 1]) + 1
 
 
 def _header(path: str, skip: list[int], what: str) -> tuple[str, list[int]]:
