@@ -818,3 +818,12 @@ def test_trailing_separators_and_lines_of_extra_fields(tmp_path):
     (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataFileError, match=r"line 7 of '.*gauges.csv' holds 5 fields, the header 4: extra \['0.3'\]"):
         open_region(tmp_path, data_section(tmp_path, {"skip_rows": []}))
+
+
+def test_two_columns_of_one_name_once_spaces_are_stripped(tmp_path):
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path)
+    lines = ["site_id,date,flow, flow ,evap"] + [f"{s},{FIRST + d},{q},{q},{e}" for s, d, q, e in gauge_rows()]
+    (tmp_path / "gauges.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFileError, match=r"gauges.csv' names the columns \['flow'\] more than once"):
+        open_region(tmp_path, data_section(tmp_path, {}))

@@ -309,6 +309,10 @@ def read_user_table(path: str, delimiter: str, skip_rows: Sequence[int], what: s
     if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
         _check_extra_fields(path, sep, skip, len(frame.columns), encoding, what)
     frame.columns = [str(c).strip() for c in frame.columns]
+    twice = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+    if twice:
+        raise DataFileError(f"{what}: {path!r} names the columns {twice} more than once (spaces aside); expected "
+                            "one column of each name")
     read = np.ones(len(frame) + len(skip) + 1, dtype=bool)
     read[[r for r in skip if r < read.size]] = False
     lines = np.flatnonzero(read)  # 0-based file lines of the header and the rows
