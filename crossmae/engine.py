@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -853,6 +854,14 @@ class Trainer:
             )
         return row, signalled
 
+    def _share_kernel_choices(self) -> None:
+        """Under DDP, make every rank launch the Triton kernel configurations rank 0's autotuner chose (timing
+        differs between GPUs, and ranks that tune alone stop being bit-identical). Runs at each metrics read,
+        which already waits for the device, so shapes first met since the last read are shared too."""
+        kernels = sys.modules.get("crossmae_kernels.varlen_attention")
+        if self.dist.enabled and kernels is not None:
+            kernels.broadcast_autotune_choice()
+
     def fit(self) -> dict:
         """Train to ``train.max_steps``; returns the last metrics.
 
@@ -899,6 +908,7 @@ class Trainer:
                     if self.step % cfg.log_every == 0 or validate or checkpoint:
                         seconds = time.perf_counter() - t0  # the read below waits for the device first
                         last, signalled = self._read_metrics(pending, tokens, max(seconds, 1e-9), progress)
+                        self._share_kernel_choices()
                         pending, tokens, t0 = [], 0, time.perf_counter()
                         if signalled:
                             stopped_by = self.signals.received or "a signal to another process"
