@@ -562,6 +562,8 @@ def test_the_table_readers_directly(tmp_path):
     table = read_site_table(str(tmp_path / "sites.csv"), SiteTableSource(delimiter="\t"), "sites")
     assert table.ids == ["01022500"] and table.where == ["line 2"] and table.attrs.shape == (1, 0)
     assert table.coords["lat"][0] == 49.96 and table.coords["lon"][0] == 7.01
+    ids, coords, attrs = table
+    assert ids is table.ids and coords is table.coords and attrs is table.attrs
     (tmp_path / "g.csv").write_text("Station;Time;Q\n01022500;05.01.2001 12:00;3,5\n1022500;06.01.2001 12:00;-9999\n")
     src = SiteSetSource(path="g.csv", delimiter=";", variables=["Q"], sites=SiteTableSource(path="sites.csv"))
     index, days, values = read_gauge_table(str(tmp_path / "g.csv"), src, {"01022500": 0}, "gauges")

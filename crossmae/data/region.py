@@ -597,6 +597,10 @@ class SiteTable:
     attrs: np.ndarray
     where: list[str]
 
+    def __iter__(self):
+        """Unpacks as ``ids, coords, attrs``."""
+        return iter((self.ids, self.coords, self.attrs))
+
 
 def read_site_table(path: str, table: SiteTableSource, what: str) -> SiteTable:
     """A site table (CSV or Parquet, read as :func:`read_user_table`): ids, coordinates and attributes;
