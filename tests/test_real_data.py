@@ -476,3 +476,18 @@ def test_training_on_the_moselle_lowers_the_validation_loss(tmp_path):
 def test_training_on_camels_lowers_the_validation_loss(tmp_path):
     trainer = _train(camels(), tmp_path, steps=30)
     assert trainer.model.static_embed is not None
+
+
+def test_lines_ending_in_the_separator_shift_no_column(tmp_path):
+    """Spreadsheet exports often end every data line with the separator: the values stay under their headers."""
+    from crossmae.data.readers import read_attribute_tables, read_csv_series
+
+    series = tmp_path / "s.csv"
+    series.write_text("q;date;p\n1,5;2001-01-01;2,5;\n3,5;2001-01-02;4,5;\n".replace(",", "."))
+    table = read_csv_series(str(series), "date", "", ["q", "p"], ";", [], [-9999.0], "test")
+    assert list(table.columns) == ["q", "p"]
+    np.testing.assert_array_equal(table.values, [[1.5, 2.5], [3.5, 4.5]])
+    attributes = tmp_path / "a.csv"
+    attributes.write_text("id,area,elev\na,10,100,\nb,20,200,\n")
+    np.testing.assert_array_equal(read_attribute_tables([str(attributes)], "id", ",", ["elev", "area"], ["b", "a"],
+                                                        [-9999.0], "test"), [[200, 20], [100, 10]])

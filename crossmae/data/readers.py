@@ -239,8 +239,9 @@ def read_csv_series(path: str, date_column: str, date_format: str, columns: list
 
     sep = r"\s+" if delimiter == " " else delimiter
     try:
+        # index_col=False: a line ending in the separator (a trailing empty field) must not shift the columns
         frame = pd.read_csv(path, sep=sep, skiprows=skip_rows or None, dtype=str,
-                            skipinitialspace=True)
+                            skipinitialspace=True, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataFileError(f"{what}: can't read {path!r} as a table separated by {delimiter!r}: {exc}") from None
     frame.columns = [str(c).strip() for c in frame.columns]
@@ -280,7 +281,7 @@ def read_attribute_tables(paths: list[str], id_column: str, delimiter: str, colu
         path = resolve_path(path, what)
         sep = r"\s+" if delimiter == " " else delimiter
         try:
-            frame = pd.read_csv(path, sep=sep, dtype=str)
+            frame = pd.read_csv(path, sep=sep, dtype=str, index_col=False)  # trailing separators shift nothing
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise DataFileError(f"{what}: can't read {path!r} as a table separated by {delimiter!r}: {exc}") from None
         frame.columns = [str(c).strip() for c in frame.columns]
