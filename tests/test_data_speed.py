@@ -9,7 +9,15 @@ import torch
 from model_cases import PATCH, SPEC, STEPS, random_samples
 
 from crossmae.config import DataConfig, MaskConfig, SyntheticConfig
-from crossmae.data.collate import MaskingCollator, PackedBatch, _lowest, hidden_count, patchify, predicted_count
+from crossmae.data.collate import (
+    GridCells,
+    MaskingCollator,
+    PackedBatch,
+    _lowest,
+    hidden_count,
+    patchify,
+    predicted_count,
+)
 from crossmae.data.loader import GlobalBatchOrder
 from crossmae.data.synthetic import SyntheticWaterDataset
 from crossmae.packed import Packed
@@ -72,6 +80,9 @@ class _Gather:
 
     def rows(self, b, t, p):
         return self.values[b, t, p]
+
+    def gather(self, *selections):
+        return [self.rows(*s) for s in selections]
 
 
 class ReferenceCollator(MaskingCollator):
@@ -163,6 +174,37 @@ def test_collator_matches_the_reference_on_ragged_samples(mask):
         samples = random_samples(5, seed=seed)
         new, ref = both(SPEC, mask, PATCH, STEPS, samples, standard_decoder=True)
         assert_identical(new, ref)
+
+
+@pytest.mark.parametrize("mask", [
+    MaskConfig(), MaskConfig(mode="frame", kept_mask_ratio=0.3), MaskConfig(mode="unified", kept_mask_ratio=0.4),
+], ids=["free", "frame_kept", "unified"])
+def test_collator_matches_the_reference_on_finite_unpadded_grids(mask):
+    """Grids of whole patches without a missing value: the rows are copied straight from the grids (GridCells),
+    one grid with 2 channels, H != W."""
+    for seed in range(2):
+        samples = random_samples(5, seed=seed)
+        for s in samples:
+            s.grids = {name: torch.nan_to_num(g, nan=0.5) for name, g in s.grids.items()}
+        collator = MaskingCollator(SPEC, mask, 2, STEPS)
+        assert all(isinstance(collator._tokens(m, samples)[0], GridCells) for m in SPEC.grids)
+        new, ref = both(SPEC, mask, 2, STEPS, samples, standard_decoder=True)
+        assert_identical(new, ref, f"seed {seed}")
+
+
+@pytest.mark.parametrize("kept", [None, 0.3])
+def test_predicted_rows_and_counts_follow_the_hidden_tokens(kept):
+    """The predicted tokens are hidden ones at ``predicted_rows``; the target count is the weights' sum."""
+    for samples in (random_samples(5, seed=7), random_samples(4, seed=8)):
+        batch = MaskingCollator(SPEC, MaskConfig(kept_mask_ratio=kept), 2, STEPS)(samples)
+        for name, mb in batch.modalities.items():
+            assert torch.equal(mb.hidden.index[mb.hidden.predicted_rows], mb.queries.index), name
+            assert mb.targets.count == float(mb.targets.weight.sum()), name
+            if kept is None:
+                assert torch.equal(mb.queries.index, mb.hidden.index), name
+                assert torch.equal(mb.queries.packed.cu_seqlens, mb.hidden.packed.cu_seqlens), name
+            else:
+                assert 0 < mb.queries.packed.total < mb.hidden.packed.total, name
 
 
 def test_collator_matches_the_reference_on_the_synthetic_world():

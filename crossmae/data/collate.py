@@ -314,36 +314,92 @@ class TokenValues:
         x = self.tokens.view(-1, dim).index_select(0, (b * steps + t) * patches + p)  # [n, token_dim]
         return x if self.finite else torch.nan_to_num_(x, nan=0.0, posinf=0.0, neginf=0.0)
 
+    def gather(self, *selections: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`rows` of each selection (b, t, p)."""
+        return [self.rows(*s) for s in selections]
 
-def grid_tokens(grids: Sequence[torch.Tensor], basin: torch.Tensor, patch_size: int) -> tuple[TokenValues,
-                                                                                             torch.Tensor,
-                                                                                             torch.Tensor]:
+
+@dataclass
+class GridCells:
+    """A grid modality's token values left in the samples' cell layout: a batch copies each token's cells straight
+    from its sample's grid (:func:`grid_tokens` makes this when every grid is finite and a whole number of patches).
+
+    Attributes:
+        grids: B tensors ``[T, C, H, W]``, every value finite, H and W multiples of ``patch_size``.
+        inside: ``[B, H, W]`` float32, 1 inside the basin, 0 outside.
+        patch_size: patch side in cells.
+    """
+
+    grids: Sequence[torch.Tensor]
+    inside: torch.Tensor
+    patch_size: int
+
+    def gather(self, *selections: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+        """Per selection, ``[n, C·ps²]`` the values of tokens (b, t, p) (``[n]`` int64 each, sorted by b), cells
+        outside the basin multiplied by 0: the rows :class:`TokenValues` gives for :func:`grid_tokens`'s tokens.
+
+        Sample by sample, its grid is multiplied by its basin once (into one reused buffer) and every selection's
+        rows of that sample are copied out of it as runs of ``ps`` cells (a patch row of one channel).
+        """
+        t, c, h, w = self.grids[0].shape
+        ps = self.patch_size
+        cols = w // ps
+        runs = ((torch.arange(c)[:, None] * h + torch.arange(ps)) * cols).view(1, c * ps)  # [1, C·ps] run offsets
+        outs, plans = [], []
+        for b, tt, p in selections:
+            out = torch.empty(b.shape[0], c * ps * ps)
+            first = (tt * (c * h) + torch.div(p, cols, rounding_mode="floor") * ps) * cols + p % cols  # [n]
+            bounds = torch.searchsorted(b, torch.arange(len(self.grids) + 1)).tolist()  # sample i: [bounds[i], ..+1)
+            outs.append(out)
+            plans.append((out.view(-1, ps), (first[:, None] + runs).view(-1), bounds))  # [n·C·ps, ps], [n·C·ps]
+        masked = torch.empty(t, c, h, w)
+        for i, grid in enumerate(self.grids):
+            torch.mul(grid, self.inside[i], out=masked)
+            source = masked.view(-1, ps)  # [T·C·H·Q, ps]: runs of ps cells
+            for out, index, bounds in plans:
+                lo, hi = bounds[i] * c * ps, bounds[i + 1] * c * ps
+                if hi > lo:
+                    torch.index_select(source, 0, index[lo:hi], out=out[lo:hi])
+        return outs
+
+
+def grid_tokens(grids: Sequence[torch.Tensor], basin: torch.Tensor,
+                patch_size: int) -> tuple[TokenValues | GridCells, torch.Tensor, torch.Tensor]:
     """A grid modality's tokens: :func:`patchify`'s, with the outside cells 0, and their validity.
 
-    Each sample's grid is copied once, straight into the batch's token layout (no stacked copy first). A token
-    is valid when its patch holds a basin cell and every basin cell of it is finite that day. Whether a grid
-    holds a non-finite value at all is one read (its sum is finite only when every value is); without any,
-    validity is the basin's alone.
+    A token is valid when its patch holds a basin cell and every basin cell of it is finite that day. Whether a
+    grid holds a non-finite value at all is one read (its sum is finite only when every value is); without any
+    (and without padding cells), validity is the basin's alone and the values stay in the grids
+    (:class:`GridCells`: a batch copies out only the rows it uses). Otherwise each sample's grid is copied once,
+    straight into the batch's token layout (no stacked copy first), and validity is read from the tokens.
 
     Args:
         grids: B tensors ``[T, C, H, W]`` of one shape (NaN = missing).
         basin: ``[B, H, W]`` bool, True inside the basin.
 
     Returns:
-        values (:class:`TokenValues`), valid ``[B, T, P]`` bool, cell weight ``[B, P, C·ps²]`` float (1 inside).
+        values (:class:`TokenValues` or :class:`GridCells`), valid ``[B, T, P]`` bool, cell weight
+        ``[B, P, C·ps²]`` float (1 inside).
     """
     t, c, h, w = grids[0].shape
     b = len(grids)
     rows, cols = patch_grid_shape(h, w, patch_size)
     pad_h, pad_w = rows * patch_size - h, cols * patch_size - w
-    tokens = torch.empty(b, t, rows, cols, c, patch_size, patch_size)  # [B, T, R, Q, C, ps, ps]
-    finite = not (pad_h or pad_w)  # padding cells are NaN
     for i, grid in enumerate(grids):
         if grid.shape != grids[0].shape:
             raise ValueError(f"grids of one batch must share a shape: sample {i} has {tuple(grid.shape)}, sample 0 "
                              f"{tuple(grids[0].shape)}")
+    finite = not (pad_h or pad_w) and all(bool(torch.isfinite(grid.float().sum())) for grid in grids)  # pads: NaN
+    if finite:
+        m = basin.reshape(b, rows, patch_size, cols, patch_size).permute(0, 1, 3, 2, 4)  # [B, R, Q, ps, ps]
+        m = m.reshape(b, rows * cols, 1, patch_size**2).expand(b, rows * cols, c, patch_size**2)  # [B, P, C, ps²]
+        inside = m.reshape(b, rows * cols, c * patch_size**2)  # [B, P, C·ps²]
+        valid = inside.any(-1)[:, None].expand(b, t, rows * cols).contiguous()  # [B, T, P]
+        cells = GridCells(grids=[g.float() for g in grids], inside=basin.float(), patch_size=patch_size)
+        return cells, valid, inside.float()
+    tokens = torch.empty(b, t, rows, cols, c, patch_size, patch_size)  # [B, T, R, Q, C, ps, ps]
+    for i, grid in enumerate(grids):
         grid = grid.float()
-        finite = finite and bool(torch.isfinite(grid.sum()))
         if pad_h or pad_w:
             grid = torch.nn.functional.pad(grid, (0, pad_w, 0, pad_h), value=float("nan"))
         cells = grid.reshape(t, c, rows, patch_size, cols, patch_size)  # [T, C, R, ps, Q, ps]
@@ -354,13 +410,9 @@ def grid_tokens(grids: Sequence[torch.Tensor], basin: torch.Tensor, patch_size: 
     m = basin.reshape(b, rows, patch_size, cols, patch_size).permute(0, 1, 3, 2, 4)  # [B, R, Q, ps, ps]
     m = m.reshape(b, rows * cols, 1, patch_size**2).expand(b, rows * cols, c, patch_size**2)  # [B, P, C, ps²]
     inside = m.reshape(b, rows * cols, c * patch_size**2)  # [B, P, C·ps²]
-    inside_any = inside.any(-1)[:, None]  # [B, 1, P]
-    if finite:
-        valid = inside_any.expand(b, t, rows * cols).contiguous()  # [B, T, P]
-    else:
-        valid = (torch.isfinite(tokens) | ~inside[:, None]).all(-1) & inside_any  # [B, T, P]
+    valid = (torch.isfinite(tokens) | ~inside[:, None]).all(-1) & inside.any(-1)[:, None]  # [B, T, P]
     tokens.mul_(inside[:, None])  # outside cells carry 0 (NaN · 0 stays NaN: rows() clears it)
-    return TokenValues(tokens=tokens, finite=finite), valid, inside.float()
+    return TokenValues(tokens=tokens, finite=False), valid, inside.float()
 
 
 def site_tokens(values: Sequence[torch.Tensor], slots: torch.Tensor) -> tuple[TokenValues, torch.Tensor,
@@ -720,28 +772,36 @@ class MaskingCollator:
             t, p = valid.shape[1:]
             masked, predicted = masks[m.name]
             vis_index, vis = _packed_rows(valid & ~masked)  # [total_vis, 3]
-            pred_index, pred = _packed_rows(predicted)  # [total_pred, 3]
             hidden_index, hidden = _packed_rows(masked)  # [total_hidden, 3]
+            if self.mask.kept_mask_ratio is None:  # every hidden token is predicted: predicted equals masked
+                pred_index, pred = hidden_index.clone(), Packed.from_lengths(hidden.cu_seqlens.diff())
+                predicted_rows = torch.arange(hidden.total)
+            else:
+                pred_index, pred = _packed_rows(predicted)  # [total_pred, 3]
+                rank_in_hidden = torch.cumsum(masked.flatten(), 0) - 1  # [B·T·P]
+                pb, pt, pp = pred_index.unbind(1)
+                predicted_rows = rank_in_hidden[(pb * t + pt) * p + pp]
             if m.name in settings.static_tokens:
                 seq, order, _ = concat_segments([static_token, vis])
             else:
                 seq, order = vis, torch.arange(vis.total)
-            rank_in_hidden = torch.cumsum(masked.flatten(), 0) - 1  # [B·T·P]
             pb, pt, pp = pred_index.unbind(1)
             weight_row = (pb * t + pt) * p + pp if weight.dim() == 4 else pb * p + pp  # [total_pred]
             target_weight = weight.reshape(-1, weight.shape[-1]).index_select(0, weight_row)  # [total_pred, K]
-            vb, vt, vp = vis_index.unbind(1)
+            if weight.dim() == 3:  # a row's weight is its patch's: count by patch (exact below 2**24, as a float32 sum)
+                count = float(weight.sum(-1, dtype=torch.float64).view(-1)[weight_row].sum())
+                count = count if count < 2**24 else float(target_weight.sum())
+            else:
+                count = float(target_weight.sum())
+            encoder_values, target_values = values.gather(vis_index.unbind(1), (pb, pt, pp))
             grid_shape = {"grid": patch_grid_shape(m.height, m.width, self.patch_size), "sites": (1, m.groups)
                           }.get(m.kind, (1, 1))
             modalities[m.name] = ModalityBatch(
                 name=m.name, kind=m.kind, patch_grid=grid_shape,
-                encoder=EncoderTokens(values=values.rows(vb, vt, vp), index=vis_index, visible=vis, seq=seq,
-                                      order=order),
+                encoder=EncoderTokens(values=encoder_values, index=vis_index, visible=vis, seq=seq, order=order),
                 queries=Queries(index=pred_index, packed=pred),
-                targets=Targets(values=values.rows(pb, pt, pp), weight=target_weight,
-                                count=float(target_weight.sum())),
-                hidden=HiddenTokens(index=hidden_index, packed=hidden,
-                                    predicted_rows=rank_in_hidden[(pb * t + pt) * p + pp]),
+                targets=Targets(values=target_values, weight=target_weight, count=count),
+                hidden=HiddenTokens(index=hidden_index, packed=hidden, predicted_rows=predicted_rows),
                 site_attributes=self._site_attributes(m, samples),
             )
         in_memory = settings.memory_modalities

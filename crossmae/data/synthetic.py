@@ -95,6 +95,9 @@ CHECKPOINT_DAYS = 16
 CELL_KM = 5.0
 SLOW_RECESSION_DAYS = 60.0
 
+# the largest float32 below 0.1: rendered precipitation at or below it is set to 0 (values ≥ float32(0.1) stay)
+_BELOW_PRECIP = float(np.nextafter(np.float32(0.1), np.float32(0.0)))
+
 # random streams: each generator is keyed by (seed, stream, basin, ...)
 _MASK, _ATTRS, _FIELDS, _STORMS, _WEATHER, _FLOW_NOISE, _EVAP_NOISE, _GAPS, _OUTAGE = range(1, 10)
 
@@ -207,7 +210,7 @@ def _render_precip(storms: dict[str, np.ndarray], day_from: int, day_to: int, or
     gx_days[day, slot] = gx
     out = np.matmul(gy_days.transpose(0, 2, 1), gx_days)  # [L, H, W]
     out *= oro
-    np.multiply(out, out >= 0.1, out=out)  # below 0.1 mm → 0 (the field is ≥ 0, so 0 · x is +0)
+    torch.nn.functional.threshold_(torch.from_numpy(out), _BELOW_PRECIP, 0.0)  # below 0.1 mm → +0
     return out
 
 
@@ -562,7 +565,6 @@ class SyntheticWaterDataset(torch.utils.data.Dataset):
         basin, start = self.starts[index]
         fields = self.render_window(basin, start)
         outage = self._outage_days(basin, start)
-        mask = self.basin_masks[basin]
         sample = Sample(noise_seed=noise_seed, first_day=start,  # the record starts on 1970-01-01
                         meta={"basin": basin, "start": start, "split": self.split, "index": index})
         for name in self.grid_names:
@@ -572,7 +574,7 @@ class SyntheticWaterDataset(torch.utils.data.Dataset):
                 np.log1p(x, out=x)
             np.subtract(x, np.asarray(entry.mean[0], x.dtype), out=x)  # as _standardise, without new arrays
             np.multiply(x, np.asarray(1.0 / entry.std[0], x.dtype), out=x)
-            x *= mask
+            torch.from_numpy(x).mul_(self._mask_tensors[basin])  # x · mask, in place
             x[outage] = np.nan
             sample.grids[name] = torch.from_numpy(x[:, None])  # [T, 1, H, W]
             sample.basin_masks[name] = self._mask_tensors[basin]
