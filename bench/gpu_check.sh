@@ -11,13 +11,19 @@
 # headers) the triton backend can't run, and the check says so at the top.
 # Stages, ordered so that the first five minutes give the headline rows (budget in seconds):
 #   setup      15  environment.txt and the imports (always first)
-#   attention  75  varlen attention alone, seed and wide, bf16, fwd+bwd: torch_varlen, triton (and loop for
+#   attention  70  varlen attention alone, seed and wide, bf16, fwd+bwd: torch_varlen, triton (and loop for
 #                  the ratio); each row's first_call_ms is its compile + autotuning, timed on its own
-#   decoder    75  the headline: one decoder training step at seed, every variant
+#   decoder    70  the headline: one decoder training step at seed, every variant
 #   tests      90  the GPU tests, one Triton config per kernel (python -m bench.gpu_test_plan --run)
-#   wide       60  the decoder step at wide
-#   kernels    45  attention fwd and bwd apart, and the other backends, at seed and wide
-#   train      60  the whole training step, default and seed presets
+#   step       40  the GPU tests of the training step and its data: CUDA graphs replayed across bucketed
+#                  lengths, the device-resident data path against the host's, a step under
+#                  torch.cuda.set_sync_debug_mode("error") (tests/test_buckets.py, test_device_data.py,
+#                  test_train_step_sync.py, marker gpu)
+#   data       25  the data path at seed: __getitem__ + collate, the device-resident path on cuda, the loader
+#                  with 0 and 4 workers (bench/data_speed.py)
+#   wide       40  the decoder step at wide
+#   kernels    25  attention fwd and bwd apart, and the other backends, at seed and wide
+#   train      45  the whole training step, default and seed presets
 #   ragged     60  (only when named) the decoder step at ragged
 #   sweep     150  (only when named) the decoder batch sweep B = 1..64 at seed
 #   regional   90  (only when named) the decoder step at regional: a whole region per sample, 3 grids and
@@ -41,9 +47,9 @@ DRY_RUN="${GPU_CHECK_DRY_RUN:-0}"
 [[ "$DRY_RUN" == 0 || "$DRY_RUN" == "" ]] && DRY_RUN=0 || DRY_RUN=1
 MAX_TOTAL=420  # seconds: the default stages' budgets must fit in this
 
-DEFAULT_STAGES=(attention decoder tests wide kernels train)
-declare -A BUDGET=([setup]=15 [attention]=75 [decoder]=75 [tests]=90 [wide]=60 [kernels]=45 [train]=60 [ragged]=60 [sweep]=150
-                  [regional]=90 [regional_train]=120)
+DEFAULT_STAGES=(attention decoder tests step data wide kernels train)
+declare -A BUDGET=([setup]=15 [attention]=70 [decoder]=70 [tests]=90 [step]=40 [data]=25 [wide]=40 [kernels]=25 [train]=45
+                  [ragged]=60 [sweep]=150 [regional]=90 [regional_train]=120)
 STAGES=("$@")
 (( ${#STAGES[@]} == 0 )) && STAGES=("${DEFAULT_STAGES[@]}")
 for stage in "${STAGES[@]}"; do
@@ -80,6 +86,7 @@ show() {  # a result file's rows as a table
 ATTN_COLUMNS=backend,pass,preset,D,ms_p50,first_call_ms,tflops,peak_frac,peak_mb,speedup_vs_loop,joules
 DEC_COLUMNS=variant,backend,ms_p50,first_call_ms,peak_mb,attn_tflops,speedup_vs_self_attn,speedup_vs_loop,joules_per_step
 TRAIN_COLUMNS=variant,preset,attn_backend,ms_p50,samples_per_s,peak_mb,mfu,speedup_vs_seed,speedup_vs_standard_mae
+DATA_COLUMNS=stage,preset,B,ms_p50,cpu_ms_p50,windows_per_s,windows_per_cpu_s,device_copy_mb,faults_per_batch,worker_private_mb
 TIMING="--warmup 3 --min-time 0.3"
 
 # the command of a stage (printed by the dry run, run otherwise)
@@ -89,6 +96,10 @@ stage_command() {
                         "--backends torch_varlen,triton,loop $TIMING --out $(stem attention_speed)";;
         decoder)   echo "$PY bench/decoder_speed.py --preset seed $TIMING --json $(stem decoder_speed_seed).json";;
         tests)     echo "$PY -m bench.gpu_test_plan --run -v -rA --durations=15 --junitxml=$LOGS/pytest_gpu.xml";;
+        step)      echo "$PY -m pytest -o addopts= -p no:cacheprovider -m gpu -q -rA --junitxml=$LOGS/pytest_step.xml" \
+                        "tests/test_buckets.py tests/test_device_data.py tests/test_train_step_sync.py";;
+        data)      echo "$PY bench/data_speed.py --preset seed --stages getitem+collate,device --workers 0,4" \
+                        "--device cuda --warmup 3 --min-time 0.3 --out $(stem data_speed_device_seed)";;
         wide)      echo "$PY bench/decoder_speed.py --preset wide $TIMING --json $(stem decoder_speed_wide).json";;
         kernels)   echo "$PY -m bench.attention_speed --preset seed,wide --dtype bf16 --passes fwd,bwd" \
                         "--backends triton,torch_varlen,sdpa_padded,flash_attn,xformers,flex $TIMING" \
@@ -110,6 +121,7 @@ stage_table() {
         wide)      show "$(stem decoder_speed_wide).json" "$DEC_COLUMNS";;
         ragged)    show "$(stem decoder_speed_ragged).json" "$DEC_COLUMNS";;
         train)     show "$(stem train_speed).json" "$TRAIN_COLUMNS";;
+        data)      show "$(stem data_speed_device_seed).json" "$DATA_COLUMNS";;
         regional)  show "$(stem decoder_speed_regional).json" "$DEC_COLUMNS";;
         regional_train) show "$(stem train_speed_regional).json" "$TRAIN_COLUMNS";;
     esac

@@ -33,7 +33,7 @@ def test_dry_run_prints_every_stage_with_a_budget_within_seven_minutes(dry_run):
     stages = re.findall(r"^  (\w+) +(\d+) s  (.+)$", dry_run, flags=re.M)
     names = [name for name, _, _ in stages]
     assert names[0] == "setup" and names[1:3] == list(HEADLINE), names
-    assert {"tests", "wide", "train"} <= set(names)
+    assert {"tests", "step", "data", "wide", "train"} <= set(names)
     budgets = [int(seconds) for _, seconds, _ in stages]
     assert sum(budgets) <= LIMIT_S, budgets
     assert f"stage budgets: {sum(budgets)} s in all" in dry_run
@@ -41,6 +41,10 @@ def test_dry_run_prints_every_stage_with_a_budget_within_seven_minutes(dry_run):
     assert "--preset seed,wide --dtype bf16" in commands["attention"] and "torch_varlen,triton" in commands["attention"]
     assert "decoder_speed.py --preset seed" in commands["decoder"]
     assert "bench.gpu_test_plan --run -v" in commands["tests"]
+    step = commands["step"].split()
+    assert step[1:3] == ["-m", "pytest"] and "-m" in step[3:] and step[step.index("-m", 3) + 1] == "gpu"
+    assert {"tests/test_buckets.py", "tests/test_device_data.py", "tests/test_train_step_sync.py"} <= set(step)
+    assert "data_speed.py --preset seed --stages getitem+collate,device --workers 0,4 --device cuda" in commands["data"]
     assert "C compiler" in dry_run.splitlines()[0] or "no C compiler" in dry_run.splitlines()[0]
 
 
@@ -61,6 +65,18 @@ def test_named_regional_stages_time_the_regional_preset():
                                                                         flags=re.M))
     assert "decoder_speed.py --preset regional" in commands["regional"]
     assert "train_speed.py --preset regional" in commands["regional_train"]
+
+
+def test_the_data_stage_uses_flags_the_data_benchmark_accepts():
+    """The data stage's flags parse (no GPU needed: only the device check would refuse cuda here)."""
+    from bench.data_speed import build_parser
+
+    result = subprocess.run(["bash", "bench/gpu_check.sh", "data"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "GPU_CHECK_DRY_RUN": "1", "PYTHON": sys.executable}, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    command = re.search(r"^  data +\d+ s  (.+)$", result.stdout, flags=re.M)[1].split()
+    args = build_parser().parse_args(command[2:])
+    assert (args.preset, args.stages, args.workers, args.device) == ("seed", "getitem+collate,device", "0,4", "cuda")
 
 
 def test_gpu_check_rejects_an_unknown_stage():
