@@ -152,7 +152,7 @@ BWD_DKDV_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [
         (64, 128, 8, 2),
-        (32, 128, 8, 3),
+        (32, 128, 8, 2),
         (64, 64, 4, 3),
         (32, 64, 4, 3),
         (16, 64, 4, 2),
@@ -164,7 +164,7 @@ BWD_DQ_CONFIGS = [
     for bm, bn, w, s in [
         (128, 64, 8, 2),
         (64, 64, 4, 3),
-        (64, 32, 4, 3),
+        (64, 32, 4, 2),
     ]
 ]
 
@@ -195,10 +195,10 @@ def _fits(config: triton.Config, head_dim: int, dtype, kind: str) -> bool:
     calibrated on bench/results/kernel_report.md under Triton 3.9 and 3.6: the forward keeps
     two score tiles and P live (software pipelining) besides acc and q, 208 per thread (D=128
     at 128x64 with 8 warps: 254 registers; at 128x32: 188); dK/dV holds dk, dv, k and v for
-    the whole loop, 144 (D=64 at 64x128 with 8 warps: 249 registers, 255 and a spill with
-    3.6), plus the dS K block with atomic dQ ("dkdv_atomic"); dQ holds dq, q and dO, 160 (D=128
-    at 64x64 with 4 warps: 254 registers; D=16 at 64x128: 255 with 3.6). The rows of the score tile
-    (BLOCK_M for fwd and dq, BLOCK_N for dK/dV) must fill the warps: Triton lays a dot that
+    the whole loop, 144 (D=64 at 64x128 with 8 warps and 2 stages: 240 registers, 222 with 3.6),
+    plus the dS K block with atomic dQ ("dkdv_atomic"); dQ holds dq, q and dO, 160 (D=128
+    at 64x64 with 4 warps: 255 registers and a spill; D=16 at 64x128 with 4 warps: 238). The
+    rows of the score tile (BLOCK_M for fwd and dq, BLOCK_N for dK/dV) must fill the warps: Triton lays a dot that
     feeds another dot out with every warp along its rows, 16 rows per warp, so a shorter tile
     would be computed twice by two warpgroups (and hold twice the registers).
 
@@ -637,11 +637,16 @@ def _varlen_attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    qt_ptrs = Q + (q_start + offs_m[None, :]) * stride_qt + head * stride_qh + offs_d[:, None] * stride_qd
-    do_ptrs = DO + (q_start + offs_m[:, None]) * stride_dot + head * stride_doh + offs_d[None, :] * stride_dod
-    lse_ptrs = Lse + head * stride_lse_h + q_start + offs_m
-    delta_ptrs = Delta + head * stride_lse_h + q_start + offs_m
-    dqa_ptrs = DQAccum + (q_start + offs_m[:, None]) * stride_dqat + head * stride_dqah + offs_d[None, :]
+    # -- query blocks addressed from the loop index (scalar) and loop-invariant offsets, so that no pointer
+    #    tensor is carried from one iteration, or one loop, to the next --
+    q_head = Q + q_start * stride_qt + head * stride_qh
+    do_head = DO + q_start * stride_dot + head * stride_doh
+    lse_head = Lse + head * stride_lse_h + q_start
+    delta_head = Delta + head * stride_lse_h + q_start
+    dqa_head = DQAccum + q_start * stride_dqat + head * stride_dqah
+    qt_offs = offs_m[None, :] * stride_qt + offs_d[:, None] * stride_qd  # [BLOCK_D, BLOCK_M]
+    do_offs = offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod  # [BLOCK_M, BLOCK_D]
+    dqa_offs = offs_m[:, None] * stride_dqat + offs_d[None, :]  # [BLOCK_M, BLOCK_D]
     # -- full query blocks without row masks, then the partial last block with them; fp32 (FMA-unit
     #    dots, whose operands would stay live from the loop into the tail) masks every block instead --
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
@@ -652,22 +657,22 @@ def _varlen_attn_bwd_dkdv_kernel(
     # and more overlap (bench/results/kernel_report.md)
     DP_EARLY: tl.constexpr = (BLOCK_D == 16 and not ATOMIC_DQ) or not SPLIT_TAIL
     m_full = (q_len // BLOCK_M) * BLOCK_M if SPLIT_TAIL else 0
-    for _ in range(0, m_full, BLOCK_M):
-        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_ptrs, BLOCK_M, offs_m,
-                                n_mask, d_mask, qk_scale, False, EVEN_D, ATOMIC_DQ, DOT_PRECISION, DP_EARLY)
-        qt_ptrs += BLOCK_M * stride_qt
-        do_ptrs += BLOCK_M * stride_dot
+    lse_ptrs = lse_head + offs_m
+    delta_ptrs = delta_head + offs_m
+    for m0 in range(0, m_full, BLOCK_M):
+        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_head + m0 * stride_qt + qt_offs, do_head + m0 * stride_dot + do_offs,
+                                lse_ptrs, delta_ptrs,
+                                dqa_head + m0 * stride_dqat + dqa_offs, BLOCK_M, offs_m, n_mask, d_mask, qk_scale,
+                                False, EVEN_D, ATOMIC_DQ, DOT_PRECISION, DP_EARLY)
         lse_ptrs += BLOCK_M
         delta_ptrs += BLOCK_M
-        dqa_ptrs += BLOCK_M * stride_dqat
     for m0 in range(m_full, q_len, BLOCK_M):
-        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, qt_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dqa_ptrs, q_len - m0,
-                                offs_m, n_mask, d_mask, qk_scale, True, EVEN_D, ATOMIC_DQ, DOT_PRECISION, DP_EARLY)
-        qt_ptrs += BLOCK_M * stride_qt
-        do_ptrs += BLOCK_M * stride_dot
+        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_head + m0 * stride_qt + qt_offs, do_head + m0 * stride_dot + do_offs,
+                                lse_ptrs, delta_ptrs,
+                                dqa_head + m0 * stride_dqat + dqa_offs, q_len - m0, offs_m, n_mask, d_mask, qk_scale,
+                                True, EVEN_D, ATOMIC_DQ, DOT_PRECISION, DP_EARLY)
         lse_ptrs += BLOCK_M
         delta_ptrs += BLOCK_M
-        dqa_ptrs += BLOCK_M * stride_dqat
 
     dk = dk * softmax_scale
     tl.store(DK + (k_start + offs_n[:, None]) * stride_dkt + head * stride_dkh + offs_d[None, :],
@@ -753,23 +758,23 @@ def _varlen_attn_bwd_dq_kernel(
     delta = tl.load(Delta + head * stride_lse_h + q_start + offs_m, mask=m_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    kt_ptrs = K + (k_start + offs_n[None, :]) * stride_kt + head * stride_kh + offs_d[:, None] * stride_kd
-    vt_ptrs = V + (k_start + offs_n[None, :]) * stride_vt + head * stride_vh + offs_d[:, None] * stride_vd
+    # -- key blocks addressed from the loop index (scalar) and loop-invariant offsets, so that no pointer
+    #    tensor is carried from one iteration, or one loop, to the next --
+    k_head = K + k_start * stride_kt + head * stride_kh
+    v_head = V + k_start * stride_vt + head * stride_vh
+    kt_offs = offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd  # [BLOCK_D, BLOCK_N]
+    vt_offs = offs_n[None, :] * stride_vt + offs_d[:, None] * stride_vd  # [BLOCK_D, BLOCK_N]
     # -- full key blocks without masks, then the partial last block with them (fp32: every block
     #    masked, as in the dK/dV pass) --
     EVEN_D: tl.constexpr = BLOCK_D == HEAD_DIM
     SPLIT_TAIL: tl.constexpr = Q.dtype.element_ty != tl.float32
     n_full = (k_len // BLOCK_N) * BLOCK_N if SPLIT_TAIL else 0
-    for _ in range(0, n_full, BLOCK_N):
-        dq = _bwd_dq_tile(dq, q, do, lse, delta, kt_ptrs, vt_ptrs, BLOCK_N, offs_n, d_mask, qk_scale,
-                          False, EVEN_D, DOT_PRECISION)
-        kt_ptrs += BLOCK_N * stride_kt
-        vt_ptrs += BLOCK_N * stride_vt
+    for n0 in range(0, n_full, BLOCK_N):
+        dq = _bwd_dq_tile(dq, q, do, lse, delta, k_head + n0 * stride_kt + kt_offs, v_head + n0 * stride_vt + vt_offs,
+                          BLOCK_N, offs_n, d_mask, qk_scale, False, EVEN_D, DOT_PRECISION)
     for n0 in range(n_full, k_len, BLOCK_N):
-        dq = _bwd_dq_tile(dq, q, do, lse, delta, kt_ptrs, vt_ptrs, k_len - n0, offs_n, d_mask, qk_scale,
-                          True, EVEN_D, DOT_PRECISION)
-        kt_ptrs += BLOCK_N * stride_kt
-        vt_ptrs += BLOCK_N * stride_vt
+        dq = _bwd_dq_tile(dq, q, do, lse, delta, k_head + n0 * stride_kt + kt_offs, v_head + n0 * stride_vt + vt_offs,
+                          k_len - n0, offs_n, d_mask, qk_scale, True, EVEN_D, DOT_PRECISION)
 
     dq = dq * softmax_scale
     tl.store(DQ + (q_start + offs_m[:, None]) * stride_dqt + head * stride_dqh + offs_d[None, :],
