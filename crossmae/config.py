@@ -464,6 +464,10 @@ class ModelConfig:
         loss_reduction: ``values`` (a modality's loss is the mean over all its counted values in the
             batch) or ``samples`` (the mean over samples of each sample's mean).
         loss_weights: per-modality loss weights (default 1).
+        interp_prior: series modalities whose decoder predicts a correction to the linear interpolation
+            between the sample's nearest visible tokens of that modality before and after the predicted day
+            (its head starts at zero, so the untrained model predicts the interpolation); names that are not
+            modalities of the data set are ignored with a warning; empty = none.
     """
 
     enc_dim: int = 64
@@ -491,6 +495,7 @@ class ModelConfig:
     norm_pix_modalities: list[str] = field(default_factory=list)
     loss_reduction: str = "values"
     loss_weights: dict[str, float] = field(default_factory=dict)
+    interp_prior: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -802,6 +807,10 @@ def validate_config(config: Config) -> None:
     need(mo.static_on in ("all", "series"), f"model.static_on must be 'all' or 'series', got {mo.static_on!r}")
     need(mo.loss_reduction in LOSS_REDUCTIONS,
          f"model.loss_reduction must be one of {list(LOSS_REDUCTIONS)}, got {mo.loss_reduction!r}")
+    grid_names = {*d.synthetic.grids} if d.source == "synthetic" else {g.name for g in d.files.grids} \
+        if d.source == "files" else set()
+    gridded = [n for n in mo.interp_prior if n in grid_names]
+    need(not gridded, f"model.interp_prior names the grid modalities {gridded}; it applies to series modalities only")
     need(t.max_steps >= 1, f"train.max_steps must be at least 1, got {t.max_steps}")
     need(t.lr > 0 and t.min_lr >= 0, f"train.lr must be positive and train.min_lr non-negative, got {t.lr}, "
          f"{t.min_lr}")

@@ -17,12 +17,13 @@ The seed's path is the padded encoder with the loop decoder.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from crossmae.config import LOSS_REDUCTIONS, STATIC_MODES, ModelConfig
+from crossmae.config import LOSS_REDUCTIONS, STATIC_MODES, ConfigError, ModelConfig
 from crossmae.data.collate import CollateSettings, PackedBatch
 from crossmae.data.sample import DatasetSpec
 from crossmae.layers import (
@@ -89,6 +90,39 @@ class EncoderOutput:
 
     def detach(self) -> EncoderOutput:
         return EncoderOutput(self.memory.detach(), [m.detach() for m in self.feature_maps])
+
+
+def interpolation_prior(index: torch.Tensor, visible_index: torch.Tensor, visible_values: torch.Tensor,
+                        steps: int) -> torch.Tensor:
+    """Per query, the linear interpolation in time between its sample's nearest visible tokens before and after.
+
+    Args:
+        index: ``[n, 3]`` int64 (b, t, p) of the queries (a series: p = 0); none of them visible.
+        visible_index: ``[total_vis, 3]`` int64 (b, t, p) of the visible tokens, in (sample, time) order.
+        visible_values: ``[total_vis, F]`` their values (a visible series token's values are all finite).
+        steps: an upper bound on t + 1 (the key of token (b, t) is ``b · steps + t``).
+
+    Returns:
+        ``[n, F]`` in the dtype of ``visible_values``: between two visible tokens of the query's sample, the
+        linear interpolation at the query's day; with one on one side only, that token's values; with none, 0.
+        Torch ops on the device only (a binary search of the query keys among the visible keys): no host read.
+    """
+    n_vis = visible_index.shape[0]
+    b, t = index[:, 0], index[:, 1]  # [n] each
+    vis_b, vis_t = visible_index[:, 0], visible_index[:, 1]  # [total_vis] each
+    after = torch.searchsorted(vis_b * steps + vis_t, b * steps + t)  # [n] first visible token at or after
+    # row n_vis is a sentinel of no sample, so a missing neighbour is a row like any other
+    pad_b = torch.cat([vis_b, vis_b.new_full((1,), -1)])  # [total_vis + 1]
+    pad_t = torch.cat([vis_t, vis_t.new_zeros(1)])  # [total_vis + 1]
+    pad_v = torch.cat([visible_values, visible_values.new_zeros(1, visible_values.shape[1])])  # [total_vis + 1, F]
+    before = torch.where(after > 0, after - 1, n_vis)  # [n]
+    has_before, has_after = pad_b[before] == b, pad_b[after] == b  # [n] each
+    t_before, t_after = pad_t[before], pad_t[after]  # [n] each
+    both = has_before & has_after
+    span = torch.where(both, t_after - t_before, 1).to(visible_values.dtype)  # [n]
+    w_after = torch.where(both, (t - t_before).to(visible_values.dtype) / span, has_after.to(visible_values.dtype))
+    w_before = torch.where(both, 1.0 - w_after, has_before.to(visible_values.dtype))  # [n]
+    return w_before[:, None] * pad_v[before] + w_after[:, None] * pad_v[after]  # [n, F]
 
 
 def static_conditioning(spec: DatasetSpec, cfg: ModelConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -209,6 +243,7 @@ class MultimodalCrossMAE(nn.Module):
             self.fusion_tokens = nn.ParameterDict({n: nn.Parameter(torch.zeros(d)) for n in encoded})
             self.fusion_norm = nn.LayerNorm(d)
         self.decoders = nn.ModuleDict({n: ModalityDecoder(cfg, self.token_dims[n], n_maps) for n in self.names})
+        self.interp_names = tuple(n for n in self.names if n in cfg.interp_prior)
 
         # fixed sin-cos position tables: time, patch position per grid modality, group centre per site set (in
         # patch units of the grid frame, the grids' frequencies: a group and the patch around it are near)
@@ -239,10 +274,26 @@ class MultimodalCrossMAE(nn.Module):
         for film in [*self.film.values(), *self.site_film.values()]:
             for layer in film:
                 layer.reset_parameters()
+        for name in self.interp_names:  # the untrained decoder predicts the interpolation itself
+            nn.init.zeros_(self.decoders[name].head.weight)
+            nn.init.zeros_(self.decoders[name].head.bias)
         self._checked_settings: CollateSettings | None = None
 
     def _check_options(self) -> None:
         cfg = self.cfg
+        not_series = [n for n in cfg.interp_prior if n in self.names and self.spec[n].kind != "series"]
+        if not_series:
+            raise ConfigError(f"model.interp_prior names {not_series}, which are not series modalities (the prior "
+                              f"interpolates one token per day)")
+        absent = [n for n in cfg.interp_prior if n not in self.names]
+        if absent:
+            warnings.warn(f"model.interp_prior names {absent}, which are not modalities of this data set "
+                          f"({self.names}): ignored", stacklevel=3)
+        normed = set(cfg.norm_pix_modalities or self.names) if cfg.norm_pix_loss else set()
+        both = [n for n in cfg.interp_prior if n in normed]
+        if both:
+            raise ConfigError(f"model.interp_prior and model.norm_pix_loss both name {both}: the interpolation is in "
+                              f"the data's units, not per token standardised")
         if cfg.use_weighted_fm and not cfg.use_cross_attn:
             raise ValueError("model.use_weighted_fm needs model.use_cross_attn (it feeds cross-attention)")
         if cfg.static not in STATIC_MODES:
@@ -461,6 +512,10 @@ class MultimodalCrossMAE(nn.Module):
             else:
                 x = self._decode_standard(batch, name, memories[0])
             predictions[name] = decoder.head(decoder.norm(x))
+            if name in self.interp_names:
+                mb = batch.modalities[name]
+                prior = interpolation_prior(mb.queries.index, mb.encoder.index, mb.encoder.values, self.steps)
+                predictions[name] = predictions[name] + prior.to(predictions[name].dtype)
         return predictions
 
     # -- loss --------------------------------------------------------------------------------
