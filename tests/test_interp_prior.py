@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from model_cases import PATCH, SPEC, STEPS, collator_for, random_samples, small_model_config
+from test_model import assert_packed_matches_seed_path
 
 from crossmae.config import ConfigError, MaskConfig, resolve_config
 from crossmae.engine import HostSyncCounter
@@ -109,3 +110,9 @@ def test_grid_modalities_are_refused_and_absent_names_ignored():
     with pytest.warns(UserWarning, match=r"model\.interp_prior.*discharge"):
         model = build(small_model_config(interp_prior=["flow", "discharge"]))
     assert model.interp_names == ("flow",)
+
+
+@pytest.mark.parametrize("options", [{}, {"use_cross_attn": False}, {"loss_reduction": "samples"}])
+def test_the_packed_path_matches_the_seed_path(options):
+    cfg = small_model_config(interp_prior=["flow", "evap"], **options)
+    assert_packed_matches_seed_path(cfg, (SPEC, STEPS, PATCH, collator_for(cfg, SPAN_MASK)(random_samples(6, seed=3))))
