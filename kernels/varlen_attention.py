@@ -869,6 +869,22 @@ def _check_launch_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k):
             raise ValueError(f"{name} must be a contiguous int32 tensor")
 
 
+def check_segment_offsets(max_seqlen_q: int, max_seqlen_k: int, q_row_stride: int, k_row_stride: int) -> None:
+    """Raise ValueError when a row offset inside one segment would overflow int32.
+
+    The kernels start each segment from an int64 base and index rows within it in int32
+    (64-bit offsets cost a third of the backward's loop instructions), so a segment's
+    ``max_seqlen * row stride`` (row stride = H * D elements for contiguous rows) must stay
+    below 2**31.
+    """
+    for name, length, stride in (("q", max_seqlen_q, q_row_stride), ("k", max_seqlen_k, k_row_stride)):
+        if length * stride >= 2**31:
+            raise ValueError(
+                f"max_seqlen_{name} {length} x {stride} elements per row = {length * stride} is 2**31 or more: "
+                "the triton backend indexes rows within a segment in int32; split the segment or use another backend"
+            )
+
+
 def _rows_aligned(t: torch.Tensor) -> torch.Tensor:
     """``t`` [total, H, D], or a contiguous copy when its token or head stride is not a multiple
     of 8 elements (the kernels assume it, so that a row loads as 16-byte vectors)."""
@@ -911,6 +927,7 @@ def varlen_attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_
     if total_q == 0 or batch == 0 or max_seqlen_q == 0:
         return out, lse
     q, k, v = _rows_aligned(q), _rows_aligned(k), _rows_aligned(v)
+    check_segment_offsets(max_seqlen_q, max_seqlen_k, max(q.stride(0), out.stride(0)), max(k.stride(0), v.stride(0)))
     args = (
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale * LOG2_E,
         *q.stride(), *k.stride(), *v.stride(), out.stride(0), out.stride(1), lse.stride(0),
@@ -954,6 +971,8 @@ def varlen_attn_bwd(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqle
     if out.stride(-1) != 1:
         out = out.contiguous()
     q, k, v, do, out = (_rows_aligned(t) for t in (q, k, v, do, out))
+    check_segment_offsets(max_seqlen_q, max_seqlen_k, max(q.stride(0), do.stride(0), out.stride(0), dq.stride(0)),
+                          max(k.stride(0), v.stride(0)))
     delta = torch.empty_like(lse)
     if total_q > 0:
         pre_block = 64 if not is_interpreting() else INTERPRETER_BLOCKS["BLOCK_M"]
@@ -996,6 +1015,7 @@ __all__ = [
     "apply_autotune_choices",
     "autotune_choices",
     "broadcast_autotune_choice",
+    "check_segment_offsets",
     "parse_config",
     "select_configs",
     "FWD_CONFIGS",

@@ -78,3 +78,13 @@ def test_16bit_forward_when_a_later_block_outgrows_the_first(rise_log2):
     for sample in range(2):
         logits = q.double()[sample, 0] @ k.double()[40 * sample:40 * (sample + 1), 0].T  # [40], natural units
         assert lse[0, sample].item() == pytest.approx(torch.logsumexp(logits, 0).item() * LOG2_E, rel=1e-3), sample
+
+
+def test_a_segment_whose_row_offsets_overflow_int32_is_refused_naming_it():
+    from crossmae_kernels.varlen_attention import check_segment_offsets
+
+    check_segment_offsets(2**20, 2**20, 2**10, 2**11 - 8)  # just below 2**31 elements
+    with pytest.raises(ValueError, match="max_seqlen_k 1048576 x 2048 elements per row"):
+        check_segment_offsets(2**20, 2**20, 2**10, 2**11)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        check_segment_offsets(2**21, 1, 2**10, 64)
