@@ -192,6 +192,29 @@ def test_collator_matches_the_reference_on_finite_unpadded_grids(mask):
         assert_identical(new, ref, f"seed {seed}")
 
 
+def test_grids_taken_for_finite_give_the_reference_batch_when_one_is_not():
+    """The collator takes grids for finite until a batch shows a non-finite one (then made again, every grid
+    checked first: also a NaN outside the basin, which a basin multiply keeps), and again after a batch whose
+    grids were all finite; every batch equals the reference's."""
+    def finite(seed):
+        samples = random_samples(4, seed=seed)
+        for s in samples:
+            s.grids = {name: torch.nan_to_num(g, nan=0.5) for name, g in s.grids.items()}
+        return samples
+
+    outside = finite(5)
+    basin = outside[2].basin_masks["temp"]
+    row, col = (~basin).nonzero()[0].tolist()
+    outside[2].grids["temp"][3, 1, row, col] = float("inf")
+    collator = MaskingCollator(SPEC, MaskConfig(kept_mask_ratio=0.4), 2, STEPS)
+    reference = ReferenceCollator(SPEC, MaskConfig(kept_mask_ratio=0.4), 2, STEPS)
+    steps = [(finite(3), True), (random_samples(4, seed=4), False), (outside, False), (finite(6), True),
+             (outside, False)]
+    for i, (samples, assume_finite) in enumerate(steps):
+        assert_identical(collator(samples), reference(samples), f"batch {i}")
+        assert collator.assume_finite == assume_finite, i
+
+
 @pytest.mark.parametrize("kept", [None, 0.3])
 def test_predicted_rows_and_counts_follow_the_hidden_tokens(kept):
     """The predicted tokens are hidden ones at ``predicted_rows``; the target count is the weights' sum."""

@@ -319,42 +319,60 @@ class TokenValues:
         return [self.rows(*s) for s in selections]
 
 
+class NonFiniteGrid(Exception):
+    """A grid taken for finite (:class:`GridCells` not ``checked``) holds a non-finite value."""
+
+
 @dataclass
 class GridCells:
     """A grid modality's token values left in the samples' cell layout: a batch copies each token's cells straight
     from its sample's grid (:func:`grid_tokens` makes this when every grid is finite and a whole number of patches).
 
     Attributes:
-        grids: B tensors ``[T, C, H, W]``, every value finite, H and W multiples of ``patch_size``.
+        grids: B tensors ``[T, C, H, W]``, H and W multiples of ``patch_size``; every value finite, or
+            :meth:`gather` raises :class:`NonFiniteGrid` (``checked`` False: not looked at yet).
         inside: ``[B, H, W]`` float32, 1 inside the basin, 0 outside.
         patch_size: patch side in cells.
+        checked: every value of ``grids`` is known to be finite.
     """
 
     grids: Sequence[torch.Tensor]
     inside: torch.Tensor
     patch_size: int
+    checked: bool = True
 
     def gather(self, *selections: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
         """Per selection, ``[n, C·ps²]`` the values of tokens (b, t, p) (``[n]`` int64 each, sorted by b), cells
         outside the basin multiplied by 0: the rows :class:`TokenValues` gives for :func:`grid_tokens`'s tokens.
 
         Sample by sample, its grid is multiplied by its basin once (into one reused buffer) and every selection's
-        rows of that sample are copied out of it as runs of ``ps`` cells (a patch row of one channel).
+        rows of that sample are copied out of it as runs of ``ps`` cells (a patch row of one channel). Unless
+        ``checked``, each product's sum is read first (finite only when every value of the grid is).
+
+        Raises:
+            NonFiniteGrid: a grid not ``checked`` holds a non-finite value.
         """
         t, c, h, w = self.grids[0].shape
         ps = self.patch_size
         cols = w // ps
-        runs = ((torch.arange(c)[:, None] * h + torch.arange(ps)) * cols).view(1, c * ps)  # [1, C·ps] run offsets
+        index = torch.int32 if t * c * h * cols < 2**31 else torch.int64  # run numbers
+        runs = ((torch.arange(c, dtype=index)[:, None] * h + torch.arange(ps, dtype=index))
+                * cols).view(1, c * ps)  # [1, C·ps] run offsets
+        # [P] the first run of patch p on day 0 (row-major patches: p = row · cols + col)
+        patch_first = (torch.arange(h // ps, dtype=index)[:, None] * (ps * cols)
+                       + torch.arange(cols, dtype=index)).view(-1)
         outs, plans = [], []
         for b, tt, p in selections:
             out = torch.empty(b.shape[0], c * ps * ps)
-            first = (tt * (c * h) + torch.div(p, cols, rounding_mode="floor") * ps) * cols + p % cols  # [n]
+            first = tt.to(index) * (c * h * cols) + patch_first[p]  # [n]
             bounds = torch.searchsorted(b, torch.arange(len(self.grids) + 1)).tolist()  # sample i: [bounds[i], ..+1)
             outs.append(out)
             plans.append((out.view(-1, ps), (first[:, None] + runs).view(-1), bounds))  # [n·C·ps, ps], [n·C·ps]
         masked = torch.empty(t, c, h, w)
         for i, grid in enumerate(self.grids):
-            torch.mul(grid, self.inside[i], out=masked)
+            torch.mul(grid, self.inside[i], out=masked)  # NaN · 0 and ±inf · 0 are NaN: the sum still sees them
+            if not self.checked and not bool(torch.isfinite(masked.sum())):
+                raise NonFiniteGrid(f"sample {i}'s grid holds a non-finite value")
             source = masked.view(-1, ps)  # [T·C·H·Q, ps]: runs of ps cells
             for out, index, bounds in plans:
                 lo, hi = bounds[i] * c * ps, bounds[i + 1] * c * ps
@@ -363,8 +381,8 @@ class GridCells:
         return outs
 
 
-def grid_tokens(grids: Sequence[torch.Tensor], basin: torch.Tensor,
-                patch_size: int) -> tuple[TokenValues | GridCells, torch.Tensor, torch.Tensor]:
+def grid_tokens(grids: Sequence[torch.Tensor], basin: torch.Tensor, patch_size: int, *,
+                assume_finite: bool = False) -> tuple[TokenValues | GridCells, torch.Tensor, torch.Tensor]:
     """A grid modality's tokens: :func:`patchify`'s, with the outside cells 0, and their validity.
 
     A token is valid when its patch holds a basin cell and every basin cell of it is finite that day. Whether a
@@ -372,10 +390,13 @@ def grid_tokens(grids: Sequence[torch.Tensor], basin: torch.Tensor,
     (and without padding cells), validity is the basin's alone and the values stay in the grids
     (:class:`GridCells`: a batch copies out only the rows it uses). Otherwise each sample's grid is copied once,
     straight into the batch's token layout (no stacked copy first), and validity is read from the tokens.
+    With ``assume_finite``, grids without padding cells are taken for finite unread: the :class:`GridCells`
+    looks at each grid as it copies rows out (and raises :class:`NonFiniteGrid` if one is not).
 
     Args:
         grids: B tensors ``[T, C, H, W]`` of one shape (NaN = missing).
         basin: ``[B, H, W]`` bool, True inside the basin.
+        assume_finite: take grids without padding for finite, to be checked later.
 
     Returns:
         values (:class:`TokenValues` or :class:`GridCells`), valid ``[B, T, P]`` bool, cell weight
@@ -389,13 +410,15 @@ def grid_tokens(grids: Sequence[torch.Tensor], basin: torch.Tensor,
         if grid.shape != grids[0].shape:
             raise ValueError(f"grids of one batch must share a shape: sample {i} has {tuple(grid.shape)}, sample 0 "
                              f"{tuple(grids[0].shape)}")
-    finite = not (pad_h or pad_w) and all(bool(torch.isfinite(grid.float().sum())) for grid in grids)  # pads: NaN
-    if finite:
+    unpadded = not (pad_h or pad_w)  # padding cells are NaN
+    checked = not assume_finite
+    if unpadded and (assume_finite or all(bool(torch.isfinite(grid.float().sum())) for grid in grids)):
         m = basin.reshape(b, rows, patch_size, cols, patch_size).permute(0, 1, 3, 2, 4)  # [B, R, Q, ps, ps]
         m = m.reshape(b, rows * cols, 1, patch_size**2).expand(b, rows * cols, c, patch_size**2)  # [B, P, C, ps²]
         inside = m.reshape(b, rows * cols, c * patch_size**2)  # [B, P, C·ps²]
         valid = inside.any(-1)[:, None].expand(b, t, rows * cols).contiguous()  # [B, T, P]
-        cells = GridCells(grids=[g.float() for g in grids], inside=basin.float(), patch_size=patch_size)
+        cells = GridCells(grids=[g.float() for g in grids], inside=basin.float(), patch_size=patch_size,
+                          checked=checked)
         return cells, valid, inside.float()
     tokens = torch.empty(b, t, rows, cols, c, patch_size, patch_size)  # [B, T, R, Q, C, ps, ps]
     for i, grid in enumerate(grids):
@@ -607,6 +630,11 @@ class MaskingCollator:
             every modality when the data set has static attributes; ignored when it has none).
         calendar: provide each window day's day of year (needs ``Sample.first_day``).
         memory_modalities: the modalities whose encoder rows form the joint memory (None: all).
+
+    Attributes:
+        assume_finite: the next batch's grids are taken for finite and checked as their rows are copied (True
+            until a batch holds a non-finite grid, then again after a batch whose grids were all finite); the
+            batch is the same either way.
     """
 
     def __init__(self, spec: DatasetSpec, mask: MaskConfig, patch_size: int, steps: int, *,
@@ -633,6 +661,7 @@ class MaskingCollator:
         self.spec = spec
         self.mask = mask
         self.groups = self._mask_groups(spec, mask, patch_size)
+        self.assume_finite = True
         self.settings = CollateSettings(
             patch_size=patch_size, steps=steps, memory=memory, standard_decoder=standard_decoder,
             static_tokens=tuple(n for n in names if n in static_tokens), calendar=calendar,
@@ -680,7 +709,8 @@ class MaskingCollator:
             return site_tokens([s.sites[m.name] for s in samples], slots)
         if m.kind == "grid":
             basin = torch.stack([s.basin_masks[m.name] for s in samples]).bool()  # [B, H, W]
-            return grid_tokens([s.grids[m.name] for s in samples], basin, self.patch_size)
+            return grid_tokens([s.grids[m.name] for s in samples], basin, self.patch_size,
+                               assume_finite=self.assume_finite)
         series = torch.stack([s.series[m.name] for s in samples]).float()[:, :, None, :]  # [B, T, 1, F]
         valid = torch.isfinite(series).all(-1)  # [B, T, 1]
         return TokenValues(tokens=series, finite=bool(valid.all())), valid, torch.ones(len(samples), 1,
@@ -758,11 +788,26 @@ class MaskingCollator:
         return torch.stack([day_of_year(int(s.first_day), self.steps) for s in samples])  # [B, T]
 
     def __call__(self, samples: Sequence[Sample]) -> PackedBatch:
+        """The batch of ``samples``. Grids are first taken for finite (:attr:`assume_finite`, their check made as
+        their rows are copied); a batch that shows a non-finite one is made again with every grid checked first,
+        and so are the next batches until one has only finite grids."""
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
+        try:
+            return self._collate(samples)
+        except NonFiniteGrid:
+            if not self.assume_finite:
+                raise
+            self.assume_finite = False
+            return self._collate(samples)
+
+    def _collate(self, samples: Sequence[Sample]) -> PackedBatch:
         batch = len(samples)
         settings = self.settings
         tokens = {m.name: self._tokens(m, samples) for m in self.spec.modalities}
+        if not self.assume_finite:  # checked first: take the next batch's grids for finite if these all were
+            self.assume_finite = all(isinstance(values, GridCells) for values, _, _ in
+                                     (tokens[m.name] for m in self.spec.grids))
         masks = self._masks(samples, {name: valid for name, (_, valid, _) in tokens.items()})
         static_token = Packed.from_lengths([1] * batch)
 

@@ -187,31 +187,51 @@ def count_valid_patches(mask: np.ndarray, patch_size: int) -> int:
 
 # -- fields -----------------------------------------------------------------------------------------
 def _render_precip(storms: dict[str, np.ndarray], day_from: int, day_to: int, oro: np.ndarray) -> np.ndarray:
-    """Precipitation ``[day_to − day_from, H, W]`` float32 (mm/day) of internal days [day_from, day_to).
+    """Precipitation ``[day_to − day_from, H, W]`` float32 (mm/day) of internal days [day_from, day_to): the storm
+    days' fields (:func:`_render_storm_days`), every other day +0."""
+    size = oro.shape[0]
+    days, fields = _render_storm_days(storms, day_from, day_to, oro)
+    out = np.zeros((day_to - day_from, size, size), dtype=np.float32)  # [L, H, W]
+    out[days] = fields
+    return out
+
+
+def _render_storm_days(storms: dict[str, np.ndarray], day_from: int, day_to: int,
+                       oro: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The days of internal days [day_from, day_to) with a storm (``[D]`` int64 from ``day_from``, sorted) and their
+    precipitation ``[D, H, W]`` float32 (mm/day); every other day's precipitation is +0 everywhere.
 
     A day's storms are separable bumps, so the day's field is one small matmul: ``gyᵀ [H, S] @ gx [S, W]``,
-    batched over days with each day's storms padded to the busiest day's count.
+    batched over the storm days with each day's storms padded to the busiest day's count.
     """
     size = oro.shape[0]
-    n_days = day_to - day_from
     lo, hi = np.searchsorted(storms["day"], [day_from, day_to])
     if hi == lo:
-        return np.zeros((n_days, size, size), dtype=np.float32)
+        return np.zeros(0, dtype=np.int64), np.zeros((0, size, size), dtype=np.float32)
     coord = np.arange(size, dtype=np.float32)
     inv = (-0.5 / storms["radius"][lo:hi] ** 2)[:, None]  # [S, 1]
     gy = np.exp(inv * (coord[None, :] - storms["cy"][lo:hi, None]) ** 2)  # [S, H]
     gx = np.exp(inv * (coord[None, :] - storms["cx"][lo:hi, None]) ** 2) * storms["depth"][lo:hi, None]  # [S, W]
     day = storms["day"][lo:hi] - day_from  # [S], sorted
     first = np.flatnonzero(np.r_[True, day[1:] != day[:-1]])  # first storm of each storm day
-    slot = np.arange(day.size) - np.repeat(first, np.diff(np.r_[first, day.size]))  # rank within its day
-    gy_days = np.zeros((n_days, int(slot.max()) + 1, size), dtype=np.float32)  # [L, S_max, H]
-    gx_days = np.zeros_like(gy_days)  # [L, S_max, W]
-    gy_days[day, slot] = gy
-    gx_days[day, slot] = gx
-    out = np.matmul(gy_days.transpose(0, 2, 1), gx_days)  # [L, H, W]
-    out *= oro
-    torch.nn.functional.threshold_(torch.from_numpy(out), _BELOW_PRECIP, 0.0)  # below 0.1 mm → +0
-    return out
+    per_day = np.diff(np.r_[first, day.size])  # [D] storms of each storm day
+    slot = np.arange(day.size) - np.repeat(first, per_day)  # rank within its day
+    rank = np.repeat(np.arange(first.size), per_day)  # [S] its day among the storm days
+    gy_days = np.zeros((first.size, int(slot.max()) + 1, size), dtype=np.float32)  # [D, S_max, H]
+    gx_days = np.zeros_like(gy_days)  # [D, S_max, W]
+    gy_days[rank, slot] = gy
+    gx_days[rank, slot] = gx
+    fields = np.matmul(gy_days.transpose(0, 2, 1), gx_days)  # [D, H, W]
+    fields *= oro
+    torch.nn.functional.threshold_(torch.from_numpy(fields), _BELOW_PRECIP, 0.0)  # below 0.1 mm → +0
+    return day[first].astype(np.int64), fields
+
+
+def _storm_days(storms: dict[str, np.ndarray], day_from: int, day_to: int) -> np.ndarray:
+    """The days of internal days [day_from, day_to) with a storm, sorted, as indices from ``day_from`` (the days
+    :func:`_render_storm_days` renders)."""
+    lo, hi = np.searchsorted(storms["day"], [day_from, day_to])
+    return np.unique(storms["day"][lo:hi]).astype(np.int64) - day_from
 
 
 def _render_temperature(base: np.ndarray, daily: np.ndarray, precip: np.ndarray, coord: np.ndarray) -> np.ndarray:
@@ -563,18 +583,17 @@ class SyntheticWaterDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         index, noise_seed = window_key(key, len(self))
         basin, start = self.starts[index]
-        fields = self.render_window(basin, start)
+        # precipitation alone (no field made from it requested): only its storm days are rendered
+        fields = {} if self.grid_names == ("precip",) else self.render_window(basin, start)
         outage = self._outage_days(basin, start)
         sample = Sample(noise_seed=noise_seed, first_day=start,  # the record starts on 1970-01-01
                         meta={"basin": basin, "start": start, "split": self.split, "index": index})
         for name in self.grid_names:
-            x = fields[name]  # [T, H, W], a new array of this call: transformed in place
-            entry = self.stats.modalities[name]
-            if entry.transforms[0] == "log1p":
-                np.log1p(x, out=x)
-            np.subtract(x, np.asarray(entry.mean[0], x.dtype), out=x)  # as _standardise, without new arrays
-            np.multiply(x, np.asarray(1.0 / entry.std[0], x.dtype), out=x)
-            torch.from_numpy(x).mul_(self._mask_tensors[basin])  # x · mask, in place
+            if name == "precip":
+                x = self._precip_window(basin, start, fields.get(name))  # [T, H, W]
+            else:
+                x = fields[name]  # [T, H, W], a new array of this call: transformed in place
+                self._normalise_grid(name, x, basin)
             x[outage] = np.nan
             sample.grids[name] = torch.from_numpy(x[:, None])  # [T, 1, H, W]
             sample.basin_masks[name] = self._mask_tensors[basin]
@@ -583,6 +602,37 @@ class SyntheticWaterDataset(torch.utils.data.Dataset):
         if self._static is not None:
             sample.static = torch.from_numpy(self._static[basin].copy())  # [S]
         return sample
+
+    def _precip_window(self, basin: int, start: int, physical: np.ndarray | None) -> np.ndarray:
+        """Normalised precipitation ``[T, H, W]`` of the window of ``basin`` from ``start``: the storm days
+        normalised, every other day (+0 mm everywhere) one normalised plane. ``physical``: the window's
+        precipitation ``[T, H, W]`` (mm/day) already rendered, normalised in place; None renders the storm days."""
+        i0 = start + SPIN_UP_DAYS
+        if physical is None:
+            days, stormy = _render_storm_days(self._storms[basin], i0, i0 + self.steps, self._oro[basin])
+            out = np.empty((self.steps, *stormy.shape[1:]), dtype=np.float32)  # [T, H, W]
+        else:
+            days, out = _storm_days(self._storms[basin], i0, i0 + self.steps), physical
+            stormy = out[days]  # [D, H, W]
+        if days.size == self.steps:
+            self._normalise_grid("precip", stormy, basin)
+            return stormy
+        dry = np.zeros((1, *out.shape[1:]), dtype=out.dtype)  # [1, H, W]
+        self._normalise_grid("precip", dry, basin)
+        self._normalise_grid("precip", stormy, basin)
+        out[...] = dry
+        out[days] = stormy
+        return out
+
+    def _normalise_grid(self, name: str, x: np.ndarray, basin: int) -> None:
+        """Grid modality ``name``'s days ``x [..., H, W]`` (physical units) transformed, standardised and multiplied by
+        ``basin``'s mask, in place (as :meth:`_standardise`, without new arrays)."""
+        entry = self.stats.modalities[name]
+        if entry.transforms[0] == "log1p":
+            np.log1p(x, out=x)
+        np.subtract(x, np.asarray(entry.mean[0], x.dtype), out=x)
+        np.multiply(x, np.asarray(1.0 / entry.std[0], x.dtype), out=x)
+        torch.from_numpy(x).mul_(self._mask_tensors[basin])
 
     def render_window(self, basin: int, start: int, days: int | None = None) -> dict[str, np.ndarray]:
         """The requested grid modalities of days [start, start + days) in physical units: name → ``[T, H, W]``."""
