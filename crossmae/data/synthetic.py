@@ -620,7 +620,9 @@ class SyntheticWaterDataset(torch.utils.data.Dataset):
         dry = np.zeros((1, *out.shape[1:]), dtype=out.dtype)  # [1, H, W]
         self._normalise_grid("precip", dry, basin)
         self._normalise_grid("precip", stormy, basin)
-        out[...] = dry
+        is_dry = np.ones(self.steps, dtype=bool)
+        is_dry[days] = False
+        out[is_dry] = dry
         out[days] = stormy
         return out
 
