@@ -364,7 +364,7 @@ class GridCells:
         outs, plans = [], []
         for b, tt, p in selections:
             out = torch.empty(b.shape[0], c * ps * ps)
-            first = tt.to(index) * (c * h * cols) + patch_first[p]  # [n]
+            first = tt.to(index, copy=True).mul_(c * h * cols).add_(patch_first.index_select(0, p))  # [n]
             bounds = torch.searchsorted(b, torch.arange(len(self.grids) + 1)).tolist()  # sample i: [bounds[i], ..+1)
             outs.append(out)
             plans.append((out.view(-1, ps), (first[:, None] + runs).view(-1), bounds))  # [n·C·ps, ps], [n·C·ps]
