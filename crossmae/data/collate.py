@@ -850,7 +850,11 @@ class MaskingCollator:
                 site_attributes=self._site_attributes(m, samples),
             )
         in_memory = settings.memory_modalities
-        mem, mem_order, dest = concat_segments([modalities[n].encoder.seq for n in in_memory])
+        if len(in_memory) == 1:  # the memory is that modality's encoder sequence, in its order
+            seq = modalities[in_memory[0]].encoder.seq
+            mem, mem_order, dest = Packed.from_lengths(seq.lengths), torch.arange(seq.total), [torch.arange(seq.total)]
+        else:
+            mem, mem_order, dest = concat_segments([modalities[n].encoder.seq for n in in_memory])
         memory = JointMemory(packed=mem, order=mem_order, rows=dict(zip(in_memory, dest)))
         if settings.standard_decoder:
             for mb in modalities.values():
