@@ -4,6 +4,7 @@ values bit for bit), and the data benchmark's smoke run."""
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from model_cases import PATCH, SPEC, STEPS, random_samples
@@ -228,6 +229,26 @@ def test_predicted_rows_and_counts_follow_the_hidden_tokens(kept):
                 assert torch.equal(mb.queries.packed.cu_seqlens, mb.hidden.packed.cu_seqlens), name
             else:
                 assert 0 < mb.queries.packed.total < mb.hidden.packed.total, name
+
+
+@pytest.mark.parametrize("grids", [["precip"], ["precip", "temperature"]], ids=["precip", "precip_temperature"])
+def test_synthetic_windows_normalise_every_day_as_the_record_does(grids):
+    """``__getitem__`` renders and normalises precipitation's storm days only (one plane for the dry days): bit for
+    bit the whole rendered window transformed, standardised and masked, missing frames NaN."""
+    config = DataConfig(steps=40, stride=20, patch_size=4, seed=5, synthetic=SyntheticConfig(
+        num_basins=3, record_days=200, grid_size=12, basin_patches=[4, 8], grids=grids, missing_frames=0.2))
+    dataset = SyntheticWaterDataset(config, split="train")
+    entry = dataset.stats.modalities["precip"]
+    dry_days = 0
+    for index in range(len(dataset)):
+        basin, start = dataset.starts[index]
+        x = dataset.render_window(basin, start)["precip"]
+        dry_days += int((x.reshape(len(x), -1) == 0).all(1).sum())
+        x = ((np.log1p(x) - np.float32(entry.mean[0])) * np.float32(1.0 / entry.std[0])) * dataset.basin_masks[basin]
+        x[dataset._outage_days(basin, start)] = np.nan
+        got = dataset[index].grids["precip"][:, 0].numpy()
+        assert np.array_equal(got.view(np.int32), x.astype(np.float32).view(np.int32)), index
+    assert dry_days > 0
 
 
 def test_collator_matches_the_reference_on_the_synthetic_world():
