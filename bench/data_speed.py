@@ -87,7 +87,7 @@ from crossmae.config import PRESETS, Config, FilesConfig, GridSource, SeriesSour
 from crossmae.data import readers
 from crossmae.data.device import DeviceCollator, DeviceDataset
 from crossmae.data.files import FilesDataset
-from crossmae.data.loader import GlobalBatchOrder, build_dataset, make_collator, make_loader
+from crossmae.data.loader import GlobalBatchOrder, build_dataset, keep_batch_memory_mapped, make_collator, make_loader
 
 PROGRAM = "python bench/data_speed.py"
 STAGES = ("getitem", "collate", "getitem+collate", "device")
@@ -496,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--large-files: where the data set is written (outside the repository)")
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="result JSON (a CSV is written beside it; default under bench/results/)")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="keep glibc's malloc defaults (the trainer sets crossmae.data.loader."
+                        "keep_batch_memory_mapped; so does this benchmark unless told not to)")
     add_common_args(parser)
     parser.set_defaults(threads=1, peak_size=256)
     return parser
@@ -550,9 +553,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         out = RESULTS_DIR / f"data_speed_{'_'.join(presets)}_{data_device.type}"
 
+    tuned = False if args.default_allocator else keep_batch_memory_mapped()
     run = BenchRun.start("data_speed", "cpu", key_fields=KEY_FIELDS, argv=argv, peak_dtype=torch.float32,
                          peak_size=args.peak_size, program=PROGRAM, metric="ms_p50")
     run.env["torch_threads"] = torch.get_num_threads()
+    run.env["malloc_kept_mapped"] = tuned
+    run.env["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
     print(f"data_speed on {run.env['device_name']}, torch threads {torch.get_num_threads()}; "
           f"load average {format_value(run.env['load_avg_1m'])}")
     columns = ["stage", "preset", "B", "steps", "ms_p50", "cpu_ms_p50", "windows_per_s", "windows_per_cpu_s",

@@ -68,7 +68,14 @@ from crossmae.checkpoint import (
 from crossmae.config import Config, config_from_dict, config_to_dict, save_config
 from crossmae.data.buckets import SCAN_BATCHES, Bucket, BucketSet, batch_totals, check_kinds, pad_batch
 from crossmae.data.device import DeviceCollator, DeviceDataset
-from crossmae.data.loader import FixedBatches, GlobalBatchOrder, build_dataset, make_collator, make_loader
+from crossmae.data.loader import (
+    FixedBatches,
+    GlobalBatchOrder,
+    build_dataset,
+    keep_batch_memory_mapped,
+    make_collator,
+    make_loader,
+)
 from crossmae.model import MultimodalCrossMAE
 from crossmae.packed import Packed, trust_cu_seqlens
 
@@ -543,6 +550,7 @@ class Trainer:
 
         # -- data: statistics from the training split (the run's own when resuming), reused by validation --
         norm_stats = json.loads(state["norm_stats"]) if state is not None else None
+        keep_batch_memory_mapped()
         self.train_set = build_dataset(config.data, "train", norm_stats=norm_stats)
         self.val_set = build_dataset(config.data, "val", norm_stats=self.train_set.norm_stats) \
             if cfg.val_every > 0 else None

@@ -330,3 +330,14 @@ def test_data_speed_benchmark_rejects_bad_flags(capsys):
     with pytest.raises(SystemExit):
         main(["--workers", "0,-1"])
     assert "--workers" in capsys.readouterr().err
+
+
+def test_the_trainers_allocator_setting_is_taken_on_glibc_and_yields_to_the_users_tunables(monkeypatch):
+    import platform
+
+    from crossmae.data.loader import keep_batch_memory_mapped
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert keep_batch_memory_mapped() is True
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
+    assert keep_batch_memory_mapped() is False

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -10,6 +13,28 @@ from torch.utils.data import DataLoader, Dataset
 from crossmae.config import Config, DataConfig
 from crossmae.data.collate import MaskingCollator
 from crossmae.model import static_conditioning
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_batch_memory_mapped(trim_bytes: int = 1 << 30, mmap_bytes: int = 32 << 20) -> bool:
+    """Ask glibc's malloc to keep the memory of freed batches for the next ones.
+
+    With glibc's defaults, a batch's large buffers (tens of MB at the ``seed`` preset) are handed back to the
+    OS when freed and mapped and page-faulted anew for the next batch, which costs more than the collate itself
+    (``bench/results/data_speed.md``). Buffers under ``mmap_bytes`` then come from the heap, which is trimmed
+    only past ``trim_bytes`` free at its top. Does nothing (returns False) off glibc or when ``GLIBC_TUNABLES``
+    already sets malloc parameters (the user's choice wins); True when both settings were taken. Forked
+    DataLoader workers inherit them.
+    """
+    if not sys.platform.startswith("linux") or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_MMAP_THRESHOLD, mmap_bytes) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_bytes) == 1
 
 
 def build_dataset(data: DataConfig, split: str, norm_stats: dict | None = None) -> Dataset:
