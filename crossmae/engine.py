@@ -48,6 +48,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -113,11 +114,23 @@ class DistInfo:
         return self.rank == 0
 
 
+_RUN_FINISHED = False  # set when Trainer.fit returns: every rank then reaches the end of the run together
+
+
 def _leave_process_group() -> None:
-    """Tear the process group down before the interpreter does (a process that exits holding its gloo
-    connections can abort while a peer is still closing)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Tear the process group down before the interpreter does. After a run every rank finished, the ranks
+    first meet at a barrier: a rank that closes its gloo connections while a peer is still closing its own
+    makes the peer abort ("terminate called without an active exception"). After a failure there is no
+    barrier (the peers may be mid-step or dead), and the barrier's wait is bounded either way."""
+    if not dist.is_initialized():
+        return
+    failed = getattr(sys, "last_value", None) is not None  # set for an uncaught exception before atexit runs
+    if _RUN_FINISHED and not failed and dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=60))
+        except Exception:  # noqa: BLE001 - a peer that died must not stop this rank's own teardown
+            pass
+    dist.destroy_process_group()
 
 
 def init_distributed(device_type: str) -> DistInfo:
@@ -942,6 +955,8 @@ class Trainer:
                 progress.close()
             if self.writer:
                 self.writer.flush()
+        global _RUN_FINISHED
+        _RUN_FINISHED = True
         return last
 
 
