@@ -23,7 +23,8 @@ Layout (``.nc``: NetCDF; ``.parquet``: Parquet, needs ``pyarrow``)
         attributes ``crossmae_run``, ``crossmae_checkpoint``, ``crossmae_step``, ``window_days``.
     Parquet: one row per window with columns ``basin``, ``window_start``, ``tokens_<modality>``, then
     ``joint_0 … joint_{D-1}`` and ``<modality>_0 …``; the run and checkpoint in the schema metadata.
-    The file is written atomically.
+    The file is written atomically. An output that is a folder, lies under a file or an unwritable folder, or
+    is one of the data's input files stops it before any work.
 """
 
 from __future__ import annotations
@@ -39,7 +40,15 @@ import numpy as np
 import torch
 
 from crossmae.data.loader import make_collator
-from crossmae.fill import GapCollator, add_run_arguments, open_run, record_windows, write_atomic
+from crossmae.fill import (
+    GapCollator,
+    add_run_arguments,
+    check_output,
+    check_targets,
+    open_run,
+    record_windows,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +150,9 @@ def embed_run(run_dir: str | Path, out: str | Path, *, config_file: str | None =
         raise ValueError(f"out {str(out)!r}: Parquet needs pyarrow (pip install pyarrow), or write a .nc file")
     if stride is not None and stride < 1 or batch_size < 1:
         raise ValueError(f"stride and batch_size must be at least 1, got {stride} and {batch_size}")
+    check_output(out, "out", folder=False)
     run = open_run(run_dir, checkpoint, config_file, data_root, device)
+    check_targets([out], run.dataset, "out")
     emb = embed_windows(run, stride, batch_size)
     attrs = {"crossmae_run": str(run.run_dir.resolve()), "crossmae_checkpoint": str(run.checkpoint.resolve()),
              "crossmae_step": run.step, "window_days": run.dataset.steps}

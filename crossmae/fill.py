@@ -14,13 +14,13 @@ What it does
     physical units. Observed values are written as read, unchanged. A grid patch with some missing cells is
     predicted whole, and only its missing cells are filled.
 
-Ensemble spread (``--members M``)
+Ensemble spread (``--members M``, M ≥ 2)
     M further passes, each also hiding a random ``--extra-ratio`` of the observed tokens (seeded by
     ``--seed``, the member and the window), give M predictions of every filled value; their 10 % and 90 %
     quantiles are written beside the filled value (which comes from the pass that hides only the missing
     tokens).
 
-Files (written atomically: a temporary file, then a rename)
+Files (written atomically: a temporary file, then a rename; an interrupted fill leaves whole files or none)
     ``OUT/<modality>/<basin>.csv`` for a series modality: three comment lines (``# run:``, ``# checkpoint:``
         with its step, ``# written:`` UTC time), then the header ``date,<column>...,<column>_flag...`` (and
         ``<column>_q10,<column>_q90`` with ``--members``), one row per record day; the flag is ``observed``,
@@ -33,7 +33,10 @@ Files (written atomically: a temporary file, then a rename)
         ``crossmae_step``, ``crossmae_written``.
 
 A basin-modality with no observed value in its whole record is not filled (that would be noise): it is
-reported and skipped. A record shorter than one window is reported and skipped.
+reported and skipped. A record shorter than one window is reported and skipped. Before any work it stops,
+naming the argument and the path, when ``--out`` is a file, lies under a file or an unwritable folder, or
+would overwrite one of the data's input files, and when the run's weights do not fit the data (a grid of
+another size under ``model.learned_space``).
 """
 
 from __future__ import annotations
@@ -72,6 +75,12 @@ def _source_channels(data: DataConfig) -> dict[str, tuple[str, list[str]]]:
     return out
 
 
+def _source_transforms(data: DataConfig) -> dict[str, tuple[str, dict[str, str]]]:
+    """modality → (its ``transform``, its per-channel ``transforms``)."""
+    files = data.files
+    return {src.name: (src.transform, dict(src.transforms)) for src in [*files.grids, *files.series]}
+
+
 def check_same_modalities(run: DataConfig, other: DataConfig, what: str) -> None:
     """Raise ValueError naming every difference in modalities, kinds, channels, static columns, window length
     or patch size between the run's data section and ``other`` (``what`` names where ``other`` came from)."""
@@ -85,11 +94,16 @@ def check_same_modalities(run: DataConfig, other: DataConfig, what: str) -> None
     mine, theirs = _source_channels(run), _source_channels(other)
     if list(mine) != list(theirs):
         differences.append(f"modalities: the run has {list(mine)}, {what} has {list(theirs)}")
+    transforms = (_source_transforms(run), _source_transforms(other))
     for name in mine.keys() & theirs.keys():
         if mine[name][0] != theirs[name][0]:
             differences.append(f"{name!r} is a {mine[name][0]} in the run, a {theirs[name][0]} in {what}")
         elif mine[name][1] != theirs[name][1]:
             differences.append(f"{name!r} channels: the run has {mine[name][1]}, {what} has {theirs[name][1]}")
+        elif transforms[0][name] != transforms[1][name]:
+            run_tr, other_tr = (f"transform {t!r}" + (f", transforms {per}" if per else "")
+                                for t, per in (transforms[0][name], transforms[1][name]))
+            differences.append(f"{name!r}: the run has {run_tr}, {what} has {other_tr}")
     if run.files.static.columns != other.files.static.columns:
         differences.append(f"static columns: the run has {run.files.static.columns}, {what} has "
                            f"{other.files.static.columns}")
@@ -182,9 +196,59 @@ def open_run(run_dir: str | Path, checkpoint: str | Path | None = None, config_f
     dataset = whole_record_dataset(data, norm_stats)
     model = MultimodalCrossMAE(dataset.spec, config.model, patch_size=data.patch_size, steps=data.steps,
                                fused=config.train.fused)
+    _check_weights_fit(model, weights, dataset)
     model.load_state_dict(weights)
     model.to(device).eval()
     return InferenceRun(run_dir, path, step, config, model, dataset)
+
+
+def _check_weights_fit(model: MultimodalCrossMAE, weights: dict, dataset) -> None:
+    """Raise ValueError naming every weight whose shape the data gives another size (a grid of another size under
+    ``model.learned_space``, which learns one embedding per patch position)."""
+    expected = model.state_dict()
+    wrong = []
+    for key, value in weights.items():
+        if key not in expected or expected[key].shape == value.shape:
+            continue
+        grid = key.removeprefix("learned_space.").split("_", 1)[-1]
+        if key.startswith("learned_space.") and grid in dataset.channel_names:
+            m = dataset.spec[grid]
+            wrong.append(f"grid {grid!r} has {expected[key].shape[0]} patch positions here ({m.height}x{m.width} "
+                         f"cells), the run learned {value.shape[0]} (model.learned_space)")
+        else:
+            wrong.append(f"{key}: the run has {tuple(value.shape)}, this data needs {tuple(expected[key].shape)}")
+    if wrong:
+        raise ValueError("the run's weights do not fit this data: " + "; ".join(sorted(set(wrong))))
+
+
+def check_output(path: str | Path, arg: str, *, folder: bool) -> None:
+    """Raise ValueError naming ``arg`` and ``path`` unless ``path`` can be written: a folder (``folder``) or a file
+    that is not a folder, under a writable folder. Nothing is created."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{arg} {str(path)!r} is a file; expected a folder (created when missing)")
+    if not folder and path.is_dir():
+        raise ValueError(f"{arg} {str(path)!r} is a folder; expected a file name")
+    existing = path if folder else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{arg} {str(path)!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{arg} {str(path)!r}: the folder {str(existing)!r} is not writable")
+
+
+def check_targets(targets: list[Path], dataset, arg: str) -> None:
+    """Raise ValueError naming ``arg`` when a file to write is one of the data set's input files or a folder."""
+    inputs = {os.path.realpath(p) for p in dataset.input_files()}
+    for path in targets:
+        if os.path.realpath(path) in inputs:
+            raise ValueError(f"{arg}: writing {str(path)!r} would overwrite an input file of the data; choose "
+                             "another output")
+        if path.is_dir():
+            raise ValueError(f"{arg}: {str(path)!r} is a folder; expected a file there or nothing")
+        if path.parent.exists() and not path.parent.is_dir():
+            raise ValueError(f"{arg}: {str(path.parent)!r} is a file; expected a folder there or nothing")
 
 
 # -- masks: the missing tokens are the queries ----------------------------------------------------------------
@@ -339,9 +403,9 @@ def _write_grid_netcdf(path: Path, attrs: dict, days: np.ndarray, variables: lis
 
     y_dim, x_dim = reader.dims
     dims = ("time", y_dim, x_dim)
-    crop = reader.crop or ((0, reader.full_shape[0]), (0, reader.full_shape[1]))
+    y0, y1, x0, x1 = reader.crop or (0, reader.full_shape[0], 0, reader.full_shape[1])
     coords = {"time": days.astype("datetime64[D]").astype("datetime64[ns]")}
-    for dim, coord, (lo, hi) in zip(reader.dims, reader.coords, crop):
+    for dim, coord, (lo, hi) in zip(reader.dims, reader.coords, ((y0, y1), (x0, x1))):
         if coord is not None:
             coords[dim] = coord[lo:hi]
     data_vars = {v: (dims, values[:, c].astype(np.float32)) for c, v in enumerate(variables)}
@@ -367,27 +431,33 @@ def fill_run(run_dir: str | Path, out_dir: str | Path, *, config_file: str | Non
         checkpoint: a checkpoint folder (default the run's latest).
         data_root: the run's data folder when it moved (replaces ``data.files.root``).
         stride: days between window starts (default half a window, at least 1).
-        members: ensemble passes for the 10–90 % band (0: none).
+        members: ensemble passes for the 10–90 % band (0: none; else at least 2).
         extra_ratio: share of the observed tokens each ensemble pass also hides, in (0, 1).
         seed: seed of the ensemble passes.
         batch_size: windows per forward.
         device: where the model runs.
     """
-    for key, value, ok in (("stride", stride, stride is None or stride >= 1), ("members", members, members >= 0),
+    for key, value, ok in (("stride", stride, stride is None or stride >= 1),
+                           ("members", members, members == 0 or members >= 2),
                            ("extra_ratio", extra_ratio, 0.0 < extra_ratio < 1.0),
                            ("batch_size", batch_size, batch_size >= 1)):
         if not ok:
-            raise ValueError(f"{key} is out of range: {value}")
+            raise ValueError(f"{key} is out of range: {value}" + (" (0: no band; a 10-90 % band needs at least 2)"
+                                                                  if key == "members" else ""))
+    out_dir = Path(out_dir)
+    check_output(out_dir, "--out", folder=True)
     run = open_run(run_dir, checkpoint, config_file, data_root, device)
     dataset = run.dataset
     stride = stride or max(1, dataset.steps // 2)
     starts, short = record_windows(dataset, stride)
+    check_targets([out_dir / m.name / f"{basin}.{'nc' if m.kind == 'grid' else 'csv'}"
+                   for m in dataset.spec.modalities for basin in dataset.basins if basin not in short],
+                  dataset, "--out")
     report = FillReport(skipped=dict(short))
     central = predict_record(run, starts, batch_size=batch_size)
     draws = [predict_record(run, starts, extra_ratio=extra_ratio, stream=seed * 1009 + j + 1, batch_size=batch_size)
              for j in range(members)]
     written = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    out_dir = Path(out_dir)
     for m in dataset.spec.modalities:
         if m.name not in central:
             report.skipped[m.name] = "the run reconstructs it only up to its scale (model.norm_pix_loss)"

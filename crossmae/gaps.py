@@ -144,6 +144,9 @@ def evaluate_gaps(run_dir: str | Path, gap_days: int, split: str = "val", checkp
                   swap_forcing: bool = False) -> dict:
     """Score the model and the baselines on ``gap_days``-day gaps of ``split`` (see the module docstring);
     writes ``eval/gaps<N>_<split>.json`` (``swap_forcing``: ``…_swapped.json``) and returns the metrics."""
+    for key, value in (("--stride", stride), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{key} must be at least 1, got {value}")
     run_dir = Path(run_dir)
     config, weights, norm_stats, ckpt_path, step = _load(run_dir, Path(checkpoint) if checkpoint else None)
     config = copy.deepcopy(config)

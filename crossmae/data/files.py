@@ -123,6 +123,7 @@ class FilesDataset(Dataset):
         self.split = split
         self.steps, self.stride = data.steps, data.stride
         self.root = files.root or os.getcwd()
+        self._inputs: set[str] = set()
         self._all_basins = self._basin_ids(files)
         split_basins = self._split_basins(files, self._all_basins, split)
         train_basins = self._split_basins(files, self._all_basins, "train")
@@ -184,6 +185,7 @@ class FilesDataset(Dataset):
         path = self._path(files.basins_file, "")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"data.files.basins_file: file {path!r} does not exist")
+        self._inputs.add(path)
         with open(path) as f:
             ids = [line.strip() for line in f if line.strip() and not line.startswith("#")]
         if not ids:
@@ -226,10 +228,12 @@ class FilesDataset(Dataset):
             if src.mask_variable:
                 mask_path = resolve_path(self._path(src.mask_path, basin), what) if src.mask_path else grid.paths[0]
                 mask = read_basin_mask(mask_path, src.format, src.mask_variable, grid, what)
+                self._inputs.add(mask_path)
             else:
                 mask = np.ones(grid.shape, dtype=bool)
             files.append(grid)
             masks.append(mask)
+            self._inputs.update(grid.paths)
             coverage[b].append((int(grid.days[0]), int(grid.days[-1]), grid.path))
         height = max(g.shape[0] for g in files)
         width = max(g.shape[1] for g in files)
@@ -259,6 +263,7 @@ class FilesDataset(Dataset):
             if table.days.size == 0:
                 raise DataFileError(f"{what}: {path!r} holds no data row; expected one row per day")
             tables.append(table)
+            self._inputs.add(path)
             coverage[b].append((int(table.days[0]), int(table.days[-1]), path))
         self.channel_names[src.name] = list(src.columns) if src.columns else list(tables[0].columns)
         unknown = [c for c in src.transforms if c not in self.channel_names[src.name]]
@@ -285,6 +290,7 @@ class FilesDataset(Dataset):
         id_column = st.id_column or ("gauge_id" if st.format == "camels_attributes" else "basin")
         delimiter = ";" if st.format == "camels_attributes" else st.delimiter
         paths = [self._path(p, "") for p in st.paths]
+        self._inputs.update(paths)
         return read_attribute_tables(paths, id_column, delimiter, st.columns, self.basins, st.missing_values,
                                      "data.files.static")
 
@@ -453,6 +459,10 @@ class FilesDataset(Dataset):
             raise ValueError(f"name must be one of {list(self._grids) + list(self._raw_series)}, got {name!r}")
         first, last = self.records[basin]
         return self._grids[name][basin].read(first, last + 1)
+
+    def input_files(self) -> list[str]:
+        """Every file this data set read (series, grids, basin masks, static tables, the basin list), sorted."""
+        return sorted(self._inputs)
 
     def split_ranges(self, split: str) -> dict[int, tuple[int, int]]:
         """Basin position → the inclusive day range of ``split`` (this data set's split, or ``train``)."""
