@@ -9,8 +9,13 @@
 Configuration: the preset, then the YAML file, then ``--section.key=value`` overrides (checked
 against the field types); the resolved config is written to the run folder and every checkpoint.
 ``--resume`` continues with the saved config; the flags that made it may be given again (the same
-command with ``--resume`` appended): each must equal the saved value, and a conflicting one is
-refused, naming the key and both values. ``--max-steps`` and ``--device`` may change.
+command with ``--resume`` appended), all or some of them: each key the command sets (``--preset``: the
+preset's name; ``--config``: every key of the YAML file; each ``--section.key=value``; ``--seed``; and
+``train.fused``, which ``--fused`` or its absence sets) must equal the saved value, and a conflicting
+one is refused, naming the key and both values. Keys the command leaves out keep the saved values.
+``--max-steps`` and ``--device`` may change, and so may ``--data.files.root=DIR`` (``data.region.root``):
+the run's data folder, moved (the saved normalisation statistics are kept); a saved data folder that no
+longer exists is named before any work.
 
 Exit status: 0 done; 2 bad arguments, config or data, or no intact checkpoint to resume; 3 the run
 stopped (the loss stayed non-finite, or a checkpoint could not be written); 75 (``EX_TEMPFAIL``)
@@ -22,11 +27,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
 from crossmae.checkpoint import CheckpointError
-from crossmae.config import ConfigError, config_to_dict, resolve_config, validate_config
+from crossmae.config import ConfigError, config_to_dict, load_yaml, resolve_config, validate_config
 from crossmae.engine import EXIT_PREEMPTED, Preempted, Trainer, TrainingStopped, load_run_config
 
 
@@ -56,29 +62,66 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         overrides.append(item[2:])
     return args, overrides
 
-RESUME_MAY_CHANGE = ("train.out_dir", "train.max_steps", "train.device")
+RESUME_MAY_CHANGE = ("train.out_dir", "train.max_steps", "train.device", "data.files.root", "data.region.root")
 
 
 def _flatten(value, prefix: str = "") -> dict:
+    """Nested mappings → ``{"section.key": value}``; a list of mappings (the sources of ``data.files``) is
+    flattened item by item (``data.files.series[0].path``), other lists are values."""
     if isinstance(value, dict):
         out = {}
         for key, item in value.items():
             out.update(_flatten(item, f"{prefix}{key}."))
         return out
+    if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_flatten(item, f"{prefix[:-1]}[{i}]."))
+        return out
     return {prefix[:-1]: value}
 
 
-def _check_same_config(saved, asked) -> None:
-    """Raise ConfigError naming every key where the resume command's config differs from the saved run's."""
+def _given_keys(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """The config keys a command sets: ``preset``, the YAML file's keys, the overrides', ``train.seed`` and
+    ``train.fused`` (a fresh run sets it from ``--fused`` whether or not the flag is there)."""
+    keys = ["train.fused"]
+    if args.preset:
+        keys.append("preset")
+    if args.config:
+        keys += list(_flatten(load_yaml(args.config)))
+    keys += [item.split("=", 1)[0] for item in overrides]
+    if args.seed is not None:
+        keys.append("train.seed")
+    return keys
+
+
+def _check_same_config(saved, asked, given: list[str]) -> None:
+    """Raise ConfigError naming every key the resume command sets (``given``, a key or a section) whose value in
+    its config ``asked`` differs from the saved run's."""
     run = _flatten(config_to_dict(saved))
     command = _flatten(config_to_dict(asked))
+
+    def set_by_command(key: str) -> bool:
+        return any(key == g or key.startswith((g + ".", g + "[")) or g.startswith((key + ".", key + "["))
+                   for g in given)
+
     conflicts = [f"{key}: the run has {run.get(key)!r}, the command gives {command.get(key)!r}"
+                 + (" (the flag --fused)" if key == "train.fused" else "")
                  for key in sorted(set(run) | set(command))
-                 if key not in RESUME_MAY_CHANGE and run.get(key) != command.get(key)]
+                 if key not in RESUME_MAY_CHANGE and set_by_command(key) and run.get(key) != command.get(key)]
     if conflicts:
         raise ConfigError("--resume continues the run with its saved config; the command conflicts with it on "
-                          + "; ".join(conflicts) + " (drop these flags or give the saved values; --max-steps and "
-                          "--device may change)")
+                          + "; ".join(conflicts) + " (drop these flags or give the saved values; --max-steps, "
+                          "--device and the data folder, --data.files.root, may change)")
+
+
+def _check_data_folder(config) -> None:
+    """Raise ConfigError naming the run's data folder when it no longer exists (a moved folder)."""
+    source = config.data.source
+    section = {"files": config.data.files, "region": config.data.region}.get(source)
+    if section is not None and section.root and not os.path.isdir(section.root):
+        raise ConfigError(f"data.{source}.root {section.root!r} of the run does not exist (moved?); resume with "
+                          f"--data.{source}.root=<the folder that holds the run's data files now>")
 
 
 def build_config(args: argparse.Namespace, overrides: list[str]):
@@ -86,12 +129,18 @@ def build_config(args: argparse.Namespace, overrides: list[str]):
         if not args.out_dir:
             raise ConfigError("--resume needs --out-dir: the run folder to continue")
         config = load_run_config(args.out_dir)
+        config.train.out_dir = args.out_dir  # the folder as named now (the run may have moved, or cwd changed)
         if args.preset or args.config or overrides or args.seed is not None or args.fused:
             asked = resolve_config(args.preset, args.config, overrides)
             asked.train.fused = args.fused
             if args.seed is not None:
                 asked.train.seed = args.seed
-            _check_same_config(config, asked)
+            given = _given_keys(args, overrides)
+            _check_same_config(config, asked, given)
+            for source in ("files", "region"):
+                if f"data.{source}.root" in given:  # the data folder, moved
+                    getattr(config.data, source).root = os.path.abspath(getattr(asked.data, source).root)
+        _check_data_folder(config)
     else:
         config = resolve_config(args.preset, args.config, overrides)
         config.train.fused = args.fused
