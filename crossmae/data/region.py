@@ -31,9 +31,11 @@ Where the data comes from
         matches the one site-table id of that number).
     Bad input stops with a :class:`crossmae.data.readers.DataFileError` naming the file, the row (the CSV line
     as the user sees it, or the Parquet row) and the value: a gauge row naming a site missing from the site
-    table, a site outside the grid, a (site, date) given twice, a date that is missing, does not parse or
-    reads both day first and month first, a value that is not a number or beyond float32, a missing or
-    ambiguous column, a row without a site id.
+    table, a site outside the grid (or a latitude beyond ±90), a (site, date) given twice, a date that is missing,
+    does not parse or reads both day first and month first, a value that is not a number, beyond float32, a fill
+    value (:data:`FILL_VALUES`) or, under ``log1p``, -1 or less, a missing or ambiguous column (a wide table is
+    named as one), a row without a site id. Split periods that share a day are a ConfigError; windows that hold
+    no day of any grid are logged.
 
 Record, windows, splits
     The record runs from the first to the last day any grid or site set covers. A window is ``data.steps`` days
@@ -84,7 +86,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from crossmae.config import DataConfig, GridSource, GroupingConfig, RegionConfig, SiteSetSource, SiteTableSource
+from crossmae.config import (
+    ConfigError,
+    DataConfig,
+    GridSource,
+    GroupingConfig,
+    RegionConfig,
+    SiteSetSource,
+    SiteTableSource,
+)
 from crossmae.data.normstats import NormStats
 from crossmae.data.readers import (
     DataFileError,
@@ -101,15 +111,21 @@ from crossmae.data.readers import (
     to_days,
 )
 from crossmae.data.sample import DatasetSpec, ModalitySpec, Sample, window_key
-from crossmae.data.sites import SiteLayout, build_layout, group_values
+from crossmae.data.sites import SiteLayout, build_layout, group_values, id_number
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 STATS_BLOCK_DAYS = 366
+FILL_VALUES = (  # values that tools write for "no data", never a measurement
+    9.969209968386869e36,  # netCDF's default fill of float and double variables
+    float(np.finfo(np.float32).max),  # GDAL's and ArcGIS's float NoData (either sign)
+    1e20,  # the CF missing_value of climate-model output
+)
 MISSING_TEXT = frozenset(("", "na", "nan", "-nan", "n/a", "#n/a", "#na", "<na>", "null", "none", "-", "--"))
 TABLE_DELIMITERS = (",", ";", "\t", "|")
 DATE_FORMATS = ("%Y/%m/%d", "%d.%m.%Y", "%Y.%m.%d", "%Y%m%d", "%d/%m/%Y", "%m/%d/%Y", "%d-%m-%Y")
+ISO_ZONE = r"(?<=\d:\d\d)(?::\d\d(?:\.\d+)?)?\s*(?:Z|[+-]\d\d(?::?\d\d)?)$"  # seconds and the zone of an ISO time
 DATE_PARTS = (("year", "yyyy", "yr"), ("month", "mnth", "mon", "mm"), ("day", "dd"))
 COLUMN_ALIASES = {  # a default column name -> the other names a table may give that column
     "site_id": ("site", "id", "gauge_id", "gauge", "station_id", "station"),
@@ -425,13 +441,22 @@ def _numbers(table: UserTable, column: str, what: str) -> np.ndarray:
     unread = np.flatnonzero(np.isnan(out))
     if unread.size == 0:
         return out
-    missing = raw.iloc[unread].isna().to_numpy() | \
-        raw.iloc[unread].astype(str).str.strip().str.lower().isin(MISSING_TEXT).to_numpy()
-    unread = unread[~missing]
+    cells = raw.iloc[unread].astype(str).str.strip()
+    missing = raw.iloc[unread].isna().to_numpy() | cells.str.lower().isin(MISSING_TEXT).to_numpy()
+    unread, cells = unread[~missing], cells[~missing]
+    thousands, decimal = (".", ",") if table.decimal_comma else (",", ".")
+    grouped = cells.str.fullmatch(rf"[+-]?\d{{1,3}}(?:\{thousands}\d{{3}})+\{decimal}\d*").to_numpy(dtype=bool)
+    if grouped.any():  # 1,234.5 (or 1.234,5 where commas are decimal): thousands separators and a decimal mark
+        plain = cells[grouped].str.replace(thousands, "", regex=False).str.replace(",", ".", regex=False)
+        out[unread[grouped]] = pd.to_numeric(plain).to_numpy(dtype=np.float64)
+        unread = unread[~grouped]
     if unread.size:
         value = raw.iloc[unread[0]]
         hint = ""
-        if "," in str(value) and not table.decimal_comma:
+        if re.fullmatch(r"[+-]?\d{1,3}(?:,\d{3})+", str(value).strip()) and not table.decimal_comma:
+            hint = (" (a thousands separator or a decimal comma? write numbers without thousands separators and "
+                    "with a decimal point)")
+        elif "," in str(value) and not table.decimal_comma:
             hint = " (decimal commas are read in files separated by ';' or tabs)"
         elif "," in str(value) and "." in str(value):
             hint = " (without thousands separators)"
@@ -465,8 +490,10 @@ def _site_ids(table: UserTable, column: str, what: str) -> tuple[np.ndarray, lis
     codes, ids = _factorize_text(table, column)
     if (codes < 0).any():
         i = int(np.flatnonzero(codes < 0)[0])
-        raise DataFileError(f"{what}: column {column!r} of {table.path!r} holds {table.frame[column].iloc[i]!r} on "
-                            f"{table.where(i)}; expected a site id")
+        value = table.frame[column].iloc[i]
+        value = value.item() if isinstance(value, np.generic) else value  # nan, not np.float64(nan)
+        raise DataFileError(f"{what}: column {column!r} of {table.path!r} holds {value!r} on {table.where(i)}; "
+                            "expected a site id")
     return codes, ids
 
 
@@ -483,10 +510,7 @@ def _parse_dates(text, date_format: str, column: str, table: UserTable, what: st
                                                                  errors="coerce"))
         return pd.DatetimeIndex(parsed), f"dates in the format {date_format!r}"
     expected = f"ISO 8601 dates (YYYY-MM-DD) or one of {list(DATE_FORMATS)}; set date_format for others"
-    try:
-        iso = pd.to_datetime(text, format="ISO8601", errors="coerce")
-    except (ValueError, TypeError):
-        iso = pd.DatetimeIndex([pd.NaT] * len(text))
+    iso = _iso_dates(text)
     if not iso.isna().any():
         return iso, expected
     fits = []
@@ -502,6 +526,21 @@ def _parse_dates(text, date_format: str, column: str, table: UserTable, what: st
         raise DataFileError(f"{what}: the dates of column {column!r} of {table.path!r} (such as {example!r}) read "
                             f"as {fits[0][0]!r} and as {differ[0]!r}; set date_format to say which")
     return fits[0][1], expected
+
+
+def _iso_dates(text):
+    """Date texts → DatetimeIndex by ISO 8601 (NaT = not ISO), each at its local date: a zone after a time of day
+    is dropped, so offsets that change within the column (summer time) read too."""
+    import pandas as pd
+
+    try:
+        return pd.DatetimeIndex(pd.to_datetime(text, format="ISO8601", errors="coerce"))
+    except (ValueError, TypeError):  # offsets that differ between rows
+        local = pd.Index(text).str.replace(ISO_ZONE, "", regex=True)
+        try:
+            return pd.DatetimeIndex(pd.to_datetime(local, format="ISO8601", errors="coerce"))
+        except (ValueError, TypeError):
+            return pd.DatetimeIndex([pd.NaT] * len(text))
 
 
 def _dates(table: UserTable, column: str, date_format: str, what: str) -> np.ndarray:
@@ -527,8 +566,10 @@ def _dates(table: UserTable, column: str, date_format: str, what: str) -> np.nda
     bad = np.asarray(parsed.isna())
     if bad.any():
         i = int(np.flatnonzero(bad[codes])[0])
+        serial = re.fullmatch(r"\d{5}(?:\.\d*)?", str(raw.iloc[i]).strip())  # 36892: 2001-01-01 in a spreadsheet
+        hint = " (a spreadsheet's day number? format the column as dates before saving)" if serial else ""
         raise DataFileError(f"{what}: column {column!r} of {table.path!r} holds {raw.iloc[i]!r} on {table.where(i)}, "
-                            f"which does not parse; expected {expected}")
+                            f"which does not parse{hint}; expected {expected}")
     return to_days(parsed.to_numpy().astype("datetime64[D]"))[codes]
 
 
@@ -620,12 +661,12 @@ def read_site_table(path: str, table: SiteTableSource, what: str) -> SiteTable:
             raise DataFileError(f"{what}: {path!r} lists site {site!r} twice ({t.where(seen[site])} and "
                                 f"{t.where(i)}); expected one row per site")
         seen[site] = i
-    coords = {name: mark_missing(_numbers(t, column, what), [])
+    markers = list(table.missing_values)
+    coords = {name: mark_missing(_numbers(t, column, what), markers)
               for name, column in zip(names, coord_columns, strict=True)}
     attrs = np.stack([_numbers(t, c, what) for c in attr_columns], axis=1) if attr_columns \
         else np.zeros((len(ids), 0))
-    return SiteTable(path, ids, coords, mark_missing(attrs, list(table.missing_values)),
-                     [t.where(i) for i in range(len(ids))])
+    return SiteTable(path, ids, coords, mark_missing(attrs, markers), [t.where(i) for i in range(len(ids))])
 
 
 def _match_sites(names: list[str], codes: np.ndarray, known: dict[str, int], table: UserTable, site_table: str,
@@ -637,25 +678,33 @@ def _match_sites(names: list[str], codes: np.ndarray, known: dict[str, int], tab
     index = np.array([known.get(n, -1) for n in names], dtype=np.int64)
     unknown = np.flatnonzero(index < 0)
     if unknown.size:
-        by_number: dict[int, list[int]] = {}
-        for site, i in known.items():
-            if site.isdigit():
-                by_number.setdefault(int(site), []).append(i)
+        by_number: dict[int, list[str]] = {}
+        for site in known:
+            number = id_number(site)
+            if number is not None:
+                by_number.setdefault(number, []).append(site)
         matched = []
         for u in unknown:
-            digits = re.fullmatch(r"(\d+)(?:\.0*)?", names[u])  # 1022500, or 1022500.0 from a float column
-            candidates = by_number.get(int(digits.group(1)), []) if digits else []
+            number = id_number(names[u])
+            candidates = by_number.get(number, []) if number is not None else []
             if len(candidates) == 1:
-                index[u] = candidates[0]
+                index[u] = known[candidates[0]]
                 matched.append(names[u])
         if matched:
-            log.warning("%s: %r names sites %s that the site table %r writes otherwise (leading zeros): matched by "
-                        "number", what, table.path, matched[:10], site_table)
+            log.warning("%s: %r names sites %s that the site table %r writes otherwise (leading zeros or a "
+                        "fraction): matched by number", what, table.path, matched[:10], site_table)
     if (index < 0).any():
         i = int(np.flatnonzero(index[codes] < 0)[0])
-        raise DataFileError(f"{what}: {table.path!r} names site {names[codes[i]]!r} on {table.where(i)}, which is not "
-                            f"in the site table {site_table!r}; expected every gauge in the site table")
+        name = names[codes[i]]
+        number = id_number(name)
+        same = by_number.get(number, []) if number is not None else []
+        cased = [site for site in known if site.lower() == name.lower()]
+        hint = f" (the site table has {same} of that number and can't tell which)" if same else \
+            f" (the site table writes {cased[0]!r})" if len(cased) == 1 else ""
+        raise DataFileError(f"{what}: {table.path!r} names site {name!r} on {table.where(i)}, which is not in the "
+                            f"site table {site_table!r}{hint}; expected every gauge in the site table")
     return index
+
 
 
 def read_gauge_table(path: str, src: SiteSetSource, known: dict[str, int], what: str
@@ -663,7 +712,16 @@ def read_gauge_table(path: str, src: SiteSetSource, known: dict[str, int], what:
     """A long gauge table → ``(site index [R] into known, day [R], values [R, F] float64)``; DataFileError naming
     the row and value of an unknown site, an unparseable date, a duplicate (site, date) or a non-number."""
     t = read_user_table(path, src.delimiter, src.skip_rows, what)
-    site_column = _find_column(t, src.site_column, what)
+    site_column = _find_column(t, src.site_column, what, required=False)
+    if site_column is None:
+        columns = [str(c) for c in t.frame.columns]
+        sites = [c for c in columns if c in known]
+        shown = f"{columns[:12]}{' ...' if len(columns) > 12 else ''}"
+        wide = (f"; its columns {sites[:5]} are sites of the site table: a wide table (one column per site) must be "
+                "written long first (pandas.melt)") if sites else ""
+        raise DataFileError(f"{what}: {path!r} has no site id column {src.site_column!r} (columns there: {shown}); "
+                            f"expected a long table, one row per site and day, of the columns site id, date and "
+                            f"{list(src.variables)}{wide}")
     date_column = _find_column(t, src.date_column, what, required=False)
     value_columns = [_find_column(t, v, what) for v in src.variables]
     _drop_units_row(t, value_columns, date_column, what)
@@ -688,15 +746,36 @@ def read_gauge_table(path: str, src: SiteSetSource, known: dict[str, int], what:
                             "date")
     values = np.stack([_numbers(t, c, what) for c in value_columns], axis=1) if value_columns \
         else np.zeros((index.size, 0))
-    with np.errstate(invalid="ignore"):
-        huge = np.abs(values) > np.finfo(np.float32).max  # [R, F]; a fill value such as 1e39
-    if huge.any():
-        r, f = (int(a[0]) for a in np.nonzero(huge))
+    values = mark_missing(values, list(src.missing_values))  # [R, F]
+    bad = _bad_value(values, [src.transforms.get(v, src.transform) for v in src.variables])
+    if bad is not None:
+        (r, f), why = bad
         column = value_columns[f]
         raise DataFileError(f"{what}: column {column!r} of {path!r} holds {t.frame[column].iloc[r]!r} on "
-                            f"{t.where(r)}, beyond float32; expected a measurement (or add the value to "
-                            "missing_values)")
-    return index, days, mark_missing(values, list(src.missing_values))
+                            f"{t.where(r)}, {why}")
+    return index, days, values
+
+
+def _bad_value(values: np.ndarray, transforms: Sequence[str]) -> tuple[tuple[int, int], str] | None:
+    """The first ``(row, column)`` of ``values`` ``[R, F]`` (missing values already NaN) that is no measurement,
+    and why: beyond float32, one of :data:`FILL_VALUES` (either sign, to 1e-6 relative), or -1 or less in a column
+    transformed by ``log1p``; None when every value is fine."""
+    with np.errstate(invalid="ignore"):
+        magnitude = np.abs(values)  # [R, F]
+        huge = magnitude > np.finfo(np.float32).max
+        fill = np.zeros(values.shape, dtype=bool)
+        for marker in FILL_VALUES:
+            fill |= np.abs(magnitude - marker) <= 1e-6 * marker
+        low = (values <= -1.0) & np.array([tr == "log1p" for tr in transforms], dtype=bool)  # [R, F]
+    for found, why in ((huge, "beyond float32"), (fill, "a fill value for no data")):
+        if found.any():
+            r, f = (int(a[0]) for a in np.nonzero(found))
+            return (r, f), f"{why}; expected a measurement (or add the value to missing_values)"
+    if low.any():
+        r, f = (int(a[0]) for a in np.nonzero(low))
+        return (r, f), ("which the transform log1p can't take; expected values above -1 for a log1p variable (or "
+                        "add the value to missing_values, or set its transform to none)")
+    return None
 
 
 def _axis_position(values: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -772,61 +851,103 @@ def place_sites(coords: dict[str, np.ndarray], table: SiteTableSource, reader: G
                 frame: tuple[int, int], ids: list[str], path: str, what: str,
                 where: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray]:
     """Site coordinates → float64 ``(rows [S], cols [S])`` in the grid frame; DataFileError naming the first site
-    that lies outside the grid (and its place in the file, ``where[i]``, when given).
+    with a latitude beyond ±90 or that lies outside the grid (and its place in the file, ``where[i]``, when
+    given), with the grid's extent, and a hint when latitude and longitude swapped would place it inside.
 
     Longitudes are compared modulo 360 (a table in 0..360 on a grid in -180..180, or the other way round). A site
     given by latitude/longitude or x/y exactly on the grid's outer edge belongs to the edge cell; row/col
     coordinates are the frame itself, so row H (or column W) is outside."""
-    if table.coords == "rowcol":
-        rows, cols = coords[table.row_column], coords[table.col_column]
-    else:
-        if reader is None:
-            raise DataFileError(f"{what}: sites given by {table.coords} need a grid to place them on; give row/col "
-                                "coordinates (coords: rowcol) or a grid")
-        ys, xs = (reader.coords[a] for a in (0, 1))
-        if reader.crop is not None:
-            y0, y1, x0, x1 = reader.crop
-            ys, xs = (None if ys is None else ys[y0:y1]), (None if xs is None else xs[x0:x1])
-        one_d = ys is not None and xs is not None and any(reader.longitude)
-        if table.coords == "xy" or one_d:
-            if ys is None or xs is None or min(ys.size, xs.size) < 2:
-                raise DataFileError(f"{what}: the grid in {reader.path!r} has no 1-D y and x coordinates of 2 cells "
-                                    f"or more ({reader.dims}); expected them to place sites by {table.coords}")
-            if table.coords == "xy":
-                y, x = coords[table.y_column], coords[table.x_column]
-            else:
-                y, x = coords[table.lat_column], coords[table.lon_column]
-                lons = xs if reader.longitude[1] else ys
-                middle = (float(lons.min()) + float(lons.max())) / 2
-                x = middle + _wrap_degrees(x - middle)
-                if not reader.longitude[1]:  # dims (lon, lat): rows run along longitude
-                    y, x = x, y
-            rows, cols = _axis_position(y, ys), _axis_position(x, xs)
-        else:
-            grid_lat, grid_lon = _latlon_2d(reader, what)
-            placed = [_position_2d(a, o, grid_lat, grid_lon)
-                      for a, o in zip(coords[table.lat_column], coords[table.lon_column], strict=True)]
-            rows = np.array([p[0] for p in placed])
-            cols = np.array([p[1] for p in placed])
-    if table.coords != "rowcol":  # on the outer edge, to rounding: in the edge cell
-        edge = 1e-6
-        for pos, n in ((rows, frame[0]), (cols, frame[1])):
-            on_edge = ((pos >= -edge) & (pos < 0)) | ((pos >= n) & (pos <= n + edge))
-            pos[on_edge] = np.clip(pos[on_edge], 0.0, np.nextafter(n, 0))
+    if table.coords == "latlon":
+        lat = coords[table.lat_column]
+        beyond = np.flatnonzero(np.abs(lat) > 90)
+        if beyond.size:
+            i = int(beyond[0])
+            raise DataFileError(f"{what}: site {ids[i]!r} of {path!r}{f' ({where[i]})' if len(where) else ''} has "
+                                f"{table.lat_column}={lat[i]:g}, which is no latitude; expected -90..90")
+    rows, cols, extent = _frame_position(coords, table, reader, frame, what)
     outside = ~((rows >= 0) & (rows < frame[0]) & (cols >= 0) & (cols < frame[1]))
     if outside.any():
         i = int(np.flatnonzero(outside)[0])
         given = ", ".join(f"{n}={coords[n][i]:g}" for n in coords)
         line = f", {where[i]}" if len(where) else ""
+        spans = f"; the grid's cell centres span {extent}" if extent else ""
+        if table.coords == "latlon" and abs(coords[table.lon_column][i]) <= 90:
+            swapped = {table.lat_column: coords[table.lon_column][i:i + 1].copy(),
+                       table.lon_column: coords[table.lat_column][i:i + 1].copy()}
+            r, c, _ = _frame_position(swapped, table, reader, frame, what)
+            if 0 <= r[0] < frame[0] and 0 <= c[0] < frame[1]:
+                spans += " (latitude and longitude swapped?)"
         raise DataFileError(f"{what}: site {ids[i]!r} of {path!r} ({given}) lies outside the {frame[0]}x{frame[1]} "
-                            f"grid (at row {rows[i]:.2f}, col {cols[i]:.2f} of the grid frame{line}); expected every "
-                            "site inside the grid")
+                            f"grid (at row {rows[i]:.2f}, col {cols[i]:.2f} of the grid frame{line}){spans}; expected "
+                            "every site inside the grid")
     return rows.astype(np.float64), cols.astype(np.float64)
+
+
+def _frame_position(coords: dict[str, np.ndarray], table: SiteTableSource, reader: GridReader | None,
+                    frame: tuple[int, int], what: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """Site coordinates → ``(rows [S], cols [S], the grid's extent)`` in the grid frame, inside or not (a site
+    on the outer edge to 1e-6 cells moved into the edge cell); the extent is a phrase of the cell centres' span
+    (empty for row/col)."""
+    extent = ""
+    if table.coords == "rowcol":
+        return coords[table.row_column], coords[table.col_column], extent
+    if reader is None:
+        raise DataFileError(f"{what}: sites given by {table.coords} need a grid to place them on; give row/col "
+                            "coordinates (coords: rowcol) or a grid")
+    ys, xs = (reader.coords[a] for a in (0, 1))
+    if reader.crop is not None:
+        y0, y1, x0, x1 = reader.crop
+        ys, xs = (None if ys is None else ys[y0:y1]), (None if xs is None else xs[x0:x1])
+    one_d = ys is not None and xs is not None and any(reader.longitude)
+    if table.coords == "xy" or one_d:
+        if ys is None or xs is None or min(ys.size, xs.size) < 2:
+            raise DataFileError(f"{what}: the grid in {reader.path!r} has no 1-D y and x coordinates of 2 cells "
+                                f"or more ({reader.dims}); expected them to place sites by {table.coords}")
+        if table.coords == "xy":
+            y, x = coords[table.y_column], coords[table.x_column]
+            extent = f"y {float(ys.min()):g}..{float(ys.max()):g}, x {float(xs.min()):g}..{float(xs.max()):g}"
+        else:
+            y, x = coords[table.lat_column], coords[table.lon_column]
+            lats, lons = (ys, xs) if reader.longitude[1] else (xs, ys)
+            middle = (float(lons.min()) + float(lons.max())) / 2
+            x = middle + _wrap_degrees(x - middle)
+            if not reader.longitude[1]:  # dims (lon, lat): rows run along longitude
+                y, x = x, y
+            extent = (f"latitude {float(lats.min()):g}..{float(lats.max()):g}, longitude {float(lons.min()):g}.."
+                      f"{float(lons.max()):g}")
+        rows, cols = _axis_position(y, ys), _axis_position(x, xs)
+    else:
+        grid_lat, grid_lon = _latlon_2d(reader, what)
+        extent = (f"latitude {float(grid_lat.min()):g}..{float(grid_lat.max()):g}, longitude "
+                  f"{float(grid_lon.min()):g}..{float(grid_lon.max()):g}")
+        placed = [_position_2d(a, o, grid_lat, grid_lon)
+                  for a, o in zip(coords[table.lat_column], coords[table.lon_column], strict=True)]
+        rows = np.array([p[0] for p in placed])
+        cols = np.array([p[1] for p in placed])
+    edge = 1e-6  # on the outer edge, to rounding: in the edge cell
+    for pos, n in ((rows, frame[0]), (cols, frame[1])):
+        on_edge = ((pos >= -edge) & (pos < 0)) | ((pos >= n) & (pos <= n + edge))
+        pos[on_edge] = np.clip(pos[on_edge], 0.0, np.nextafter(n, 0))
+    return rows, cols, extent
 
 
 def _grid_periods(region: RegionConfig) -> dict[str, tuple[int, int]]:
     return {part: (iso_to_day(getattr(region.split, part)[0]), iso_to_day(getattr(region.split, part)[1]))
             for part in SPLITS if getattr(region.split, part)}
+
+
+def _check_periods_apart(periods: dict[str, tuple[int, int]]) -> None:
+    """ConfigError naming two split periods that share days (the model would be validated or tested on days it
+    trained on)."""
+    parts = list(periods)
+    for i, a in enumerate(parts):
+        for b in parts[i + 1:]:
+            shared = min(periods[a][1], periods[b][1]) - max(periods[a][0], periods[b][0]) + 1
+            if shared > 0:
+                raise ConfigError(
+                    f"data.region.split.{a} ({'..'.join(map(day_to_iso, periods[a]))}) and data.region.split.{b} "
+                    f"({'..'.join(map(day_to_iso, periods[b]))}) share {shared} days; expected periods without a "
+                    "common day")
 
 
 def load_region_files(data: DataConfig) -> RegionData:
@@ -941,18 +1062,25 @@ def _load_site_set(src: SiteSetSource, what: str, path_of, reader: GridReader | 
             raise DataFileError(f"{what} site table: column {name!r} of {table_path!r} has no value for site "
                                 f"{ids[keep[i]]!r} on {sites.where[keep[i]]}; expected the coordinates of every "
                                 "site the gauge data names")
+    given = np.concatenate([np.stack(list(coords.values()), axis=1), sites.attrs[keep]], axis=1)  # [S, 2 + A]
+    bad = _bad_value(given, ["none"] * given.shape[1])
+    if bad is not None:
+        (r, f), why = bad
+        column = [*coords, *src.sites.attributes][f]
+        raise DataFileError(f"{what} site table: column {column!r} of {table_path!r} holds {given[r, f]:g} for site "
+                            f"{ids[keep[r]]!r} on {sites.where[keep[r]]}, {why}")
     if frame is None:
         if src.sites.coords != "rowcol":
             raise DataFileError(f"{what}: a region without grids needs site coordinates as row/col (coords: rowcol)")
         frame = tuple(int(math.floor(coords[c].max())) + 1 for c in (src.sites.row_column, src.sites.col_column))
     rows, cols = place_sites(coords, src.sites, reader, frame, [ids[s] for s in keep], table_path,
                              f"{what} site table", [sites.where[s] for s in keep])
-    huge = np.flatnonzero((np.abs(np.nan_to_num(values)) > np.finfo(np.float32).max).any(axis=1))
-    if huge.size:
-        r = int(huge[0])
-        raise DataFileError(f"{what}: {path_of(src.path)!r} gives site {ids[site_index[r]]!r} on "
-                            f"{day_to_iso(days[r])} the value {values[r][np.nanargmax(np.abs(values[r]))]:g}, beyond "
-                            "float32; expected a measurement (or add the value to missing_values)")
+    bad = _bad_value(values, [src.transforms.get(v, src.transform) for v in src.variables])
+    if bad is not None:  # per-site files (a gauge table is checked as it is read)
+        (r, f), why = bad
+        site = ids[site_index[r]]
+        raise DataFileError(f"{what}: {path_of(src.path.replace('{site}', site))!r} gives site {site!r} on "
+                            f"{day_to_iso(days[r])} the {src.variables[f]!r} value {values[r, f]:g}, {why}")
     remap = np.full(len(ids), -1)
     remap[keep] = np.arange(keep.size)
     first, last = int(days.min()), int(days.max())
@@ -1001,6 +1129,7 @@ class RegionDataset(Dataset):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.config = copy.deepcopy(data)
         self.split, self.steps, self.stride = split, data.steps, data.stride
+        _check_periods_apart(_grid_periods(data.region))
         self.region = load_region(data)
         r = self.region
         self.data_paths = list(r.paths)
@@ -1030,6 +1159,7 @@ class RegionDataset(Dataset):
         self.spec = DatasetSpec(tuple(modalities), static_dim=0, grid_shape=tuple(r.frame))
         self.starts = self._windows()
         log.info("%s split: %d windows of %d days over %s", split, len(self.starts), self.steps, r.describe)
+        self._warn_windows_without_grids()
 
     # -- construction ----------------------------------------------------------------------------------------
     def _range(self, split: str) -> tuple[int, int]:
@@ -1051,13 +1181,32 @@ class RegionDataset(Dataset):
         d0, d1 = self._ranges[self.split]
         starts = list(range(d0, d1 - self.steps + 2, self.stride))
         if not starts:
+            p0, p1 = self.region.periods.get(self.split, (d0, d1))
+            period = f"{day_to_iso(d0)}..{day_to_iso(d1)}" if d1 >= d0 else \
+                f"{day_to_iso(p0)}..{day_to_iso(p1)} (data.region.split.{self.split}), outside"
             raise DataFileError(
                 f"the {self.split} split holds no window of data.steps={self.steps} days: its period is "
-                f"{day_to_iso(d0)}..{day_to_iso(d1)} ({max(d1 - d0 + 1, 0)} days) of the record "
+                f"{period} ({max(d1 - d0 + 1, 0)} days) of the record "
                 f"{day_to_iso(self.region.record[0])}..{day_to_iso(self.region.record[1])} ({self.region.describe}); "
                 f"expected a {self.split} period of at least {self.steps} days, a shorter data.steps, or other "
                 "split dates")
         return starts
+
+    def _warn_windows_without_grids(self) -> None:
+        """Log the windows that hold no day of any grid (the site sets' data run beyond the grids)."""
+        spans = [g.days for g in self.region.grids.values()]
+        if not spans:
+            return
+        starts = np.asarray(self.starts)
+        bare = np.ones(starts.size, dtype=bool)
+        for first, last in spans:
+            bare &= (starts + self.steps - 1 < first) | (starts > last)
+        if bare.any():
+            log.warning("%s split: %d of %d windows (from %s) hold no day of any grid (the grids cover %s): their "
+                        "samples carry site values only; set data.region.split inside the grids' days to leave them "
+                        "out", self.split, int(bare.sum()), starts.size, day_to_iso(int(starts[bare][0])),
+                        ", ".join(f"{n} {day_to_iso(a)}..{day_to_iso(b)}" for n, (a, b) in
+                                  zip(self.region.grids, spans, strict=True)))
 
     @staticmethod
     def _days(s: SiteSetData, d0: int, d1: int) -> np.ndarray:
@@ -1075,7 +1224,8 @@ class RegionDataset(Dataset):
                        "site_static": {}, "site_layouts": {}}
         for name, grid in r.grids.items():
             sums = grid.moments(d0, d1, r.grid_transforms[name])
-            stats["modalities"][name] = self._channel_stats(name, "grid", r.grid_transforms[name], sums, d0, d1)
+            stats["modalities"][name] = self._channel_stats(name, "grid", r.grid_transforms[name], sums, d0, d1,
+                                                            covered=grid.days)
         for s in r.site_sets:
             x = self._days(s, d0, d1)  # [L, S, F] physical
             sums = np.zeros((3, len(s.variables)))
@@ -1091,7 +1241,9 @@ class RegionDataset(Dataset):
                     per_site[s.variables[f]] = {site: [float(mean[i]), float(math.sqrt(var[i]))]
                                                 for i, site in enumerate(s.ids)
                                                 if count[i] >= 2 and math.sqrt(var[i]) > 1e-6 * max(1, abs(mean[i]))}
-            entry = self._channel_stats(s.name, "sites", s.transforms, sums, d0, d1, s.source)
+            observed = np.flatnonzero(np.isfinite(s.values).any(axis=(1, 2)))
+            covered = (s.first_day + int(observed[0]), s.first_day + int(observed[-1])) if observed.size else None
+            entry = self._channel_stats(s.name, "sites", s.transforms, sums, d0, d1, s.source, covered)
             if per_site:
                 entry["per_site"] = per_site
             stats["modalities"][s.name] = entry
@@ -1117,14 +1269,15 @@ class RegionDataset(Dataset):
         return grouping.file if os.path.isabs(grouping.file) else os.path.join(root, grouping.file)
 
     def _channel_stats(self, name: str, kind: str, transforms: list[str], sums: np.ndarray, d0: int, d1: int,
-                       source: str = "") -> dict:
+                       source: str = "", covered: tuple[int, int] | None = None) -> dict:
         means, stds = [], []
         for c, channel in enumerate(self.channel_names[name]):
             count, s1, s2 = sums[:, c]
             if count == 0:
                 where = f" ({source})" if source else ""
+                span = f" (its data run {day_to_iso(covered[0])}..{day_to_iso(covered[1])})" if covered else ""
                 raise DataFileError(f"{kind} {name!r}{where}: {channel!r} has no valid value in the training period "
-                                    f"{day_to_iso(d0)}..{day_to_iso(d1)}; expected observed values there")
+                                    f"{day_to_iso(d0)}..{day_to_iso(d1)}{span}; expected observed values there")
             mean = s1 / count
             std = math.sqrt(max(s2 / count - mean * mean, 0.0))
             means.append(float(mean))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,12 @@ def build_layout(ids: Sequence[str], rows: np.ndarray, cols: np.ndarray, groupin
     return SiteLayout(slot_ids, slot_rows, slot_cols)
 
 
+def id_number(site: str) -> int | None:
+    """The number a site id of digits writes (``01022500``, or ``1022500.0`` from a float column), else None."""
+    digits = re.fullmatch(r"(\d+)(?:\.0*)?", site)
+    return int(digits.group(1)) if digits else None
+
+
 def _file_groups(ids: list[str], path: Path, unused: set[str]) -> list[list[int]]:
     """Site indices per group from a ``site_id,group`` table (every site of ``ids`` exactly once; rows of
     ``unused`` sites are skipped).
@@ -229,6 +236,10 @@ def _file_groups(ids: list[str], path: Path, unused: set[str]) -> list[list[int]
                              f"{columns}")
         site_at, group_at = columns.index("site_id"), columns.index("group")
         known = set(ids)
+        by_number: dict[int, list[str]] = {}
+        for site in [*ids, *sorted(unused)]:
+            if id_number(site) is not None:
+                by_number.setdefault(id_number(site), []).append(site)
         labels: dict[str, str] = {}
         for row in reader:
             if not any(cell.strip() for cell in row):
@@ -239,7 +250,10 @@ def _file_groups(ids: list[str], path: Path, unused: set[str]) -> list[list[int]
             if site in unused:
                 continue
             if site not in known:
-                raise ValueError(f"groups_file {str(path)!r} line {line}: site {site!r} is not in the site table")
+                same = by_number.get(id_number(site), []) if id_number(site) is not None else []
+                hint = f" (the site table writes {same} for that number: write the id as it does)" if same else ""
+                raise ValueError(f"groups_file {str(path)!r} line {line}: site {site!r} is not in the site table"
+                                 f"{hint}")
             if site in labels:
                 raise ValueError(f"groups_file {str(path)!r} line {line}: site {site!r} is listed twice")
             if not label:
