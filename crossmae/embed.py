@@ -43,6 +43,7 @@ from crossmae.data.loader import make_collator
 from crossmae.fill import (
     GapCollator,
     add_run_arguments,
+    check_device,
     check_output,
     check_targets,
     open_run,
@@ -141,7 +142,7 @@ def embed_run(run_dir: str | Path, out: str | Path, *, config_file: str | None =
         data_root: the run's data folder when it moved.
         stride: days between window starts (default ``data.steps``).
         batch_size: windows per forward.
-        device: where the model runs.
+        device: where the model runs (``cpu``, ``cuda``, ``cuda:N``, ``auto``).
     """
     out = Path(out)
     if out.suffix not in (".nc", ".parquet"):
@@ -150,6 +151,7 @@ def embed_run(run_dir: str | Path, out: str | Path, *, config_file: str | None =
         raise ValueError(f"out {str(out)!r}: Parquet needs pyarrow (pip install pyarrow), or write a .nc file")
     if stride is not None and stride < 1 or batch_size < 1:
         raise ValueError(f"stride and batch_size must be at least 1, got {stride} and {batch_size}")
+    device = check_device(device)
     check_output(out, "out", folder=False)
     run = open_run(run_dir, checkpoint, config_file, data_root, device)
     check_targets([out], run.dataset, "out")
@@ -176,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for basin, why in emb.skipped.items():
         print(f"skipped {basin}: {why}")
+    seen = np.sum([v for v in emb.tokens.values()], axis=0)  # [W] tokens of all modalities
+    for basin in dict.fromkeys(emb.basins):
+        if not seen[np.array(emb.basins) == basin].any():
+            print(f"basin {basin}: no observed value in any window; its modality embeddings are NaN")
     dim = emb.pooled["joint"].shape[1]
     print(f"{len(emb.basins)} windows x {dim} features ({', '.join(emb.pooled)}) in {args.out}")
     return 0

@@ -184,7 +184,7 @@ class InferenceRun:
 
 
 def open_run(run_dir: str | Path, checkpoint: str | Path | None = None, config_file: str | None = None,
-             data_root: str | None = None, device: str = "cpu") -> InferenceRun:
+             data_root: str | None = None, device: str | torch.device = "cpu") -> InferenceRun:
     """Load a run's weights and build the whole-record data set it will read (see the module docstring)."""
     from crossmae.evaluate import _load
 
@@ -221,6 +221,22 @@ def _check_weights_fit(model: MultimodalCrossMAE, weights: dict, dataset) -> Non
         raise ValueError("the run's weights do not fit this data: " + "; ".join(sorted(set(wrong))))
 
 
+def check_device(device: str) -> torch.device:
+    """``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``: CUDA when available) as a torch device; ValueError
+    naming ``--device`` when it does not parse or is not on this machine."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; expected cpu, cuda, cuda:N or auto") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available() or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto")
+    return parsed
+
+
 def check_output(path: str | Path, arg: str, *, folder: bool) -> None:
     """Raise ValueError naming ``arg`` and ``path`` unless ``path`` can be written: a folder (``folder``) or a file
     that is not a folder, under a writable folder. Nothing is created."""
@@ -238,10 +254,15 @@ def check_output(path: str | Path, arg: str, *, folder: bool) -> None:
         raise ValueError(f"{arg} {str(path)!r}: the folder {str(existing)!r} is not writable")
 
 
-def check_targets(targets: list[Path], dataset, arg: str) -> None:
-    """Raise ValueError naming ``arg`` when a file to write is one of the data set's input files or a folder."""
+def check_targets(targets: list[Path], dataset, arg: str, inside: Path | None = None) -> None:
+    """Raise ValueError naming ``arg`` when a file to write is one of the data set's input files or a folder, or
+    lies outside the folder ``inside`` (a basin id such as ``../x``)."""
     inputs = {os.path.realpath(p) for p in dataset.input_files()}
     for path in targets:
+        if inside is not None and os.path.commonpath([os.path.realpath(inside), os.path.realpath(path)]) \
+                != os.path.realpath(inside):
+            raise ValueError(f"{arg}: {str(path)!r} lies outside {str(inside)!r} (a basin id with '..'?); expected "
+                             "basin ids that name files inside the output folder")
         if os.path.realpath(path) in inputs:
             raise ValueError(f"{arg}: writing {str(path)!r} would overwrite an input file of the data; choose "
                              "another output")
@@ -435,7 +456,7 @@ def fill_run(run_dir: str | Path, out_dir: str | Path, *, config_file: str | Non
         extra_ratio: share of the observed tokens each ensemble pass also hides, in (0, 1).
         seed: seed of the ensemble passes.
         batch_size: windows per forward.
-        device: where the model runs.
+        device: where the model runs (``cpu``, ``cuda``, ``cuda:N``, ``auto``).
     """
     for key, value, ok in (("stride", stride, stride is None or stride >= 1),
                            ("members", members, members == 0 or members >= 2),
@@ -445,14 +466,15 @@ def fill_run(run_dir: str | Path, out_dir: str | Path, *, config_file: str | Non
             raise ValueError(f"{key} is out of range: {value}" + (" (0: no band; a 10-90 % band needs at least 2)"
                                                                   if key == "members" else ""))
     out_dir = Path(out_dir)
+    device = check_device(device)
     check_output(out_dir, "--out", folder=True)
     run = open_run(run_dir, checkpoint, config_file, data_root, device)
     dataset = run.dataset
     stride = stride or max(1, dataset.steps // 2)
     starts, short = record_windows(dataset, stride)
-    check_targets([out_dir / m.name / f"{basin}.{'nc' if m.kind == 'grid' else 'csv'}"
-                   for m in dataset.spec.modalities for basin in dataset.basins if basin not in short],
-                  dataset, "--out")
+    for m in dataset.spec.modalities:
+        check_targets([out_dir / m.name / f"{basin}.{'nc' if m.kind == 'grid' else 'csv'}"
+                       for basin in dataset.basins if basin not in short], dataset, "--out", inside=out_dir / m.name)
     report = FillReport(skipped=dict(short))
     central = predict_record(run, starts, batch_size=batch_size)
     draws = [predict_record(run, starts, extra_ratio=extra_ratio, stream=seed * 1009 + j + 1, batch_size=batch_size)

@@ -47,7 +47,7 @@ import torch
 from crossmae.checkpoint import write_atomic_text
 from crossmae.data.loader import build_dataset, make_collator
 from crossmae.evaluate import _finite_or_none, _flow_names, _load, interpolate_masked, kge, nse
-from crossmae.fill import GapCollator, resolve_data
+from crossmae.fill import GapCollator, check_device, resolve_data
 from crossmae.model import MultimodalCrossMAE
 
 PRECIP_NAMES = ("pre", "precip", "precipitation", "prcp", "prcp(mm/day)", "rain", "tp")
@@ -147,6 +147,7 @@ def evaluate_gaps(run_dir: str | Path, gap_days: int, split: str = "val", checkp
     for key, value in (("--stride", stride), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{key} must be at least 1, got {value}")
+    device = check_device(device)
     run_dir = Path(run_dir)
     config, weights, norm_stats, ckpt_path, step = _load(run_dir, Path(checkpoint) if checkpoint else None)
     config = copy.deepcopy(config)

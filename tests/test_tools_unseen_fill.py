@@ -278,3 +278,46 @@ def test_a_grid_of_another_size_under_learned_space_is_named(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "grid 'pre' has 2 patch positions here (2x4 cells), the run learned 4 (model.learned_space)" in err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu0", "--device 'gpu0' is not a device; expected cpu, cuda, cuda:N or auto"),
+    ("meta", "--device 'meta': expected cpu, cuda, cuda:N or auto"),
+    ("cuda:64", "--device 'cuda:64': this machine has"),
+])
+def test_a_device_that_is_not_here_stops_before_any_work(gauges, tmp_path, device, message, no_work):
+    _, run = gauges
+    for call in (lambda: fill_run(run, tmp_path / "out", device=device),
+                 lambda: embed_run(run, tmp_path / "e.nc", device=device),
+                 lambda: evaluate_gaps(run, 5, "val", device=device)):
+        with pytest.raises(ValueError, match=message):
+            call()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "e.nc").exists()
+
+
+def test_a_basin_id_that_leaves_the_output_folder_is_named(gauges, tmp_path, no_work):
+    data, run = gauges
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    for name, basin in (("sub/plain.csv", "plain"), ("escape.csv", "bom")):
+        (tmp_path / "data" / name).write_bytes((data / f"{basin}.csv").read_bytes())
+    config = tmp_path / "other.yaml"
+    config.write_text(yaml.safe_dump({"data": gauge_section(tmp_path / "data" / "sub", ["plain", "../escape"])}))
+    with pytest.raises(ValueError, match="lies outside .*out/flow' \\(a basin id with '..'\\?\\)"):
+        fill_run(run, tmp_path / "out", config_file=str(config))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_basin_with_nothing_observed_is_skipped_by_fill_and_named_by_embed(gauges, tmp_path, capsys):
+    data, run = gauges
+    lines = (data / "plain.csv").read_text(encoding="utf-8-sig").splitlines()
+    void = [*lines[:2], *[f"{line.split(';')[0]};-9999;;x" for line in lines[2:]]]
+    (tmp_path / "void.csv").write_text("\n".join(void) + "\n")
+    (tmp_path / "plain.csv").write_bytes((data / "plain.csv").read_bytes())
+    config = tmp_path / "other.yaml"
+    config.write_text(yaml.safe_dump({"data": gauge_section(tmp_path, ["plain", "void"])}))
+    report = fill_run(run, tmp_path / "out", config_file=str(config), members=2)
+    assert report.skipped == {"flow/void": "no observed value in the whole record",
+                              "rain/void": "no observed value in the whole record"}
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*.csv")) == ["plain.csv", "plain.csv"]
+    assert embed_main(["--run", str(run), "--config", str(config), "--out", str(tmp_path / "e.nc")]) == 0
+    assert "basin void: no observed value in any window; its modality embeddings are NaN" in capsys.readouterr().out
