@@ -48,6 +48,7 @@ from crossmae.fill import (
     check_targets,
     open_run,
     record_windows,
+    sigterm_as_exit,
     write_atomic,
 )
 
@@ -171,11 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        emb = embed_run(args.run, args.out, config_file=args.config, checkpoint=args.checkpoint,
-                        data_root=args.data_root, stride=args.stride, batch_size=args.batch_size, device=args.device)
+        with sigterm_as_exit():
+            emb = embed_run(args.run, args.out, config_file=args.config, checkpoint=args.checkpoint,
+                            data_root=args.data_root, stride=args.stride, batch_size=args.batch_size,
+                            device=args.device)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the output file was not written", file=sys.stderr)
+        return 130
     for basin, why in emb.skipped.items():
         print(f"skipped {basin}: {why}")
     seen = np.sum([v for v in emb.tokens.values()], axis=0)  # [W] tokens of all modalities

@@ -20,7 +20,8 @@ Ensemble spread (``--members M``, M ≥ 2)
     quantiles are written beside the filled value (which comes from the pass that hides only the missing
     tokens).
 
-Files (written atomically: a temporary file, then a rename; an interrupted fill leaves whole files or none)
+Files (written atomically: a temporary file, then a rename; a fill stopped by Ctrl-C or SIGTERM leaves whole
+files or none, and exits 130 or 143)
     ``OUT/<modality>/<basin>.csv`` for a series modality: three comment lines (``# run:``, ``# checkpoint:``
         with its step, ``# written:`` UTC time), then the header ``date,<column>...,<column>_flag...`` (and
         ``<column>_q10,<column>_q90`` with ``--members``), one row per record day; the flag is ``observed``,
@@ -42,11 +43,14 @@ another size under ``model.learned_space``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -379,6 +383,24 @@ def predict_record(run: InferenceRun, starts: list[tuple[int, int]], *, extra_ra
                 for s, c in zip(sums[n], counts[n])] for n in names}
 
 
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """Inside the block SIGTERM raises ``SystemExit(143)``, so a file being written is removed like on Ctrl-C
+    (never left as a temporary); the previous handler comes back after. Main thread only (else a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def write_atomic(path: Path, write) -> None:
     """Call ``write(tmp_path)``, then rename the temporary file onto ``path`` (nothing half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -549,13 +571,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        report = fill_run(args.run, args.out, config_file=args.config, checkpoint=args.checkpoint,
-                          data_root=args.data_root, stride=args.stride, members=args.members,
-                          extra_ratio=args.extra_ratio, seed=args.seed, batch_size=args.batch_size,
-                          device=args.device)
+        with sigterm_as_exit():
+            report = fill_run(args.run, args.out, config_file=args.config, checkpoint=args.checkpoint,
+                              data_root=args.data_root, stride=args.stride, members=args.members,
+                              extra_ratio=args.extra_ratio, seed=args.seed, batch_size=args.batch_size,
+                              device=args.device)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: whole files or none were written", file=sys.stderr)
+        return 130
     for key, count in report.filled.items():
         print(f"{key}: {count} values filled")
     for key, why in report.skipped.items():

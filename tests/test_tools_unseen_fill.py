@@ -6,6 +6,7 @@ one shorter than a window. Bad outputs and arguments stop before any work, namin
 from __future__ import annotations
 
 import os
+import signal
 
 import numpy as np
 import pandas as pd
@@ -202,24 +203,6 @@ def test_an_unwritable_output_folder_stops_before_any_work(gauges, tmp_path, mon
     assert not (locked / "out").exists()
 
 
-def test_an_interrupted_fill_leaves_whole_files_or_none(gauges, tmp_path, monkeypatch):
-    _, run = gauges
-    real, calls = fill.day_to_iso, {"n": 0}
-
-    def interrupted(day):
-        calls["n"] += 1
-        if calls["n"] > DAYS + DAYS // 2:  # Ctrl-C half-way through the second file
-            raise KeyboardInterrupt
-        return real(day)
-
-    monkeypatch.setattr(fill, "day_to_iso", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        fill_run(run, tmp_path / "out")
-    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
-    assert written == [tmp_path / "out" / "flow" / "bom.csv"]  # no temporary file left, no half-written one
-    assert len(pd.read_csv(written[0], skiprows=3)) == DAYS
-
-
 def test_a_config_whose_transforms_differ_stops_before_any_work(gauges, tmp_path, capsys, no_work):
     data, run = gauges
     section = gauge_section(data, BASINS)
@@ -321,3 +304,45 @@ def test_a_basin_with_nothing_observed_is_skipped_by_fill_and_named_by_embed(gau
     assert sorted(p.name for p in (tmp_path / "out").rglob("*.csv")) == ["plain.csv", "plain.csv"]
     assert embed_main(["--run", str(run), "--config", str(config), "--out", str(tmp_path / "e.nc")]) == 0
     assert "basin void: no observed value in any window; its modality embeddings are NaN" in capsys.readouterr().out
+
+
+def ctrl_c():
+    raise KeyboardInterrupt
+
+
+class OutsideHandler(Exception):
+    """Raised by the test's own SIGTERM handler: main did not install one."""
+
+
+def test_sigterm_or_ctrl_c_in_the_middle_of_a_file_leaves_whole_files_or_none(gauges, tmp_path, monkeypatch,
+                                                                              capsys):
+    _, run = gauges
+    for stop, code in ((lambda: os.kill(os.getpid(), signal.SIGTERM), 143), (ctrl_c, 130)):
+        out = tmp_path / f"out{code}"
+        real, calls = fill.day_to_iso, {"n": 0}
+
+        def stopping(day, stop=stop, real=real, calls=calls):
+            calls["n"] += 1
+            if calls["n"] == DAYS + DAYS // 2:  # half-way through the second file
+                stop()
+            return real(day)
+
+        monkeypatch.setattr(fill, "day_to_iso", stopping)
+
+        def outside(signum, frame):
+            raise OutsideHandler
+
+        previous = signal.signal(signal.SIGTERM, outside)
+        try:
+            if code == 143:
+                with pytest.raises(SystemExit) as stopped:
+                    main(["--run", str(run), "--out", str(out)])
+                assert stopped.value.code == code
+            else:
+                assert main(["--run", str(run), "--out", str(out)]) == code
+                assert "interrupted: whole files or none were written" in capsys.readouterr().err
+            assert signal.getsignal(signal.SIGTERM) is outside  # main put the caller's handler back
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        written = [p for p in out.rglob("*") if p.is_file()]
+        assert written == [out / "flow" / "bom.csv"]  # no temporary file, no half-written one
