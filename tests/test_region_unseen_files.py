@@ -84,6 +84,26 @@ def test_thousands_separators_read_when_unambiguous_and_asked_when_not(tmp_path)
         open_region(tmp_path, data_section(tmp_path, {}))
 
 
+def test_a_spreadsheets_unicode_text_export_utf16_and_tabs(tmp_path):
+    """Excel's "Unicode Text (*.txt)": UTF-16 with a byte-order mark, separated by tabs, CRLF."""
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path)
+    text = "\r\n".join(line.replace(",", "\t") for line in tidy_lines()) + "\r\n"
+    (tmp_path / "gauges.txt").write_bytes(text.encode("utf-16"))
+    assert_reads_the_tidy_values(open_region(tmp_path, data_section(tmp_path, {"path": "gauges.txt"})))
+
+
+def test_dates_with_month_names(tmp_path):
+    """`05-Jan-2001` (a spreadsheet's dd-mmm-yyyy) and `5 Jan 2001`."""
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path)
+    for fmt in ("%d-%b-%Y", "%-d %b %Y"):
+        lines = ["site_id,date,flow,evap"] + [f"{s},{(FIRST + d).astype(object):{fmt}},{q},{e}"
+                                              for s, d, q, e in gauge_rows()]
+        write_gauges(tmp_path, lines)
+        assert_reads_the_tidy_values(open_region(tmp_path, data_section(tmp_path, {})))
+
+
 def test_a_spreadsheet_day_number_as_a_date_is_named(tmp_path):
     write_grid(tmp_path)
     write_tidy_sites(tmp_path)
@@ -259,6 +279,10 @@ def test_swapped_impossible_and_marked_coordinates_are_named(tmp_path):
     write_tidy_sites(tmp_path, {**SITES, "b": (149.5, 7.41, 220.0)})
     with pytest.raises(DataFileError, match=r"site 'b' of '.*sites.csv' \(line 3\) has lat=149.5, which is no "
                                             r"latitude; expected -90..90"):
+        open_region(tmp_path, data_section(tmp_path, {}))
+    write_tidy_sites(tmp_path, {**SITES, "b": (5.5e6, 4.1e5, 220.0)})  # a projection's metres
+    with pytest.raises(DataFileError, match=r"has lat=5.5e\+06, which is no latitude \(metres of a projection\? set "
+                                            r"coords: xy\)"):
         open_region(tmp_path, data_section(tmp_path, {}))
     write_tidy_sites(tmp_path, {**SITES, "b": (-9999, 7.41, 220.0)})  # the table's missing-value marker
     with pytest.raises(DataFileError, match=r"column 'lat' of '.*sites.csv' has no value for site 'b' on line 3"):

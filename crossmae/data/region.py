@@ -23,8 +23,9 @@ Where the data comes from
         logged).
     Tables as users write them (:func:`read_user_table`, :func:`read_gauge_table`, :func:`read_site_table`):
         the separator of the header when it is not the configured one; decimal commas in files not separated
-        by commas; UTF-8 (byte-order mark or not) or Latin-1; ``skip_rows``, a units line under the header,
-        blank lines dropped, every row keeping its file line for messages; column names matched in any case,
+        by commas, thousands separators beside a decimal mark; UTF-8 (byte-order mark or not), Latin-1 or
+        UTF-16 (with its mark); ``skip_rows``, a units line under the header, blank lines dropped, every row
+        keeping its file line for messages; column names matched in any case,
         without units in brackets, or by a usual other name (:data:`COLUMN_ALIASES`); dates in ISO 8601 (times
         and zones dropped to the local date), ``date_format``, the one of :data:`DATE_FORMATS` that reads every
         date, or year/month/day columns; site ids as text (leading zeros kept; an id of digits that lost them
@@ -124,7 +125,8 @@ FILL_VALUES = (  # values that tools write for "no data", never a measurement
 )
 MISSING_TEXT = frozenset(("", "na", "nan", "-nan", "n/a", "#n/a", "#na", "<na>", "null", "none", "-", "--"))
 TABLE_DELIMITERS = (",", ";", "\t", "|")
-DATE_FORMATS = ("%Y/%m/%d", "%d.%m.%Y", "%Y.%m.%d", "%Y%m%d", "%d/%m/%Y", "%m/%d/%Y", "%d-%m-%Y")
+DATE_FORMATS = ("%Y/%m/%d", "%d.%m.%Y", "%Y.%m.%d", "%Y%m%d", "%d/%m/%Y", "%m/%d/%Y", "%d-%m-%Y", "%d-%b-%Y",
+                "%d %b %Y")
 ISO_ZONE = r"(?<=\d:\d\d)(?::\d\d(?:\.\d+)?)?\s*(?:Z|[+-]\d\d(?::?\d\d)?)$"  # seconds and the zone of an ISO time
 DATE_PARTS = (("year", "yyyy", "yr"), ("month", "mnth", "mon", "mm"), ("day", "dd"))
 COLUMN_ALIASES = {  # a default column name -> the other names a table may give that column
@@ -283,9 +285,10 @@ def read_user_table(path: str, delimiter: str, skip_rows: Sequence[int], what: s
     """A CSV or Parquet (by extension) table.
 
     CSV: separated by ``delimiter``, or by the one of ``, ; tab |`` that the header holds more often, or by
-    whitespace when the header holds none of them; UTF-8 with or without a byte-order mark, else Latin-1;
-    ``skip_rows`` (0-based file lines) are skipped, and so are blank and ``#`` comment lines above the header;
-    blank lines and lines of empty fields are dropped; every other row keeps its file line number."""
+    whitespace when the header holds none of them; UTF-16 after its byte-order mark, else UTF-8 with or without
+    one, else Latin-1; ``skip_rows`` (0-based file lines) are skipped, and so are blank and ``#`` comment lines
+    above the header; blank lines and lines of empty fields are dropped; every other row keeps its file line
+    number."""
     import pandas as pd
 
     if path.lower().endswith((".parquet", ".pq")):
@@ -307,10 +310,11 @@ def read_user_table(path: str, delimiter: str, skip_rows: Sequence[int], what: s
     skip = sorted({int(r) for r in skip_rows})
     if skip and skip[0] < 0:
         raise DataFileError(f"{what}: skip_rows holds {skip[0]}; expected 0-based line numbers of {path!r}")
-    header, skip = _header(path, skip, what)
+    utf16 = _is_utf16(path, what)
+    header, skip = _header(path, skip, what, "utf-16" if utf16 else "utf-8")
     sep = _sniff_delimiter(header, delimiter, path, what)
     frame, encoding = None, "utf-8-sig"
-    for encoding in ("utf-8-sig", "latin-1"):
+    for encoding in ("utf-16",) if utf16 else ("utf-8-sig", "latin-1"):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", pd.errors.ParserWarning)
@@ -348,9 +352,8 @@ def _check_extra_fields(path: str, sep: str, skip: list[int], width: int, encodi
     separator, an empty last field, is fine)."""
     import csv
 
-    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(os.path.splitext(path)[1].lower(), open)
     skipped = set(skip)
-    with opener(path, "rt", encoding=encoding, newline="") as handle:
+    with _opener(path)(path, "rt", encoding=encoding, newline="") as handle:
         lines = (line for n, line in enumerate(handle) if n not in skipped)
         next(lines, None)  # the header
         for n, line in enumerate(lines):
@@ -368,12 +371,25 @@ def _file_line(i: int, skip: list[int]) -> int:
     return int(np.flatnonzero(read)[i + 1]) + 1
 
 
-def _header(path: str, skip: list[int], what: str) -> tuple[str, list[int]]:
+def _opener(path: str):
+    """``open``, or the opener of the file's compression (by extension)."""
+    return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(os.path.splitext(path)[1].lower(), open)
+
+
+def _is_utf16(path: str, what: str) -> bool:
+    """Whether the file starts with a UTF-16 byte-order mark (a spreadsheet's "Unicode text")."""
+    try:
+        with _opener(path)(path, "rb") as handle:
+            return handle.read(2) in (b"\xff\xfe", b"\xfe\xff")
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        raise DataFileError(f"{what}: can't read {path!r}: {exc}") from None
+
+
+def _header(path: str, skip: list[int], what: str, encoding: str = "utf-8") -> tuple[str, list[int]]:
     """The header line of a CSV file, and ``skip`` with the blank and ``#`` comment lines above the header."""
     skip = list(skip)
-    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(os.path.splitext(path)[1].lower(), open)
     try:
-        with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
+        with _opener(path)(path, "rt", encoding=encoding, errors="replace") as handle:
             for n, line in enumerate(handle):
                 if n in skip:
                     continue
@@ -863,7 +879,9 @@ def place_sites(coords: dict[str, np.ndarray], table: SiteTableSource, reader: G
         if beyond.size:
             i = int(beyond[0])
             raise DataFileError(f"{what}: site {ids[i]!r} of {path!r}{f' ({where[i]})' if len(where) else ''} has "
-                                f"{table.lat_column}={lat[i]:g}, which is no latitude; expected -90..90")
+                                f"{table.lat_column}={lat[i]:g}, which is no latitude"
+                                f"{' (metres of a projection? set coords: xy)' if abs(lat[i]) > 1000 else ''}; "
+                                "expected -90..90")
     rows, cols, extent = _frame_position(coords, table, reader, frame, what)
     outside = ~((rows >= 0) & (rows < frame[0]) & (cols >= 0) & (cols < frame[1]))
     if outside.any():
