@@ -25,19 +25,20 @@ files or none, and exits 130 or 143)
     ``OUT/<modality>/<basin>.csv`` for a series modality: three comment lines (``# run:``, ``# checkpoint:``
         with its step, ``# written:`` UTC time), then the header ``date,<column>...,<column>_flag...`` (and
         ``<column>_q10,<column>_q90`` with ``--members``), one row per record day; the flag is ``observed``,
-        ``filled`` or ``missing`` (not predicted: a modality the run reconstructs only up to its scale,
-        ``model.norm_pix_loss``). Read it back with the project's CSV reader: ``format: csv``,
-        ``skip_rows: [0, 1, 2]``.
+        ``filled`` or ``missing`` (not predicted: no window around it holds an observed value). Read it back
+        with the project's CSV reader: ``format: csv``, ``skip_rows: [0, 1, 2]``.
     ``OUT/<modality>/<basin>.nc`` for a grid modality: each variable ``(time, y, x)`` filled, ``filled``
         ``(time, y, x)`` uint8 (1 = filled), with ``--members`` ``<variable>_q10`` and ``<variable>_q90``; the
         grid's coordinates after the crop; attributes ``crossmae_run``, ``crossmae_checkpoint``,
         ``crossmae_step``, ``crossmae_written``.
 
 A basin-modality with no observed value in its whole record is not filled (that would be noise): it is
-reported and skipped. A record shorter than one window is reported and skipped. Before any work it stops,
-naming the argument and the path, when ``--out`` is a file, lies under a file or an unwritable folder, or
-would overwrite one of the data's input files, and when the run's weights do not fit the data (a grid of
-another size under ``model.learned_space``).
+reported and skipped. Likewise a window with no observed value of any modality predicts nothing: a day that
+only such windows cover stays missing (flag ``missing``, counted in the report). A record shorter than one
+window is reported and skipped. Before any work it stops, naming the argument and the value, when ``--out``
+is a file, lies under a file or an unwritable folder, or would overwrite one of the data's input files, when
+``--stride`` exceeds ``data.steps`` (days no window covers), when ``--device`` is not on this machine, and
+when the run's weights do not fit the data (a grid of another size under ``model.learned_space``).
 """
 
 from __future__ import annotations
@@ -326,11 +327,14 @@ class FillReport:
     Attributes:
         files: the files written.
         filled: ``"<modality>/<basin>"`` → number of values filled.
+        left_missing: ``"<modality>/<basin>"`` → number of missing values left missing: every window that
+            covers them has no observed value of any modality.
         skipped: ``"<modality>/<basin>"`` (or a basin id) → why it was not filled.
     """
 
     files: list[Path] = field(default_factory=list)
     filled: dict[str, int] = field(default_factory=dict)
+    left_missing: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
 
 
@@ -338,8 +342,9 @@ def predict_record(run: InferenceRun, starts: list[tuple[int, int]], *, extra_ra
                    batch_size: int = 8) -> dict[str, list[np.ndarray | None]]:
     """The model's prediction of every hidden value, averaged over the windows that predicted it, in physical
     units: modality → per basin position ``[N, F]`` (series) or ``[N, C, h, w]`` (grid) float64 over the
-    record, NaN where nothing was predicted (None for a basin without windows). Modalities the run reconstructs
-    only up to scale (``model.norm_pix_loss``) are left out."""
+    record, NaN where nothing was predicted (None for a basin without windows). A window with no observed value
+    of any modality predicts nothing (it would be the model's guess from nothing). Modalities the run
+    reconstructs only up to scale (``model.norm_pix_loss``) are left out."""
     dataset, model, steps = run.dataset, run.model, run.dataset.steps
     collator = GapCollator.from_collator(make_collator(run.config, dataset), extra_ratio, stream)
     names = [m.name for m in dataset.spec.modalities if m.name not in model.norm_pix_names]
@@ -349,6 +354,9 @@ def predict_record(run: InferenceRun, starts: list[tuple[int, int]], *, extra_ra
     for first in range(0, len(starts), batch_size):
         samples: list[Sample] = [dataset[(i, i)] for i in range(first, min(first + batch_size, len(starts)))]
         batch = collator(samples)
+        informed = torch.zeros(len(samples), dtype=torch.bool)  # [B]: the window holds an observed value
+        for mb in batch.modalities.values():
+            informed |= mb.encoder.visible.lengths.cpu() > 0
         with torch.no_grad():
             predictions = model(batch.to(next(model.parameters()).device)).predictions
         for name in names:
@@ -365,6 +373,8 @@ def predict_record(run: InferenceRun, starts: list[tuple[int, int]], *, extra_ra
                 recon = tokens[:, :, 0]  # [B, T, F]
             recon = dataset.denormalize(name, recon.double()).numpy()
             for k, s in enumerate(samples):
+                if not informed[k]:
+                    continue
                 b, start = dataset.starts[s.meta["index"]]
                 first_day, last_day = dataset.records[b]
                 if sums[name][b] is None:
@@ -493,6 +503,9 @@ def fill_run(run_dir: str | Path, out_dir: str | Path, *, config_file: str | Non
     run = open_run(run_dir, checkpoint, config_file, data_root, device)
     dataset = run.dataset
     stride = stride or max(1, dataset.steps // 2)
+    if stride > dataset.steps:
+        raise ValueError(f"--stride {stride} is longer than a window (data.steps = {dataset.steps}): the days between "
+                         "windows would not be filled; expected at most the window length")
     starts, short = record_windows(dataset, stride)
     for m in dataset.spec.modalities:
         check_targets([out_dir / m.name / f"{basin}.{'nc' if m.kind == 'grid' else 'csv'}"
@@ -508,7 +521,7 @@ def fill_run(run_dir: str | Path, out_dir: str | Path, *, config_file: str | Non
             continue
         for b, basin in enumerate(dataset.basins):
             key = f"{m.name}/{basin}"
-            if central[m.name][b] is None:
+            if basin in short:
                 continue
             observed = dataset.physical_record(m.name, b).astype(np.float64)
             seen = np.isfinite(observed)
@@ -516,15 +529,16 @@ def fill_run(run_dir: str | Path, out_dir: str | Path, *, config_file: str | Non
                 report.skipped[key] = "no observed value in the whole record"
                 log.warning("%s: no observed value in the whole record; not filled", key)
                 continue
-            predicted = central[m.name][b]
-            if m.kind == "grid":
-                fill = ~seen & np.isfinite(predicted) & dataset.basin_mask(m.name, b)
-            else:
-                fill = ~seen & np.isfinite(predicted)
+            predicted = _or_nan(central[m.name][b], observed.shape)
+            inside = dataset.basin_mask(m.name, b) if m.kind == "grid" else True
+            fill = ~seen & np.isfinite(predicted) & inside
             values = np.where(fill, predicted, observed)
+            unfilled = int((~seen & ~fill & inside).sum())
+            if unfilled:
+                report.left_missing[key] = unfilled
             band = None
             if draws:
-                stack = np.stack([d[m.name][b] for d in draws])  # [M, N, ...]
+                stack = np.stack([_or_nan(d[m.name][b], observed.shape) for d in draws])  # [M, N, ...]
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)  # values no member predicted: NaN
                     band = np.nanquantile(stack, QUANTILES, axis=0)  # [2, N, ...]
@@ -548,6 +562,11 @@ def fill_run(run_dir: str | Path, out_dir: str | Path, *, config_file: str | Non
             report.files.append(path)
             report.filled[key] = int(fill.sum())
     return report
+
+
+def _or_nan(predicted: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    """A basin's prediction, or all NaN where no window of it predicted anything."""
+    return np.full(shape, np.nan) if predicted is None else predicted
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, *, out_help: str) -> None:
@@ -584,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     for key, count in report.filled.items():
         print(f"{key}: {count} values filled")
+    for key, count in report.left_missing.items():
+        print(f"{key}: {count} values left missing (no observed value of any modality in the windows around them)")
     for key, why in report.skipped.items():
         print(f"skipped {key}: {why}")
     print(f"{len(report.files)} file(s) in {args.out}")

@@ -346,3 +346,33 @@ def test_sigterm_or_ctrl_c_in_the_middle_of_a_file_leaves_whole_files_or_none(ga
             signal.signal(signal.SIGTERM, previous)
         written = [p for p in out.rglob("*") if p.is_file()]
         assert written == [out / "flow" / "bom.csv"]  # no temporary file, no half-written one
+
+
+def test_days_that_only_windows_without_any_observation_cover_stay_missing(gauges, tmp_path, capsys):
+    data, run = gauges
+    lines = (data / "plain.csv").read_text(encoding="utf-8-sig").splitlines()
+    outage = FIRST + np.arange(40, 80)  # every instrument off: rain and flow missing
+    off = {f"{d.astype(object):%d.%m.%Y}" for d in outage}
+    rows = [f"{line.split(';')[0]};nan;-9999;x" if line.split(";")[0] in off else line for line in lines[2:]]
+    (tmp_path / "outage.csv").write_text("\n".join([*lines[:2], *rows]) + "\n")
+    config = tmp_path / "other.yaml"
+    config.write_text(yaml.safe_dump({"data": gauge_section(tmp_path, ["outage"])}))
+    assert main(["--run", str(run), "--config", str(config), "--out", str(tmp_path / "out"), "--members", "2"]) == 0
+    printed = capsys.readouterr().out
+    # windows every 8 days; those starting on days 40, 48, 56 and 64 lie inside the outage: days 48-71 only in them
+    left = np.zeros(DAYS, dtype=bool)
+    left[48:72] = True
+    for name, column in COLUMNS.items():
+        table = pd.read_csv(tmp_path / "out" / name / "outage.csv", skiprows=3)
+        assert np.array_equal(table[f"{column}_flag"] == "missing", left)
+        assert table.loc[left, [column, f"{column}_q10", f"{column}_q90"]].isna().all().all()
+        assert np.isfinite(table.loc[table[f"{column}_flag"] == "filled", column]).all()
+        assert (table[f"{column}_flag"] == "filled").sum() == 16
+        assert f"{name}/outage: 24 values left missing" in printed
+
+
+def test_a_stride_longer_than_a_window_stops_before_any_work(gauges, tmp_path, no_work):
+    _, run = gauges
+    with pytest.raises(ValueError, match=f"--stride {STEPS + 1} is longer than a window \\(data.steps = {STEPS}\\)"):
+        fill_run(run, tmp_path / "out", stride=STEPS + 1)
+    assert not (tmp_path / "out").exists()
