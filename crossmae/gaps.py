@@ -10,7 +10,10 @@ What it does
     among the days that leave at least one day before and after it. The gap's values are removed from the
     sample; they, and any missing token, are the decoder's queries, and every other observed token (the flow
     around the gap, all other modalities) stays visible. Scores are taken over the gap days that hold an
-    observation, per basin, in physical units, on the days of all gaps of the basin together.
+    observation and a prediction of every method (``interp`` has none in a window whose flow outside the gap
+    is all missing; ``climatology`` none for a basin without training flow), so that all methods are scored on
+    the same days; per basin, in physical units, on the days of all gaps of the basin together. The other
+    observed gap days are counted as ``unscored_days``.
 
 Baselines, on the same days
     ``interp``: linear interpolation in time between the window's observed flow days outside the gap.
@@ -29,7 +32,8 @@ Forcing swapped (``swap_forcing``, a diagnostic)
     from the basin, the season and the flow around the gap does not. The baselines keep the true forcing.
     The metrics go to ``gaps<N>_<split>_swapped.json``.
 
-Metrics (``RUN/eval/gaps<N>_<split>.json``): per flow channel, per basin ``days`` and ``nse``/``kge`` of
+Metrics (``RUN/eval/gaps<N>_<split>.json``): per flow channel, per basin ``days``, ``unscored_days`` and
+``nse``/``kge`` of
 ``model``, ``interp``, ``climatology``, ``regression``; ``median_nse``/``median_kge`` of each over basins, and
 ``best_baseline`` (the baseline with the highest median NSE).
 """
@@ -242,8 +246,12 @@ def evaluate_gaps(run_dir: str | Path, gap_days: int, split: str = "val", checkp
                         x = features[b][days - first]  # [T, 13]
                         reg = np.where(np.isfinite(x).all(1), x @ fit["coef"][:-1] + fit["coef"][-1], clim)
                     interp = interpolate_masked(obs[:, c], np.isfinite(obs[:, c]) & ~gap)
-                    scored = gap & np.isfinite(obs[:, c])
-                    entry = per_day.setdefault((name, basin, c), {"obs": [], **{m: [] for m in METHODS}})
+                    observed = gap & np.isfinite(obs[:, c])
+                    scored = observed & np.isfinite(recon[k, :, c]) & np.isfinite(interp) & np.isfinite(clim) \
+                        & np.isfinite(reg)  # the days every method predicts
+                    entry = per_day.setdefault((name, basin, c),
+                                               {"obs": [], "unscored": 0, **{m: [] for m in METHODS}})
+                    entry["unscored"] += int((observed & ~scored).sum())
                     entry["obs"] += obs[scored, c].tolist()
                     entry["model"] += recon[k, scored, c].tolist()
                     entry["interp"] += interp[scored].tolist()
@@ -265,7 +273,7 @@ def evaluate_gaps(run_dir: str | Path, gap_days: int, split: str = "val", checkp
                 if n != name or ch != c:
                     continue
                 obs = np.array(entry["obs"])
-                result["per_basin"][basin] = {"days": int(obs.size), **{
+                result["per_basin"][basin] = {"days": int(obs.size), "unscored_days": entry["unscored"], **{
                     m: {"nse": nse(obs, np.array(entry[m])), "kge": kge(obs, np.array(entry[m]))["kge"]}
                     for m in methods}}
             for m in methods:

@@ -376,3 +376,21 @@ def test_a_stride_longer_than_a_window_stops_before_any_work(gauges, tmp_path, n
     with pytest.raises(ValueError, match=f"--stride {STEPS + 1} is longer than a window \\(data.steps = {STEPS}\\)"):
         fill_run(run, tmp_path / "out", stride=STEPS + 1)
     assert not (tmp_path / "out").exists()
+
+
+def test_gap_methods_are_scored_on_the_same_days(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_gauge(data, "plain", 3)
+    lines = (data / "plain.csv").read_text(encoding="utf-8-sig").splitlines()
+    # the first val window starts on day 77 (16 February); a 14-day gap in a 16-day window covers its days 1-14:
+    # flow observed on record days 79-90 alone lies inside it, with no flow outside the gap to interpolate from
+    kept = {f"{(FIRST + d).astype(object):%d.%m.%Y}" for d in range(79, 91)}
+    rows = [line if line.split(";")[0] in kept else ";".join([*line.split(";")[:2], "nan", "x"]) for line in lines[2:]]
+    (data / "island.csv").write_text("\n".join([*lines[:2], *rows]) + "\n")
+    config = data / "data.yaml"
+    config.write_text(yaml.safe_dump({"data": gauge_section(data, ["plain", "island"]), "model": MODEL}))
+    run = train_run(config, tmp_path / "run", 1)
+    island = evaluate_gaps(run, STEPS - 2, "val")["flow"]["flow"]["per_basin"]["island"]
+    assert island["days"] == 0 and island["unscored_days"] == 12
+    assert all(np.isnan(island[m]["nse"]) for m in ("model", "interp", "climatology", "regression"))
