@@ -347,6 +347,25 @@ def test_windows_beyond_the_grids_days_are_warned(tmp_path, caplog):
     assert "hold no day of any grid" not in caplog.text
 
 
+def test_a_mistyped_year_far_from_the_other_dates_is_warned_with_its_line(tmp_path, caplog):
+    """`2101-01-05` among dates of 2001 stretches the record over a century (and the site values in memory):
+    read, but the line is named."""
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path)
+    lines = tidy_lines()
+    write_gauges(tmp_path, lines)
+    with caplog.at_level(logging.WARNING, logger="crossmae.data.region"):
+        open_region(tmp_path, data_section(tmp_path, {}))
+    assert "mistyped year" not in caplog.text
+    lines[5] = "a,2101-01-05,1.0,0.5"
+    write_gauges(tmp_path, lines)
+    with caplog.at_level(logging.WARNING, logger="crossmae.data.region"):
+        ds = open_region(tmp_path, data_section(tmp_path, {}))
+    assert ds.region.record[1] == iso_to_day("2101-01-05")
+    assert "gives 1 rows beyond a gap of more than 10 years from all other dates (the first on line 6, " \
+           "2101-01-05): a mistyped year?" in caplog.text
+
+
 def test_a_grid_fill_value_is_missing_on_land(tmp_path):
     """A grid variable with a _FillValue: those cells are missing (NaN) in the sample, the rest finite."""
     import xarray as xr

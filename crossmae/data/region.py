@@ -118,6 +118,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 STATS_BLOCK_DAYS = 366
+STRAY_YEARS = 10  # a gap in a gauge table's dates beyond which a few rows are most likely a mistyped year
 FILL_VALUES = (  # values that tools write for "no data", never a measurement
     9.969209968386869e36,  # netCDF's default fill of float and double variables
     float(np.finfo(np.float32).max),  # GDAL's and ArcGIS's float NoData (either sign)
@@ -747,6 +748,7 @@ def read_gauge_table(path: str, src: SiteSetSource, known: dict[str, int], what:
     if days is None:
         raise DataFileError(f"{what}: {path!r} has no column {src.date_column!r} and no year, month and day columns "
                             f"(columns there: {[str(c) for c in t.frame.columns]}); expected the dates")
+    _warn_stray_dates(days, t, what)
     key = index * 10**7 + (days - days.min() if days.size else days)
     order = np.argsort(key, kind="stable")
     repeated = np.flatnonzero(np.diff(key[order]) == 0)
@@ -770,6 +772,22 @@ def read_gauge_table(path: str, src: SiteSetSource, known: dict[str, int], what:
         raise DataFileError(f"{what}: column {column!r} of {path!r} holds {t.frame[column].iloc[r]!r} on "
                             f"{t.where(r)}, {why}")
     return index, days, values
+
+
+def _warn_stray_dates(days: np.ndarray, table: UserTable, what: str) -> None:
+    """Log the rows (under 1 % of the table) whose dates lie beyond a gap of more than :data:`STRAY_YEARS` years
+    from all the others at the start or the end of the record: most likely a mistyped year, which would stretch
+    the record (and its memory) over the gap."""
+    distinct = np.unique(days)
+    gaps = np.flatnonzero(np.diff(distinct) > STRAY_YEARS * 365.25)
+    if not gaps.size:
+        return
+    for stray in (days > distinct[gaps[-1]], days < distinct[gaps[0] + 1]):  # [R] beyond the last / first gap
+        if 0 < stray.sum() < 0.01 * days.size:
+            i = int(np.flatnonzero(stray)[0])
+            log.warning("%s: %r gives %d rows beyond a gap of more than %d years from all other dates (the first on "
+                        "%s, %s): a mistyped year? The record, and the site values kept in memory, run over the gap",
+                        what, table.path, int(stray.sum()), STRAY_YEARS, table.where(i), day_to_iso(int(days[i])))
 
 
 def _bad_value(values: np.ndarray, transforms: Sequence[str]) -> tuple[tuple[int, int], str] | None:
