@@ -383,6 +383,44 @@ def test_a_grid_fill_value_is_missing_on_land(tmp_path):
     assert torch.isnan(x[3, 0, 2, 2]) and int(torch.isnan(x[:, 0][:, land]).sum()) == 1
 
 
+# -- real files ------------------------------------------------------------------------------------------------
+CAMELS = ROOT.parent / "shared" / "data" / "camels_us"
+
+
+@pytest.mark.skipif(not CAMELS.is_dir(), reason="needs ../shared/data/camels_us")
+def test_camels_gauges_with_the_national_attribute_table_over_a_grid(tmp_path):
+    """The CAMELS-US layout as downloaded: one USGS streamflow file per gauge (four here) and the `;`-separated
+    attribute table of all 671 basins as the site table (`gauge_id`, `gauge_lat`, `gauge_lon`, ids with leading
+    zeros), placed on a 0.5° grid over the eastern US: the four gauges are the site set, the others left out."""
+    import xarray as xr
+
+    lat, lon = np.arange(46.0, 35.9, -0.5), np.arange(-82.0, -66.9, 0.5)
+    days = np.datetime64("2000-01-01") + np.arange(1096)
+    rain = np.random.default_rng(0).gamma(0.5, 4.0, (days.size, lat.size, lon.size)).astype(np.float32)
+    xr.Dataset({"prcp": (("time", "lat", "lon"), rain)},
+               coords={"time": days.astype("datetime64[ns]"), "lat": ("lat", lat, {"units": "degrees_north"}),
+                       "lon": ("lon", lon, {"units": "degrees_east"})}).to_netcdf(tmp_path / "prcp.nc",
+                                                                                 engine="h5netcdf")
+    data = {"source": "region", "steps": 30, "stride": 30, "patch_size": 4, "batch_size": 2, "region": {
+        "synthetic": "", "root": str(tmp_path), "grids": [{"name": "prcp", "path": "prcp.nc", "transform": "log1p"}],
+        "site_sets": [{"name": "usgs", "format": "camels_streamflow", "variables": ["Q"], "transform": "log1p",
+                       "path": str(CAMELS / "usgs_streamflow" / "{site}_streamflow_qc.txt"), "flow": ["Q"],
+                       "sites": {"path": str(CAMELS / "camels_attributes_v2.0" / "camels_topo.txt"),
+                                 "attributes": ["elev_mean", "area_gages2"]},
+                       "grouping": {"method": "kmeans", "size": 2}}],
+        "split": {"train": ["2000-01-01", "2001-06-30"], "val": ["2001-07-01", "2002-12-31"]}}}
+    ds = open_region(tmp_path, data)
+    s = ds.region.site_sets[0]
+    assert sorted(s.ids) == ["01022500", "01547700", "02064000", "03015500"]
+    assert s.values[iso_to_day("2000-01-01") - s.first_day, s.ids.index("01022500"), 0] == 255.0  # its first line
+    layout = ds.site_layouts["usgs"]
+    g, k = (int(a[0]) for a in np.nonzero(np.array(layout.ids) == "01022500"))
+    assert abs(layout.rows[g, k] - (46.25 - 44.60797) / 0.5) < 1e-6  # gauge_lat 44.60797, north-first rows
+    assert abs(layout.cols[g, k] - (-67.93524 + 82.25) / 0.5) < 1e-6  # gauge_lon -67.93524
+    sample = ds[0]
+    assert sample.sites["usgs"].shape == (30, 2, 2, 1) and torch.isfinite(sample.sites["usgs"]).all()
+
+
 # -- end to end -----------------------------------------------------------------------------------------------
 def test_a_spreadsheet_exported_region_trains_through_train_py(tmp_path):
     """CRLF, a BOM and trailing empty columns in both tables, float-written ids against zero-padded ones,
