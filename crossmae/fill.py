@@ -33,8 +33,10 @@ files or none, and exits 130 or 143)
         ``crossmae_step``, ``crossmae_written``.
 
 A basin-modality with no observed value in its whole record is not filled (that would be noise): it is
-reported and skipped. Likewise a window with no observed value of any modality predicts nothing: a day that
-only such windows cover stays missing (flag ``missing``, counted in the report). A record shorter than one
+reported and skipped; so is a channel (a column, a variable) never observed in a basin's record, whose
+values stay missing. Likewise a window with no observed token of any modality (a series token is observed
+when all its columns are) predicts nothing: a day that only such windows cover stays missing (flag
+``missing``, counted in the report). A record shorter than one
 window is reported and skipped. Before any work it stops, naming the argument and the value, when ``--out``
 is a file, lies under a file or an unwritable folder, or would overwrite one of the data's input files, when
 ``--stride`` exceeds ``data.steps`` (days no window covers), when ``--device`` is not on this machine, and
@@ -91,7 +93,7 @@ def check_same_modalities(run: DataConfig, other: DataConfig, what: str) -> None
     or patch size between the run's data section and ``other`` (``what`` names where ``other`` came from)."""
     if run.source != "files" or other.source != "files":
         raise ValueError(f"{what}: fill and embed read files (data.source: files); the run has data.source "
-                         f"{run.source!r} and {what} {other.source!r}")
+                         f"{run.source!r} and {what} has {other.source!r}")
     differences = []
     for key in ("steps", "patch_size"):
         if getattr(run, key) != getattr(other, key):
@@ -327,8 +329,8 @@ class FillReport:
     Attributes:
         files: the files written.
         filled: ``"<modality>/<basin>"`` → number of values filled.
-        left_missing: ``"<modality>/<basin>"`` → number of missing values left missing: every window that
-            covers them has no observed value of any modality.
+        left_missing: ``"<modality>/<basin>"`` → number of missing values left missing: no window that covers
+            them holds an observed token of any modality (a series token is observed when all its columns are).
         skipped: ``"<modality>/<basin>"`` (or a basin id) → why it was not filled.
     """
 
@@ -531,9 +533,14 @@ def fill_run(run_dir: str | Path, out_dir: str | Path, *, config_file: str | Non
                 continue
             predicted = _or_nan(central[m.name][b], observed.shape)
             inside = dataset.basin_mask(m.name, b) if m.kind == "grid" else True
-            fill = ~seen & np.isfinite(predicted) & inside
+            names = dataset.channel_names[m.name]
+            never = ~seen.any(axis=tuple(a for a in range(seen.ndim) if a != 1))  # [C]: a channel never observed
+            for c in np.flatnonzero(never):
+                report.skipped[f"{key}:{names[c]}"] = "no observed value in the whole record"
+            observed_channel = (~never).reshape((1, -1) + (1,) * (seen.ndim - 2))  # [1, C, 1, 1] or [1, C]
+            fill = ~seen & np.isfinite(predicted) & inside & observed_channel
             values = np.where(fill, predicted, observed)
-            unfilled = int((~seen & ~fill & inside).sum())
+            unfilled = int((~seen & ~fill & inside & observed_channel).sum())
             if unfilled:
                 report.left_missing[key] = unfilled
             band = None
@@ -545,7 +552,6 @@ def fill_run(run_dir: str | Path, out_dir: str | Path, *, config_file: str | Non
                 band = np.where(fill[None], band, np.nan)
             first, last = dataset.records[b]
             days = np.arange(first, last + 1)
-            names = dataset.channel_names[m.name]
             header = [f"run: {run.run_dir.resolve()}", f"checkpoint: {run.checkpoint.resolve()} (step {run.step})",
                       f"written: {written}"]
             if m.kind == "series":
@@ -604,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, count in report.filled.items():
         print(f"{key}: {count} values filled")
     for key, count in report.left_missing.items():
-        print(f"{key}: {count} values left missing (no observed value of any modality in the windows around them)")
+        print(f"{key}: {count} values left missing (no window around them shows the model an observed token)")
     for key, why in report.skipped.items():
         print(f"skipped {key}: {why}")
     print(f"{len(report.files)} file(s) in {args.out}")

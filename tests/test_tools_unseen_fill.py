@@ -394,3 +394,31 @@ def test_gap_methods_are_scored_on_the_same_days(tmp_path):
     island = evaluate_gaps(run, STEPS - 2, "val")["flow"]["flow"]["per_basin"]["island"]
     assert island["days"] == 0 and island["unscored_days"] == 12
     assert all(np.isnan(island[m]["nse"]) for m in ("model", "interp", "climatology", "regression"))
+
+
+def test_a_column_never_observed_in_a_basin_is_reported_and_left_missing(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, basin in enumerate(("plain", "dry")):
+        write_gauge(data, basin, i)
+    lines = (data / "dry.csv").read_text(encoding="utf-8-sig").splitlines()
+    rows = [";".join([*line.split(";")[:2], "-9999", "x"]) for line in lines[2:]]  # no flow at all
+    rows[10] = ";".join([rows[10].split(";")[0], "", "-9999", "x"])  # and one day without rain
+    (data / "dry.csv").write_text("\n".join([*lines[:2], *rows]) + "\n")
+    section = gauge_section(data, ["plain", "dry"])
+    both = {**section["files"]["series"][0], "name": "gauge", "columns": ["Niederschlag", "Abfluss"]}
+    section["files"]["series"] = [{**both, "transform": "none"}]
+    config = data / "data.yaml"
+    config.write_text(yaml.safe_dump({"data": section, "model": MODEL}))
+    run = train_run(config, tmp_path / "run", 1)
+    assert main(["--run", str(run), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped gauge/dry:Abfluss: no observed value in the whole record" in printed
+    # a series token is observed when all its columns are: without flow the model sees nothing of this basin,
+    # so the day without rain is left missing rather than guessed
+    assert "gauge/dry: 0 values filled" in printed and "gauge/dry: 1 values left missing" in printed
+    table = pd.read_csv(tmp_path / "out" / "gauge" / "dry.csv", skiprows=3)
+    assert table["Abfluss"].isna().all() and (table["Abfluss_flag"] == "missing").all()
+    rain = read_original(data / "dry.csv", "Niederschlag").values[:, 0]
+    assert np.array_equal(table["Niederschlag"].to_numpy(), rain, equal_nan=True)
+    assert np.array_equal(table["Niederschlag_flag"] == "missing", np.isnan(rain)) and np.isnan(rain).sum() == 1
