@@ -388,7 +388,7 @@ CAMELS = ROOT.parent / "shared" / "data" / "camels_us"
 
 
 @pytest.mark.skipif(not CAMELS.is_dir(), reason="needs ../shared/data/camels_us")
-def test_camels_gauges_with_the_national_attribute_table_over_a_grid(tmp_path):
+def test_camels_gauges_with_the_national_attribute_table_over_a_grid(tmp_path, caplog):
     """The CAMELS-US layout as downloaded: one USGS streamflow file per gauge (four here) and the `;`-separated
     attribute table of all 671 basins as the site table (`gauge_id`, `gauge_lat`, `gauge_lon`, ids with leading
     zeros), placed on a 0.5° grid over the eastern US: the four gauges are the site set, the others left out."""
@@ -409,7 +409,10 @@ def test_camels_gauges_with_the_national_attribute_table_over_a_grid(tmp_path):
                                  "attributes": ["elev_mean", "area_gages2"]},
                        "grouping": {"method": "kmeans", "size": 2}}],
         "split": {"train": ["2000-01-01", "2001-06-30"], "val": ["2001-07-01", "2002-12-31"]}}}
-    ds = open_region(tmp_path, data)
+    with caplog.at_level(logging.WARNING, logger="crossmae.data.region"):
+        ds = open_region(tmp_path, data)
+    assert "667 sites of the site table have no file, left out" in caplog.text
+    assert "no row in the gauge data" not in caplog.text  # said once
     s = ds.region.site_sets[0]
     assert sorted(s.ids) == ["01022500", "01547700", "02064000", "03015500"]
     assert s.values[iso_to_day("2000-01-01") - s.first_day, s.ids.index("01022500"), 0] == 255.0  # its first line

@@ -1074,7 +1074,7 @@ def _load_site_set(src: SiteSetSource, what: str, path_of, reader: GridReader | 
         if not parts:
             raise absent[0]
         if absent:
-            log.warning("%s: %d sites of the site table have no file (%s)", what, len(absent), absent[0])
+            log.warning("%s: %d sites of the site table have no file, left out (%s)", what, len(absent), absent[0])
         site_index = np.concatenate([p[0] for p in parts])
         days = np.concatenate([p[1] for p in parts])
         values = np.concatenate([p[2] for p in parts])
@@ -1082,7 +1082,8 @@ def _load_site_set(src: SiteSetSource, what: str, path_of, reader: GridReader | 
     named[site_index] = True
     observed = np.zeros(len(ids), dtype=bool)
     observed[site_index[np.isfinite(values).any(axis=1)]] = True
-    for absent, why in ((~named, "have no row in the gauge data: left out"),
+    no_rows = ~named if src.format in ("csv", "parquet") else np.zeros(len(ids), dtype=bool)  # files: logged above
+    for absent, why in ((no_rows, "have no row in the gauge data: left out"),
                         (named & ~observed, "have rows but no value: kept, never a token")):
         if absent.any():
             log.warning("%s: %d sites of the site table %s (%s%s)", what, int(absent.sum()), why,
