@@ -422,3 +422,20 @@ def test_a_column_never_observed_in_a_basin_is_reported_and_left_missing(tmp_pat
     rain = read_original(data / "dry.csv", "Niederschlag").values[:, 0]
     assert np.array_equal(table["Niederschlag"].to_numpy(), rain, equal_nan=True)
     assert np.array_equal(table["Niederschlag_flag"] == "missing", np.isnan(rain)) and np.isnan(rain).sum() == 1
+
+
+def test_duplicated_dates_and_decimal_commas_stop_naming_the_file_and_value(gauges, tmp_path, capsys, no_work):
+    data, run = gauges
+    lines = (data / "plain.csv").read_text(encoding="utf-8-sig").splitlines()
+    config = tmp_path / "other.yaml"
+    config.write_text(yaml.safe_dump({"data": gauge_section(tmp_path, ["plain"])}))
+    day, rain, flow, note = lines[5].split(";")
+    for rows, message in (
+            ([*lines, lines[5]], f"{str(tmp_path / 'plain.csv')!r} holds day "
+                                 f"{np.datetime64(pd.to_datetime(day, format='%d.%m.%Y'), 'D')} more than once"),
+            ([*lines[:5], ";".join([day, rain, flow.replace(".", ","), note]), *lines[6:]],
+             f"column 'Abfluss' of {str(tmp_path / 'plain.csv')!r} holds {flow.replace('.', ',')!r} on line 6")):
+        (tmp_path / "plain.csv").write_text("\n".join(rows) + "\n")
+        assert main(["--run", str(run), "--config", str(config), "--out", str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
