@@ -198,6 +198,9 @@ def open_run(run_dir: str | Path, checkpoint: str | Path | None = None, config_f
     run_dir = Path(run_dir)
     config, weights, norm_stats, path, step = _load(run_dir, Path(checkpoint) if checkpoint else None)
     data = resolve_data(config, config_file, data_root)
+    if data.source != "files":
+        raise ValueError(f"--run {str(run_dir)!r}: fill and embed read files (data.source: files); the run has "
+                         f"data.source {data.source!r}")
     config = copy.deepcopy(config)
     config.data = data
     dataset = whole_record_dataset(data, norm_stats)

@@ -439,3 +439,16 @@ def test_duplicated_dates_and_decimal_commas_stop_naming_the_file_and_value(gaug
         assert main(["--run", str(run), "--config", str(config), "--out", str(tmp_path / "out")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_on_synthetic_data_is_named_as_such(tmp_path, capsys):
+    from crossmae.train_cli import main as train_main
+    from tests.test_cli import TINY
+
+    run = tmp_path / "run"
+    assert train_main(["--fused", "--max-steps", "1", *TINY, "--out-dir", str(run)]) == 0
+    capsys.readouterr()
+    for tool, out in ((main, tmp_path / "out"), (embed_main, tmp_path / "e.nc")):
+        assert tool(["--run", str(run), "--out", str(out)]) == 2
+        assert (f"--run {str(run)!r}: fill and embed read files (data.source: files); the run has data.source "
+                "'synthetic'") in capsys.readouterr().err
