@@ -268,6 +268,23 @@ def test_a_groups_file_id_that_lost_its_zeros_names_the_site_table_id(tmp_path):
         open_region(tmp_path, data_section(tmp_path, {"grouping": {"method": "file", "file": "groups.csv"}}))
 
 
+def test_a_site_table_repeating_a_row_reads_it_once_and_a_conflicting_repeat_is_named(tmp_path, caplog):
+    """Two downloads concatenated repeat rows: the same values are read once (logged); a site listed twice with
+    other coordinates names both lines, the column and the two values."""
+    write_grid(tmp_path)
+    write_gauges(tmp_path, tidy_lines())
+    lines = ["site_id,lat,lon,area"] + [f"{s},{la},{lo},{ar}" for s, (la, lo, ar) in SITES.items()]
+    (tmp_path / "sites.csv").write_text("\n".join([*lines, lines[1], lines[2] + " "]) + "\n")
+    with caplog.at_level(logging.WARNING, logger="crossmae.data.region"):
+        ds = open_region(tmp_path, data_section(tmp_path, {}))
+    assert "repeats 2 rows of sites listed before with the same values (the first on line 5): read once" in caplog.text
+    assert sorted(ds.site_layouts["gauges"].site_ids) == ["a", "b", "c"]
+    (tmp_path / "sites.csv").write_text("\n".join([*lines, "b,49.52,7.41,220.0"]) + "\n")
+    with pytest.raises(DataFileError, match=r"sites.csv' lists site 'b' twice \(line 3 and line 5\), with other 'lat' "
+                                            r"\('49.51' and '49.52'\); expected one row per site"):
+        open_region(tmp_path, data_section(tmp_path, {}))
+
+
 def test_swapped_impossible_and_marked_coordinates_are_named(tmp_path):
     write_grid(tmp_path)
     write_gauges(tmp_path, tidy_lines())

@@ -661,8 +661,9 @@ class SiteTable:
 
 
 def read_site_table(path: str, table: SiteTableSource, what: str) -> SiteTable:
-    """A site table (CSV or Parquet, read as :func:`read_user_table`): ids, coordinates and attributes;
-    DataFileError naming the line and value of a row without an id, an id listed twice, a non-number."""
+    """A site table (CSV or Parquet, read as :func:`read_user_table`): ids, coordinates and attributes; a row that
+    repeats a site with the same coordinates and attributes is read once (logged); DataFileError naming the line
+    and value of a row without an id, an id listed twice with other values, a non-number."""
     t = read_user_table(path, table.delimiter, table.skip_rows, what)
     id_column = _find_column(t, table.id_column, what)
     names = {"latlon": (table.lat_column, table.lon_column), "rowcol": (table.row_column, table.col_column),
@@ -671,13 +672,27 @@ def read_site_table(path: str, table: SiteTableSource, what: str) -> SiteTable:
     attr_columns = [_find_column(t, a, what) for a in table.attributes]
     _drop_units_row(t, coord_columns + attr_columns, None, what)
     codes, text = _site_ids(t, id_column, what)
-    ids = [text[c] for c in codes]
+    used = coord_columns + attr_columns
     seen: dict[str, int] = {}
-    for i, site in enumerate(ids):
+    repeats = np.zeros(len(codes), dtype=bool)
+    for i, site in enumerate(text[c] for c in codes):
         if site in seen:
-            raise DataFileError(f"{what}: {path!r} lists site {site!r} twice ({t.where(seen[site])} and "
-                                f"{t.where(i)}); expected one row per site")
-        seen[site] = i
+            j = seen[site]
+            differ = [c for c in used if str(t.frame[c].iloc[i]).strip() != str(t.frame[c].iloc[j]).strip()]
+            if differ:
+                raise DataFileError(f"{what}: {path!r} lists site {site!r} twice ({t.where(j)} and {t.where(i)}), with "
+                                    f"other {differ[0]!r} ({t.frame[differ[0]].iloc[j]!r} and "
+                                    f"{t.frame[differ[0]].iloc[i]!r}); expected one row per site")
+            repeats[i] = True
+        else:
+            seen[site] = i
+    if repeats.any():
+        first = int(np.flatnonzero(repeats)[0])
+        log.warning("%s: %r repeats %d rows of sites listed before with the same values (the first on %s): read once",
+                    what, path, int(repeats.sum()), t.where(first))
+        t.keep(~repeats)
+        codes = codes[~repeats]
+    ids = [text[c] for c in codes]
     markers = list(table.missing_values)
     coords = {name: mark_missing(_numbers(t, column, what), markers)
               for name, column in zip(names, coord_columns, strict=True)}
