@@ -18,15 +18,15 @@ Ensemble spread (``--members M``, M ≥ 2)
     M further passes, each also hiding a random ``--extra-ratio`` of the observed tokens (seeded by
     ``--seed``, the member and the window), give M predictions of every filled value; their 10 % and 90 %
     quantiles are written beside the filled value (which comes from the pass that hides only the missing
-    tokens).
+    tokens, so it sees more than any member and may lie outside their band).
 
 Files (written atomically: a temporary file, then a rename; a fill stopped by Ctrl-C or SIGTERM leaves whole
 files or none, and exits 130 or 143)
     ``OUT/<modality>/<basin>.csv`` for a series modality: three comment lines (``# run:``, ``# checkpoint:``
         with its step, ``# written:`` UTC time), then the header ``date,<column>...,<column>_flag...`` (and
         ``<column>_q10,<column>_q90`` with ``--members``), one row per record day; the flag is ``observed``,
-        ``filled`` or ``missing`` (not predicted: no window around it holds an observed value). Read it back
-        with the project's CSV reader: ``format: csv``, ``skip_rows: [0, 1, 2]``.
+        ``filled`` or ``missing`` (not filled: see below). Read it back with the project's CSV reader:
+        ``format: csv``, ``skip_rows: [0, 1, 2]``.
     ``OUT/<modality>/<basin>.nc`` for a grid modality: each variable ``(time, y, x)`` filled, ``filled``
         ``(time, y, x)`` uint8 (1 = filled), with ``--members`` ``<variable>_q10`` and ``<variable>_q90``; the
         grid's coordinates after the crop; attributes ``crossmae_run``, ``crossmae_checkpoint``,
@@ -36,11 +36,11 @@ A basin-modality with no observed value in its whole record is not filled (that 
 reported and skipped; so is a channel (a column, a variable) never observed in a basin's record, whose
 values stay missing. Likewise a window with no observed token of any modality (a series token is observed
 when all its columns are) predicts nothing: a day that only such windows cover stays missing (flag
-``missing``, counted in the report). A record shorter than one
-window is reported and skipped. Before any work it stops, naming the argument and the value, when ``--out``
-is a file, lies under a file or an unwritable folder, or would overwrite one of the data's input files, when
-``--stride`` exceeds ``data.steps`` (days no window covers), when ``--device`` is not on this machine, and
-when the run's weights do not fit the data (a grid of another size under ``model.learned_space``).
+``missing``, counted in the report). A record shorter than one window is reported and skipped. Before any
+work it stops, naming the argument and the value, when ``--out`` is a file, lies under a file or an
+unwritable folder, or would overwrite one of the data's input files, when ``--stride`` exceeds
+``data.steps`` (days no window covers), when ``--device`` is not on this machine, and when the run's weights
+do not fit the data (a grid of another size under ``model.learned_space``).
 """
 
 from __future__ import annotations
@@ -347,7 +347,7 @@ def predict_record(run: InferenceRun, starts: list[tuple[int, int]], *, extra_ra
                    batch_size: int = 8) -> dict[str, list[np.ndarray | None]]:
     """The model's prediction of every hidden value, averaged over the windows that predicted it, in physical
     units: modality → per basin position ``[N, F]`` (series) or ``[N, C, h, w]`` (grid) float64 over the
-    record, NaN where nothing was predicted (None for a basin without windows). A window with no observed value
+    record, NaN where nothing was predicted (None for a basin without windows). A window with no observed token
     of any modality predicts nothing (it would be the model's guess from nothing). Modalities the run
     reconstructs only up to scale (``model.norm_pix_loss``) are left out."""
     dataset, model, steps = run.dataset, run.model, run.dataset.steps
@@ -359,7 +359,7 @@ def predict_record(run: InferenceRun, starts: list[tuple[int, int]], *, extra_ra
     for first in range(0, len(starts), batch_size):
         samples: list[Sample] = [dataset[(i, i)] for i in range(first, min(first + batch_size, len(starts)))]
         batch = collator(samples)
-        informed = torch.zeros(len(samples), dtype=torch.bool)  # [B]: the window holds an observed value
+        informed = torch.zeros(len(samples), dtype=torch.bool)  # [B]: the window holds an observed token
         for mb in batch.modalities.values():
             informed |= mb.encoder.visible.lengths.cpu() > 0
         with torch.no_grad():
