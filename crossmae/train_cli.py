@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PREEMPTED
     if trainer.dist.is_main and last:
         print(f"done: step {last['step']}, loss {last['loss']:.4f}; metrics in {config.train.out_dir}/metrics.csv")
+    elif trainer.dist.is_main:
+        print(f"done: the run is at step {trainer.step}, train.max_steps is {config.train.max_steps}: nothing to "
+              "train (a larger --max-steps continues it)")
     return 0
 
 

@@ -79,3 +79,12 @@ def test_a_changed_data_source_is_named_item_by_item(tmp_path, capsys):
     assert train_main(["--resume", "--fused", "--config", str(changed), "--out-dir", str(run)]) == 2
     err = capsys.readouterr().err
     assert "data.files.series[1].columns: the run has ['precip'], the command gives ['flow'] (drop" in err, err
+
+
+def test_resuming_a_run_already_at_max_steps_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train_main(["--fused", "--max-steps", "2", *TINY, "--out-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert train_main(["--resume", "--out-dir", str(run), "--max-steps", "1"]) == 0
+    assert "the run is at step 2, train.max_steps is 1: nothing to train" in capsys.readouterr().out
+    assert step_of(run) == 2
