@@ -318,6 +318,21 @@ def test_a_gauge_record_outside_the_training_period_names_its_days(tmp_path):
         open_region(tmp_path, data_section(tmp_path, {}))
 
 
+def test_a_grid_of_another_period_names_its_file_and_days(tmp_path):
+    """Forcing of 1990 with gauges and split periods of 2001 (the wrong download)."""
+    import xarray as xr
+
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path)
+    write_gauges(tmp_path, tidy_lines())
+    grid = xr.load_dataset(tmp_path / "grid.nc", engine="h5netcdf")
+    grid = grid.assign_coords(time=grid.time.values - np.timedelta64(11 * 365 + 3, "D"))
+    grid.to_netcdf(tmp_path / "grid.nc", engine="h5netcdf")
+    with pytest.raises(DataFileError, match=r"grid 'pre' \(.*grid.nc\): 'pre' has no valid value in the training "
+                                            r"period 2001-01-01..2001-01-31 \(its data run 1990-01-01..1990-03-01\)"):
+        open_region(tmp_path, data_section(tmp_path, {}))
+
+
 def test_a_split_outside_the_record_names_its_configured_period(tmp_path):
     write_grid(tmp_path)
     write_tidy_sites(tmp_path)

@@ -225,6 +225,7 @@ class FileGrid:
 
     def __init__(self, reader: GridReader, mask: np.ndarray, variables: list[str]):
         self.reader, self.mask, self.variables = reader, mask, variables
+        self.source = reader.path  # for messages
         self.shape = reader.shape
         self.days = (int(reader.days[0]), int(reader.days[-1]))
 
@@ -1277,7 +1278,7 @@ class RegionDataset(Dataset):
         for name, grid in r.grids.items():
             sums = grid.moments(d0, d1, r.grid_transforms[name])
             stats["modalities"][name] = self._channel_stats(name, "grid", r.grid_transforms[name], sums, d0, d1,
-                                                            covered=grid.days)
+                                                            getattr(grid, "source", ""), grid.days)
         for s in r.site_sets:
             x = self._days(s, d0, d1)  # [L, S, F] physical
             sums = np.zeros((3, len(s.variables)))
