@@ -160,6 +160,14 @@ def test_bad_outputs_stop_before_any_work_naming_them(gauges, tmp_path, capsys, 
         assert message in capsys.readouterr().err
     assert a_file.read_text() == "keep me\n"
 
+    (tmp_path / "o1" / "flow" / "bom.csv").mkdir(parents=True)
+    (tmp_path / "o2").mkdir()
+    (tmp_path / "o2" / "rain").write_text("")
+    for out, message in ((tmp_path / "o1", f"--out: {str(tmp_path / 'o1' / 'flow' / 'bom.csv')!r} is a folder"),
+                         (tmp_path / "o2", f"--out: {str(tmp_path / 'o2' / 'rain')!r} is a file; expected a folder")):
+        assert main(["--run", str(run), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+
     folder = tmp_path / "out.nc"
     folder.mkdir()
     for out, message in ((folder, f"out {str(folder)!r} is a folder; expected a file name"),
