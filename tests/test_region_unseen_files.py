@@ -398,6 +398,20 @@ def test_a_mistyped_year_far_from_the_other_dates_is_warned_with_its_line(tmp_pa
            "2101-01-05): a mistyped year?" in caplog.text
 
 
+def test_a_land_mask_of_another_shape_is_named(tmp_path):
+    import xarray as xr
+
+    write_grid(tmp_path)
+    write_tidy_sites(tmp_path)
+    write_gauges(tmp_path, tidy_lines())
+    xr.Dataset({"land": (("y", "x"), np.ones((4, 4)))}).to_netcdf(tmp_path / "land.nc", engine="h5netcdf")
+    data = data_section(tmp_path, {})
+    data["region"]["grids"][0].update(mask_path="land.nc", mask_variable="land")
+    with pytest.raises(DataFileError, match=r"mask 'land' in '.*land.nc' has shape \(4, 4\) \(dims \('y', 'x'\)\), but "
+                                            r"the grid in '.*grid.nc' is 6x5"):
+        open_region(tmp_path, data)
+
+
 def test_a_grid_fill_value_is_missing_on_land(tmp_path):
     """A grid variable with a _FillValue: those cells are missing (NaN) in the sample, the rest finite."""
     import xarray as xr
