@@ -150,8 +150,9 @@ def embed_run(run_dir: str | Path, out: str | Path, *, config_file: str | None =
         raise ValueError(f"out must end in .nc (NetCDF) or .parquet, got {str(out)!r}")
     if out.suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
         raise ValueError(f"out {str(out)!r}: Parquet needs pyarrow (pip install pyarrow), or write a .nc file")
-    if stride is not None and stride < 1 or batch_size < 1:
-        raise ValueError(f"stride and batch_size must be at least 1, got {stride} and {batch_size}")
+    for key, value in (("--stride", stride), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{key} must be at least 1, got {value}")
     device = check_device(device)
     check_output(out, "out", folder=False)
     run = open_run(run_dir, checkpoint, config_file, data_root, device)

@@ -495,13 +495,13 @@ def fill_run(run_dir: str | Path, out_dir: str | Path, *, config_file: str | Non
         batch_size: windows per forward.
         device: where the model runs (``cpu``, ``cuda``, ``cuda:N``, ``auto``).
     """
-    for key, value, ok in (("stride", stride, stride is None or stride >= 1),
-                           ("members", members, members == 0 or members >= 2),
-                           ("extra_ratio", extra_ratio, 0.0 < extra_ratio < 1.0),
-                           ("batch_size", batch_size, batch_size >= 1)):
+    for key, value, ok, expected in (
+            ("--stride", stride, stride is None or stride >= 1, "at least 1"),
+            ("--members", members, members == 0 or members >= 2, "0 (no band) or at least 2 (a 10-90 % band)"),
+            ("--extra-ratio", extra_ratio, 0.0 < extra_ratio < 1.0, "in (0, 1)"),
+            ("--batch-size", batch_size, batch_size >= 1, "at least 1")):
         if not ok:
-            raise ValueError(f"{key} is out of range: {value}" + (" (0: no band; a 10-90 % band needs at least 2)"
-                                                                  if key == "members" else ""))
+            raise ValueError(f"{key} must be {expected}, got {value}")
     out_dir = Path(out_dir)
     device = check_device(device)
     check_output(out_dir, "--out", folder=True)

@@ -153,7 +153,11 @@ def test_bad_outputs_stop_before_any_work_naming_them(gauges, tmp_path, capsys, 
     cases = [
         (["--out", str(a_file)], f"--out {str(a_file)!r} is a file; expected a folder"),
         (["--out", str(a_file / "sub")], f"{str(a_file)!r} is a file, not a folder"),
-        (["--out", str(tmp_path / "o"), "--members", "1"], "members is out of range: 1"),
+        (["--out", str(tmp_path / "o"), "--members", "1"], "--members must be 0 (no band) or at least 2 (a 10-90 % "
+                                                            "band), got 1"),
+        (["--out", str(tmp_path / "o"), "--stride", "0"], "--stride must be at least 1, got 0"),
+        (["--out", str(tmp_path / "o"), "--extra-ratio", "1"], "--extra-ratio must be in (0, 1), got 1.0"),
+        (["--out", str(tmp_path / "o"), "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     ]
     for args, message in cases:
         assert main(["--run", str(run), *args]) == 2
@@ -166,6 +170,11 @@ def test_bad_outputs_stop_before_any_work_naming_them(gauges, tmp_path, capsys, 
     for out, message in ((tmp_path / "o1", f"--out: {str(tmp_path / 'o1' / 'flow' / 'bom.csv')!r} is a folder"),
                          (tmp_path / "o2", f"--out: {str(tmp_path / 'o2' / 'rain')!r} is a file; expected a folder")):
         assert main(["--run", str(run), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+
+    for args, message in ((["--stride", "0"], "--stride must be at least 1, got 0"),
+                          (["--batch-size", "-2"], "--batch-size must be at least 1, got -2")):
+        assert embed_main(["--run", str(run), "--out", str(tmp_path / "e.nc"), *args]) == 2
         assert message in capsys.readouterr().err
 
     folder = tmp_path / "out.nc"
