@@ -104,6 +104,21 @@ def test_dates_with_month_names(tmp_path):
         assert_reads_the_tidy_values(open_region(tmp_path, data_section(tmp_path, {})))
 
 
+def test_unicode_minus_signs_are_minus_signs(tmp_path):
+    """`−` (U+2212) from typeset or localised exports, in the site table's coordinates (its first row, which
+    must not pass for a units line) and in gauge values."""
+    write_grid(tmp_path, lat=-50.0 + np.arange(6) * 0.1, lon=-7.4 + np.arange(5) * 0.1)
+    sites = {"a": (-49.96, -7.01, 100.0), "b": (-49.51, -7.41 + 0.02, 220.0), "c": (-49.73, -7.22, 150.0)}
+    lines = ["site_id,lat,lon"] + [f"{s},{la},{lo}".replace("-", "\u2212") for s, (la, lo, _) in sites.items()]
+    (tmp_path / "sites.csv").write_text("\n".join(lines) + "\n")
+    gauges = tidy_lines()
+    gauges[3] = "a,2001-01-03,\u22120.5,0.1"
+    write_gauges(tmp_path, gauges)
+    ds = open_region(tmp_path, data_section(tmp_path, {}, {"attributes": []}))
+    assert sorted(ds.site_layouts["gauges"].site_ids) == ["a", "b", "c"]
+    assert physical(ds)["a"][2, 0] == -0.5
+
+
 def test_a_spreadsheet_day_number_as_a_date_is_named(tmp_path):
     write_grid(tmp_path)
     write_tidy_sites(tmp_path)

@@ -462,12 +462,16 @@ def _numbers(table: UserTable, column: str, what: str) -> np.ndarray:
     cells = raw.iloc[unread].astype(str).str.strip()
     missing = raw.iloc[unread].isna().to_numpy() | cells.str.lower().isin(MISSING_TEXT).to_numpy()
     unread, cells = unread[~missing], cells[~missing]
+    cells = cells.str.replace("\u2212", "-", regex=False)  # the Unicode minus of typeset or localised exports
     thousands, decimal = (".", ",") if table.decimal_comma else (",", ".")
-    grouped = cells.str.fullmatch(rf"[+-]?\d{{1,3}}(?:\{thousands}\d{{3}})+\{decimal}\d*").to_numpy(dtype=bool)
-    if grouped.any():  # 1,234.5 (or 1.234,5 where commas are decimal): thousands separators and a decimal mark
-        plain = cells[grouped].str.replace(thousands, "", regex=False).str.replace(",", ".", regex=False)
-        out[unread[grouped]] = pd.to_numeric(plain).to_numpy(dtype=np.float64)
-        unread = unread[~grouped]
+    plain = cells.where(~cells.str.fullmatch(rf"[+-]?\d{{1,3}}(?:\{thousands}\d{{3}})+\{decimal}\d*"),
+                        cells.str.replace(thousands, "", regex=False))  # 1,234.5 (or 1.234,5): thousands separators
+    if table.decimal_comma:
+        plain = plain.str.replace(",", ".", regex=False)
+    found = pd.to_numeric(plain, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    read = ~np.isnan(found)
+    out[unread[read]] = found[read]
+    unread = unread[~read]
     if unread.size:
         value = raw.iloc[unread[0]]
         hint = ""
@@ -628,7 +632,7 @@ def _drop_units_row(table: UserTable, numeric: list[str], date: str | None, what
     if not len(table.frame) or not table.csv or not numeric:
         return
     cells = [str(table.frame[c].iloc[0]).strip() for c in numeric]
-    numbers = pd.to_numeric(pd.Series([c.replace(",", ".") for c in cells]), errors="coerce")
+    numbers = pd.to_numeric(pd.Series([c.replace(",", ".").replace("\u2212", "-") for c in cells]), errors="coerce")
     if numbers.notna().any() or all(c.lower() in MISSING_TEXT for c in cells):
         return
     if date is not None and _looks_like_a_date(str(table.frame[date].iloc[0]).strip()):
