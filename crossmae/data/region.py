@@ -710,8 +710,9 @@ def _match_sites(names: list[str], codes: np.ndarray, known: dict[str, int], tab
                  what: str) -> np.ndarray:
     """Site-table index (int64) of each distinct gauge-table id ``names``: the same text, else, for ids of digits
     only (or ending in ``.0``), the same number when one site-table id has it (``1022500`` or ``1022500.0`` for
-    ``01022500``: leading zeros lost by a spreadsheet or a number column). DataFileError naming the first row of
-    an id in neither form."""
+    ``01022500``, ``0001`` for ``1.0``: leading zeros lost by a spreadsheet, a number column on either side).
+    DataFileError naming the first row of an id in neither form, with the site-table ids of its number or the
+    one that differs only in case."""
     index = np.array([known.get(n, -1) for n in names], dtype=np.int64)
     unknown = np.flatnonzero(index < 0)
     if unknown.size:
@@ -741,7 +742,6 @@ def _match_sites(names: list[str], codes: np.ndarray, known: dict[str, int], tab
         raise DataFileError(f"{what}: {table.path!r} names site {name!r} on {table.where(i)}, which is not in the "
                             f"site table {site_table!r}{hint}; expected every gauge in the site table")
     return index
-
 
 
 def read_gauge_table(path: str, src: SiteSetSource, known: dict[str, int], what: str

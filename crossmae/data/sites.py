@@ -236,10 +236,6 @@ def _file_groups(ids: list[str], path: Path, unused: set[str]) -> list[list[int]
                              f"{columns}")
         site_at, group_at = columns.index("site_id"), columns.index("group")
         known = set(ids)
-        by_number: dict[int, list[str]] = {}
-        for site in [*ids, *sorted(unused)]:
-            if id_number(site) is not None:
-                by_number.setdefault(id_number(site), []).append(site)
         labels: dict[str, str] = {}
         for row in reader:
             if not any(cell.strip() for cell in row):
@@ -250,7 +246,8 @@ def _file_groups(ids: list[str], path: Path, unused: set[str]) -> list[list[int]
             if site in unused:
                 continue
             if site not in known:
-                same = by_number.get(id_number(site), []) if id_number(site) is not None else []
+                number = id_number(site)
+                same = [s for s in [*ids, *sorted(unused)] if number is not None and id_number(s) == number]
                 hint = f" (the site table writes {same} for that number: write the id as it does)" if same else ""
                 raise ValueError(f"groups_file {str(path)!r} line {line}: site {site!r} is not in the site table"
                                  f"{hint}")
