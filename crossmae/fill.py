@@ -12,7 +12,10 @@ What it does
     last day). In each window the missing tokens are the decoder's queries and every observed token is
     visible to the encoders. A day predicted by several windows gets the mean of their predictions, taken in
     physical units. Observed values are written as read, unchanged. A grid patch with some missing cells is
-    predicted whole, and only its missing cells are filled.
+    predicted whole, and only its missing cells are filled. A basin's record runs from the first to the last
+    day that any of its files covers (``crossmae/data/files.py``), so the days before or after a file's own
+    rows are missing in it and are filled too (a gauge that opened a year after the gridded forcing starts
+    gets that year predicted, flagged ``filled``).
 
 Ensemble spread (``--members M``, M ≥ 2)
     M further passes, each also hiding a random ``--extra-ratio`` of the observed tokens (seeded by
