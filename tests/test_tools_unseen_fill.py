@@ -15,6 +15,8 @@ import xarray as xr
 import yaml
 
 import crossmae.fill as fill
+from crossmae.config import config_from_dict
+from crossmae.data.files import FilesDataset
 from crossmae.data.readers import GridOptions, GridReader, iso_to_day, read_csv_series
 from crossmae.embed import embed_run
 from crossmae.embed import main as embed_main
@@ -106,6 +108,14 @@ def test_user_gauge_files_fill_round_trip_with_observed_values_exact(gauges, tmp
     assert np.array_equal(np.isnan(bom.values[:, 0]), missing)  # "", -9999 and nan all read as missing
     assert report.filled["flow/bom"] == missing.sum() and report.filled["flow/single"] == DAYS - 1
     assert report.filled["rain/empty"] == 0 and (tmp_path / "out" / "rain" / "empty.csv").is_file()
+
+    # the filled files as a data source of their own (format csv, skip_rows [0, 1, 2]): no value missing now
+    section = gauge_section(tmp_path / "out", ["bom", "single", "plain"])
+    for source in section["files"]["series"]:
+        source.update(path=f"{source['name']}/{{basin}}.csv", delimiter=",", skip_rows=[0, 1, 2], date_column="date",
+                      date_format="")
+    refilled = FilesDataset(config_from_dict({"data": section}).data, "train")
+    assert all(np.isfinite(refilled.physical_record(name, b)).all() for name in COLUMNS for b in range(3))
 
 
 def test_embed_and_gaps_run_on_user_gauge_files(gauges, tmp_path):
