@@ -119,6 +119,33 @@ def test_unicode_minus_signs_are_minus_signs(tmp_path):
     assert physical(ds)["a"][2, 0] == -0.5
 
 
+def test_files_are_known_by_their_bytes_whatever_their_names(tmp_path):
+    """A Parquet site table named `.pqt` and a partitioned Parquet gauge data set (a folder of parts) read as
+    Parquet; a spreadsheet renamed `.csv` and a Feather file are refused with what to do."""
+    pytest.importorskip("pyarrow")
+    import pandas as pd
+
+    write_grid(tmp_path)
+    pd.DataFrame({"site_id": list(SITES), "lat": [v[0] for v in SITES.values()],
+                  "lon": [v[1] for v in SITES.values()], "area": [v[2] for v in SITES.values()]}
+                 ).to_parquet(tmp_path / "sites.pqt")
+    rows = gauge_rows()
+    frame = pd.DataFrame({"site_id": [r[0] for r in rows], "date": [str(FIRST + r[1]) for r in rows],
+                          "flow": [r[2] for r in rows], "evap": [r[3] for r in rows]})
+    (tmp_path / "gauges.parquet").mkdir()
+    frame.iloc[:100].to_parquet(tmp_path / "gauges.parquet" / "part-0.parquet")
+    frame.iloc[100:].to_parquet(tmp_path / "gauges.parquet" / "part-1.parquet")
+    assert_reads_the_tidy_values(open_region(tmp_path, data_section(
+        tmp_path, {"format": "parquet", "path": "gauges.parquet"}, {"path": "sites.pqt"})))
+    (tmp_path / "gauges.csv").write_bytes(b"PK\x03\x04" + bytes(60))  # an .xlsx renamed
+    with pytest.raises(DataFileError, match=r"gauges.csv' is a spreadsheet; expected a CSV \(or Parquet\) file: save "
+                                            r"the sheet as CSV \(or, if it is a zip archive, unpack it\)"):
+        open_region(tmp_path, data_section(tmp_path, {}, {"path": "sites.pqt"}))
+    frame.to_feather(tmp_path / "gauges.feather")
+    with pytest.raises(DataFileError, match=r"gauges.feather' is an Arrow \(Feather\) file; expected a CSV or Parquet"):
+        open_region(tmp_path, data_section(tmp_path, {"path": "gauges.feather"}, {"path": "sites.pqt"}))
+
+
 def test_a_spreadsheet_day_number_as_a_date_is_named(tmp_path):
     write_grid(tmp_path)
     write_tidy_sites(tmp_path)

@@ -284,7 +284,8 @@ class UserTable:
 
 
 def read_user_table(path: str, delimiter: str, skip_rows: Sequence[int], what: str) -> UserTable:
-    """A CSV or Parquet (by extension) table.
+    """A CSV or Parquet table (Parquet by its extension or its first bytes; a spreadsheet or an Arrow file, by
+    either, is an error asking for CSV or Parquet).
 
     CSV: separated by ``delimiter``, or by the one of ``, ; tab |`` that the header holds more often, or by
     whitespace when the header holds none of them; UTF-16 after its byte-order mark, else UTF-8 with or without
@@ -293,7 +294,8 @@ def read_user_table(path: str, delimiter: str, skip_rows: Sequence[int], what: s
     number."""
     import pandas as pd
 
-    if path.lower().endswith((".parquet", ".pq")):
+    start = b"" if os.path.isdir(path) else _file_start(path, what)  # a directory: a partitioned Parquet data set
+    if path.lower().endswith((".parquet", ".pq")) or start.startswith(b"PAR1"):
         try:
             frame = pd.read_parquet(path)
         except ImportError as exc:
@@ -306,13 +308,17 @@ def read_user_table(path: str, delimiter: str, skip_rows: Sequence[int], what: s
         frame = frame.reset_index(drop=True)
         frame.columns = [str(c).strip() for c in frame.columns]
         return UserTable(path, frame, np.arange(len(frame)), csv=False, decimal_comma=True)
-    if path.lower().endswith((".xlsx", ".xls", ".xlsm", ".ods")):
+    named = path.lower().endswith((".xlsx", ".xls", ".xlsm", ".ods"))
+    if named or start.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):  # zip (xlsx, ods) or OLE (xls) inside
         raise DataFileError(f"{what}: {path!r} is a spreadsheet; expected a CSV (or Parquet) file: save the sheet as "
-                            "CSV")
+                            f"CSV{'' if named else ' (or, if it is a zip archive, unpack it)'}")
+    if start.startswith((b"ARROW1", b"FEA1")):
+        raise DataFileError(f"{what}: {path!r} is an Arrow (Feather) file; expected a CSV or Parquet file: write it "
+                            "as Parquet (pandas.read_feather(path).to_parquet(...))")
     skip = sorted({int(r) for r in skip_rows})
     if skip and skip[0] < 0:
         raise DataFileError(f"{what}: skip_rows holds {skip[0]}; expected 0-based line numbers of {path!r}")
-    utf16 = _is_utf16(path, what)
+    utf16 = start[:2] in (b"\xff\xfe", b"\xfe\xff")  # a spreadsheet's "Unicode text"
     header, skip = _header(path, skip, what, "utf-16" if utf16 else "utf-8")
     sep = _sniff_delimiter(header, delimiter, path, what)
     frame, encoding = None, "utf-8-sig"
@@ -378,11 +384,12 @@ def _opener(path: str):
     return {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(os.path.splitext(path)[1].lower(), open)
 
 
-def _is_utf16(path: str, what: str) -> bool:
-    """Whether the file starts with a UTF-16 byte-order mark (a spreadsheet's "Unicode text")."""
+def _file_start(path: str, what: str) -> bytes:
+    """The first 8 bytes of the file (decompressed), which say what it is whatever its name: Parquet, a
+    spreadsheet, Arrow, or text with a UTF-16 byte-order mark."""
     try:
         with _opener(path)(path, "rb") as handle:
-            return handle.read(2) in (b"\xff\xfe", b"\xfe\xff")
+            return handle.read(8)
     except (OSError, EOFError, lzma.LZMAError) as exc:
         raise DataFileError(f"{what}: can't read {path!r}: {exc}") from None
 
