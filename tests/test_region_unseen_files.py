@@ -298,6 +298,11 @@ def test_an_id_of_two_possible_sites_or_of_another_case_is_named_with_the_candid
     with pytest.raises(DataFileError, match=r"names site 'perl' on line 122, which is not in the site table "
                                             r"'sites.csv' \(the site table writes 'Perl'\)"):
         open_region(tmp_path, data_section(tmp_path, {}))
+    write_tidy_sites(tmp_path, {"01022500": SITES["a"], "01030500": SITES["b"], "Perl": SITES["c"]})
+    write_gauges(tmp_path, tidy_lines(("USGS-01022500", "01030500", "Perl")))  # an agency prefix
+    with pytest.raises(DataFileError, match=r"names site 'USGS-01022500' on line 2, which is not in the site table "
+                                            r"'sites.csv' \(the site table writes '01022500'\)"):
+        open_region(tmp_path, data_section(tmp_path, {}))
 
 
 def test_a_groups_file_id_that_lost_its_zeros_names_the_site_table_id(tmp_path):

@@ -719,7 +719,7 @@ def _match_sites(names: list[str], codes: np.ndarray, known: dict[str, int], tab
     only (or ending in ``.0``), the same number when one site-table id has it (``1022500`` or ``1022500.0`` for
     ``01022500``, ``0001`` for ``1.0``: leading zeros lost by a spreadsheet, a number column on either side).
     DataFileError naming the first row of an id in neither form, with the site-table ids of its number or the
-    one that differs only in case."""
+    one that differs only in case or in its other characters (``USGS-01022500``)."""
     index = np.array([known.get(n, -1) for n in names], dtype=np.int64)
     unknown = np.flatnonzero(index < 0)
     if unknown.size:
@@ -743,9 +743,11 @@ def _match_sites(names: list[str], codes: np.ndarray, known: dict[str, int], tab
         name = names[codes[i]]
         number = id_number(name)
         same = by_number.get(number, []) if number is not None else []
-        cased = [site for site in known if site.lower() == name.lower()]
+        digits = re.sub(r"\D", "", name)
+        alike = [site for site in known if site.lower() == name.lower()] or \
+            [site for site in known if digits and re.sub(r"\D", "", site).lstrip("0") == digits.lstrip("0")]
         hint = f" (the site table has {same} of that number and can't tell which)" if same else \
-            f" (the site table writes {cased[0]!r})" if len(cased) == 1 else ""
+            f" (the site table writes {alike[0]!r})" if len(alike) == 1 else ""
         raise DataFileError(f"{what}: {table.path!r} names site {name!r} on {table.where(i)}, which is not in the "
                             f"site table {site_table!r}{hint}; expected every gauge in the site table")
     return index
