@@ -185,6 +185,18 @@ def test_overlapping_files_are_refused_and_gaps_reported(tmp_path, caplog):
 
 
 # -- CF units -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fill", [9.969209968386869e36, -3.4028234663852886e38, 1e20])
+def test_an_undeclared_fill_value_is_named_and_a_declared_one_is_missing(tmp_path, fill):
+    values = steps(4)
+    values[2, 1, 0] = fill  # a tool's "no data" left in the file without a _FillValue attribute
+    path = write_grid(tmp_path / "pr.nc", values, np.arange(4))
+    with pytest.raises(DataFileError, match=r"pr\.nc.*variable 'v' at time step 2 \(cell 1, 0.*fill value"):
+        reader(path).read(day("1999-01-01"), day("1999-01-05"))
+    read = reader(path, markers=[fill]).read(day("1999-01-01"), day("1999-01-05"))  # [4, 1, 2, 3]
+    assert np.isnan(read[2, 0, 1, 0]) and np.isfinite(read).sum() == read.size - 1
+    np.testing.assert_allclose(read[3, 0], values[3], rtol=1e-6)
+
+
 def test_units_convert_precipitation_and_temperature(tmp_path):
     flux = write_grid(tmp_path / "pr.nc", np.full((4, 2, 3), 2e-5), np.arange(4), variable="pr",
                       var_units="kg m-2 s-1", extra={"tas": np.full((4, 2, 3), 280.0)})

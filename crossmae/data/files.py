@@ -7,7 +7,8 @@ resolved: see :func:`crossmae.config.resolve_config`); ``{basin}`` in a path is 
 Record, windows and splits
     A basin's record runs from the first to the last day that any of its files covers (the union over its
     modalities). Days a file lacks, and values that are NaN, infinite, the file's ``_FillValue`` or a
-    configured marker (``-9999``, ``-999`` by default), are missing. Windows of ``data.steps`` days start
+    configured marker (``-9999``, ``-999`` by default), are missing; a grid value equal to an undeclared
+    :data:`crossmae.data.readers.FILL_VALUES` entry is a DataFileError. Windows of ``data.steps`` days start
     every ``data.stride`` days inside each split's range and never straddle a split boundary.
     ``split.by: period``: every basin, cut by the ``[first day, last day]`` of each split (all empty: the
     last ``data.val_fraction`` of each record is val). ``split.by: basin``: whole records of the listed basins.

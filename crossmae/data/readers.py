@@ -76,6 +76,25 @@ def resolve_path(pattern: str, what: str) -> str:
     return pattern
 
 
+FILL_VALUES = (  # values that tools write for "no data", never a measurement
+    9.969209968386869e36,  # netCDF's default fill of float and double variables
+    float(np.finfo(np.float32).max),  # GDAL's and ArcGIS's float NoData (either sign)
+    1e20,  # the CF missing_value of climate-model output
+)
+
+
+def fill_value_hits(values: np.ndarray) -> np.ndarray:
+    """Bool mask of ``values`` (any shape) equal to one of :data:`FILL_VALUES`, either sign, to 1e-6 relative."""
+    with np.errstate(invalid="ignore"):
+        magnitude = np.abs(values)
+        hits = np.zeros(values.shape, dtype=bool)
+        if not (magnitude >= (1 - 1e-6) * min(FILL_VALUES)).any():  # one pass where nothing is near a fill value
+            return hits
+        for marker in FILL_VALUES:
+            hits |= np.abs(magnitude - marker) <= 1e-6 * marker
+    return hits
+
+
 def mark_missing(values: np.ndarray, markers: list[float]) -> np.ndarray:
     """``values`` (float) with infinities and every marker (to 1e-6 relative) set to NaN, in place (one
     scratch array of ``values``' size)."""
@@ -880,12 +899,27 @@ class GridReader:
                 out[row:row + pos.size, c] = values if pos.size == p1 - p0 else values[pos - p0]
             row += pos.size
         mark_missing(out, self.markers)
+        self._refuse_fill_values(out, files, positions)
         for c, conv in enumerate(self.conversions):
             if conv.scale != 1.0:
                 out[:, c] *= conv.scale
             if conv.offset != 0.0:
                 out[:, c] += conv.offset
         return out
+
+    def _refuse_fill_values(self, steps: np.ndarray, files: np.ndarray, positions: np.ndarray) -> None:
+        """Raise DataFileError naming the file, variable, step and cell of the first undeclared fill value in
+        ``steps [L, C, H, W]`` (markers already NaN): a tool's "no data" left in would pass for a measurement
+        and wreck the statistics."""
+        hits = fill_value_hits(steps)
+        if not hits.any():
+            return
+        row, c, y, x = (int(a[0]) for a in np.nonzero(hits))
+        raise DataFileError(
+            f"{self.what}: {self.paths[int(files[row])]!r} holds {float(steps[row, c, y, x]):g} in variable "
+            f"{self.variables[c]!r} at time step {int(positions[row])} (cell {y}, {x} of the read area), a fill "
+            f"value for no data that the file does not declare; expected a measurement (give the file a _FillValue "
+            f"or add the value to missing_values)")
 
     def _aggregate(self, steps: np.ndarray, step_day: np.ndarray, ends_day: np.ndarray, out: np.ndarray,
                    day0: int) -> None:

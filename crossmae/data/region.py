@@ -34,7 +34,7 @@ Where the data comes from
     as the user sees it, or the Parquet row) and the value: a gauge row naming a site missing from the site
     table, a site outside the grid (or a latitude beyond ±90), a (site, date) given twice, a date that is missing,
     does not parse or reads both day first and month first, a value that is not a number, beyond float32, a fill
-    value (:data:`FILL_VALUES`) or, under ``log1p``, -1 or less, a missing or ambiguous column (a wide table is
+    value (readers.FILL_VALUES) or, under ``log1p``, -1 or less, a missing or ambiguous column (a wide table is
     named as one), a row without a site id. Split periods that share a day are a ConfigError; windows that hold
     no day of any grid are logged.
 
@@ -102,6 +102,7 @@ from crossmae.data.readers import (
     GridOptions,
     GridReader,
     day_to_iso,
+    fill_value_hits,
     iso_to_day,
     mark_missing,
     read_basin_mask,
@@ -119,11 +120,6 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 STATS_BLOCK_DAYS = 366
 STRAY_YEARS = 10  # a gap in a gauge table's dates beyond which a few rows are most likely a mistyped year
-FILL_VALUES = (  # values that tools write for "no data", never a measurement
-    9.969209968386869e36,  # netCDF's default fill of float and double variables
-    float(np.finfo(np.float32).max),  # GDAL's and ArcGIS's float NoData (either sign)
-    1e20,  # the CF missing_value of climate-model output
-)
 MISSING_TEXT = frozenset(("", "na", "nan", "-nan", "n/a", "#n/a", "#na", "<na>", "null", "none", "-", "--"))
 TABLE_DELIMITERS = (",", ";", "\t", "|")
 DATE_FORMATS = ("%Y/%m/%d", "%d.%m.%Y", "%Y.%m.%d", "%Y%m%d", "%d/%m/%Y", "%m/%d/%Y", "%d-%m-%Y", "%d-%b-%Y",
@@ -821,14 +817,12 @@ def _warn_stray_dates(days: np.ndarray, table: UserTable, what: str) -> None:
 
 def _bad_value(values: np.ndarray, transforms: Sequence[str]) -> tuple[tuple[int, int], str] | None:
     """The first ``(row, column)`` of ``values`` ``[R, F]`` (missing values already NaN) that is no measurement,
-    and why: beyond float32, one of :data:`FILL_VALUES` (either sign, to 1e-6 relative), or -1 or less in a column
+    and why: beyond float32, one of readers.FILL_VALUES (either sign, to 1e-6 relative), or -1 or less in a column
     transformed by ``log1p``; None when every value is fine."""
     with np.errstate(invalid="ignore"):
         magnitude = np.abs(values)  # [R, F]
         huge = magnitude > np.finfo(np.float32).max
-        fill = np.zeros(values.shape, dtype=bool)
-        for marker in FILL_VALUES:
-            fill |= np.abs(magnitude - marker) <= 1e-6 * marker
+        fill = fill_value_hits(values)
         low = (values <= -1.0) & np.array([tr == "log1p" for tr in transforms], dtype=bool)  # [R, F]
     for found, why in ((huge, "beyond float32"), (fill, "a fill value for no data")):
         if found.any():
