@@ -781,8 +781,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.schedule.lr.double().view(1)  # the lr this step used, before the schedule moves
         self.schedule.advance(found_inf)
-        losses = stats[n:2 * n] / stats[:n].clamp_min(1e-12)  # [n] a modality without values has sum 0
-        total = (losses * self.loss_weights).sum().view(1)
+        counted = stats[:n] > 0  # [n] a modality may have no value to score in a batch (a site set without gauges)
+        losses = torch.where(counted, stats[n:2 * n] / stats[:n].clamp_min(1e-12), torch.nan)  # [n] NaN: no value
+        total = torch.where(counted, losses * self.loss_weights, 0.0).sum().view(1)
         return torch.cat([total, losses, lr, grad_norm.detach().double().view(1), found_inf.double().view(1),
                           stats[2 * n + 1:]])
 

@@ -171,3 +171,31 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
             if col.startswith("loss"):
                 x, y = float(ra[col]), float(rb[col])
                 assert abs(x - y) <= 1e-5 * max(abs(x), 1e-6), f"step {ra['step']} {col}: {x} vs {y}"
+
+
+def test_a_modality_with_no_value_to_score_logs_nan_and_stays_out_of_the_total(tmp_path):
+    """A batch can hold no hidden value of a modality (a site set on days without gauges): its per-step loss is
+    NaN, not a misleading 0.0, and the total is the weighted sum of the scored modalities alone. The forward is
+    made to report no counted value for one series modality."""
+    config = tiny_config(tmp_path, "train.val_every=0", steps=3)
+    trainer = Trainer(config)
+    series = next(n for n in trainer.model.names if trainer.model.spec[n].kind == "series")
+    forward = trainer.forward_model
+
+    def without_series(batch):
+        out = forward(batch)
+        out.counts[series] = torch.zeros_like(out.counts[series])
+        out.sums[series] = out.sums[series] * 0.0
+        return out
+
+    trainer.forward_model = without_series
+    trainer.fit()
+    weights = config.model.loss_weights
+    scored = [n for n in trainer.model.names if n != series]
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert len(rows) == 3
+    for row in rows:
+        assert math.isnan(float(row[f"loss_{series}"]))
+        assert all(math.isfinite(float(row[f"loss_{n}"])) for n in scored)
+        total = sum(weights.get(n, 1.0) * float(row[f"loss_{n}"]) for n in scored)
+        assert float(row["loss"]) == pytest.approx(total, rel=1e-6)
