@@ -430,6 +430,7 @@ def _flow_scores(per_basin: dict[str, list[_FlowDays]], channel: int) -> dict:
         for score in ("nse", "kge"):
             values = [v[score] for v in target["per_basin"].values() if not math.isnan(v[score])]
             target[f"median_{score}"] = float(np.median(values)) if values else float("nan")
+    result["scored"] = sum(not math.isnan(v["nse"]) for v in result["per_basin"].values())  # the median's count
     return result
 
 
@@ -657,7 +658,8 @@ def _format_table(metrics: dict) -> str:
                          f"(r {scores['r']:.3f}, alpha {scores['alpha']:.3f}, beta {scores['beta']:.3f})")
     for name, entry in metrics.get("sites", {}).items():
         base = entry["baseline_interp"]
-        lines.append(f"{name}: {len(entry['per_basin'])} sites, median NSE {entry['median_nse']:.3f}, KGE "
+        lines.append(f"{name}: {len(entry['per_basin'])} sites ({entry['scored']} with masked days to score), "
+                     f"median NSE {entry['median_nse']:.3f}, KGE "
                      f"{entry['median_kge']:.3f} (interpolation baseline NSE {base['median_nse']:.3f}, KGE "
                      f"{base['median_kge']:.3f}); per site in the CSV")
     return "\n".join(lines)

@@ -338,3 +338,18 @@ def test_per_site_nse_and_kge_on_a_hand_made_case(tmp_path):
     np.testing.assert_allclose(points.get_array(), [1.0, 0.0])
     fig.savefig(tmp_path / "map.png")
     assert (tmp_path / "map.png").stat().st_size > 1000
+
+
+def test_a_site_without_a_masked_observation_is_counted_apart_from_the_scored_ones():
+    truth = np.zeros((1, 4, 1, 3, 1))
+    truth[0, :, 0, 0, 0] = [1.0, 2.0, 3.0, 4.0]
+    truth[0, :, 0, 1, 0] = [2.0, 2.0, 6.0, 2.0]
+    truth[0, :, 0, 2, 0] = [5.0, np.nan, np.nan, 5.0]  # site c: nothing observed on the hidden days
+    recon = np.full_like(truth, np.nan)
+    recon[0, 1:3, 0, :, 0] = [[2.0, 4.0, 5.0], [3.0, 4.0, 5.0]]
+    predicted = np.array([[[False], [True], [True], [False]]])
+    store = {}
+    collect_site_days(store, truth, recon, predicted, np.ones((1, 1, 3), dtype=bool), [["a", "b", "c"]], [100])
+    scores = _flow_scores(store, 0)
+    assert len(scores["per_basin"]) == 3 and math.isnan(scores["per_basin"]["c"]["nse"])
+    assert scores["scored"] == 2 and scores["median_nse"] == pytest.approx(0.5)
