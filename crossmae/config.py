@@ -880,22 +880,12 @@ def _validate_files(f: FilesConfig) -> None:
         need(bool(st.paths), "data.files.static.columns are set but data.files.static.paths is empty")
     sp = f.split
     need(sp.by in ("period", "basin"), f"data.files.split.by must be 'period' or 'basin', got {sp.by!r}")
-    for part in ("train", "val", "test"):
-        value = getattr(sp, part)
-        if sp.by == "period" and value:
-            need(len(value) == 2, f"data.files.split.{part} must be [first day, last day], got {value}")
-            try:
-                first, last = (datetime.date.fromisoformat(v) for v in value)
-            except ValueError:
-                raise ConfigError(f"data.files.split.{part} must hold ISO dates (YYYY-MM-DD), got {value}") from None
-            need(first <= last, f"data.files.split.{part}: the first day {value[0]} is after the last {value[1]}")
-        if sp.by == "basin" and f.basins:
-            unknown = [b for b in value if b not in f.basins]
-            need(not unknown, f"data.files.split.{part} names basins not in data.files.basins: {unknown}")
     if sp.by == "period":
-        need(bool(sp.train) or not (sp.val or sp.test),
-             "data.files.split.train must be set when val or test periods are (or leave all three empty)")
+        _validate_split_periods("data.files.split", sp)
     else:
+        for part in ("train", "val", "test"):
+            unknown = [b for b in getattr(sp, part) if f.basins and b not in f.basins]
+            need(not unknown, f"data.files.split.{part} names basins not in data.files.basins: {unknown}")
         need(bool(sp.val), "data.files.split.val must list the validation basins when split.by is 'basin'")
         overlap = set(sp.train) & set(sp.val) | set(sp.train) & set(sp.test) | set(sp.val) & set(sp.test)
         need(not overlap, f"data.files.split: basins {sorted(overlap)} are in more than one split")
@@ -925,6 +915,16 @@ def _validate_split_periods(key: str, sp: SplitConfig) -> None:
             raise ConfigError(f"{key}.{part}: the first day {value[0]} is after the last {value[1]}")
     if not sp.train and (sp.val or sp.test):
         raise ConfigError(f"{key}.train must be set when val or test periods are (or leave all three empty)")
+    periods = {part: [datetime.date.fromisoformat(v) for v in getattr(sp, part)]
+               for part in ("train", "val", "test") if getattr(sp, part)}
+    parts = list(periods)
+    for i, a in enumerate(parts):
+        for b in parts[i + 1:]:
+            shared = (min(periods[a][1], periods[b][1]) - max(periods[a][0], periods[b][0])).days + 1
+            if shared > 0:  # the model would be validated or tested on days it trained on
+                raise ConfigError(f"{key}.{a} ({'..'.join(getattr(sp, a))}) and {key}.{b} "
+                                  f"({'..'.join(getattr(sp, b))}) share {shared} days; expected periods without a "
+                                  "common day")
 
 
 def _validate_region(r: RegionConfig) -> None:

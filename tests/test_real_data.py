@@ -442,6 +442,9 @@ def test_config_errors_name_the_key():
         moselle("data.files.grids=[{name: pre, format: grib, path: pre.nc}]")
     with pytest.raises(ConfigError, match=r"data.files.split.val must hold ISO dates"):
         moselle("data.files.split.val=[1992-01-01, 'soon']")
+    with pytest.raises(ConfigError, match=r"data.files.split.train \(1990-01-01..1991-12-31\) and data.files.split.val "
+                                          r"\(1991-12-01..1992-12-31\) share 31 days"):  # validated on trained days
+        moselle("data.files.split.train=[1990-01-01, 1991-12-31]", "data.files.split.val=[1991-12-01, 1992-12-31]")
     with pytest.raises(ConfigError, match=r"data.files.basins\[0\] must be a string, got 271680 \(quote it"):
         camels("data.files.basins=[01022500]")
 

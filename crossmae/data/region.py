@@ -35,8 +35,8 @@ Where the data comes from
     table, a site outside the grid (or a latitude beyond ±90), a (site, date) given twice, a date that is missing,
     does not parse or reads both day first and month first, a value that is not a number, beyond float32, a fill
     value (readers.FILL_VALUES) or, under ``log1p``, -1 or less, a missing or ambiguous column (a wide table is
-    named as one), a row without a site id. Split periods that share a day are a ConfigError; windows that hold
-    no day of any grid are logged.
+    named as one), a row without a site id. Split periods that share a day are a ConfigError (raised when the
+    config is validated); windows that hold no day of any grid are logged.
 
 Record, windows, splits
     The record runs from the first to the last day any grid or site set covers. A window is ``data.steps`` days
@@ -88,7 +88,6 @@ import torch
 from torch.utils.data import Dataset
 
 from crossmae.config import (
-    ConfigError,
     DataConfig,
     GridSource,
     GroupingConfig,
@@ -995,20 +994,6 @@ def _grid_periods(region: RegionConfig) -> dict[str, tuple[int, int]]:
             for part in SPLITS if getattr(region.split, part)}
 
 
-def _check_periods_apart(periods: dict[str, tuple[int, int]]) -> None:
-    """ConfigError naming two split periods that share days (the model would be validated or tested on days it
-    trained on)."""
-    parts = list(periods)
-    for i, a in enumerate(parts):
-        for b in parts[i + 1:]:
-            shared = min(periods[a][1], periods[b][1]) - max(periods[a][0], periods[b][0]) + 1
-            if shared > 0:
-                raise ConfigError(
-                    f"data.region.split.{a} ({'..'.join(map(day_to_iso, periods[a]))}) and data.region.split.{b} "
-                    f"({'..'.join(map(day_to_iso, periods[b]))}) share {shared} days; expected periods without a "
-                    "common day")
-
-
 def load_region_files(data: DataConfig) -> RegionData:
     """Read a region from files as ``data.region`` configures (module docstring)."""
     region = data.region
@@ -1189,7 +1174,6 @@ class RegionDataset(Dataset):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.config = copy.deepcopy(data)
         self.split, self.steps, self.stride = split, data.steps, data.stride
-        _check_periods_apart(_grid_periods(data.region))
         self.region = load_region(data)
         r = self.region
         self.data_paths = list(r.paths)
