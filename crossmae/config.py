@@ -917,9 +917,8 @@ def _validate_split_periods(key: str, sp: SplitConfig) -> None:
         raise ConfigError(f"{key}.train must be set when val or test periods are (or leave all three empty)")
     periods = {part: [datetime.date.fromisoformat(v) for v in getattr(sp, part)]
                for part in ("train", "val", "test") if getattr(sp, part)}
-    parts = list(periods)
-    for i, a in enumerate(parts):
-        for b in parts[i + 1:]:
+    for a, b in (("train", "val"), ("train", "test")):  # val and test may share days; neither may hold trained ones
+        if a in periods and b in periods:
             shared = (min(periods[a][1], periods[b][1]) - max(periods[a][0], periods[b][0])).days + 1
             if shared > 0:  # the model would be validated or tested on days it trained on
                 raise ConfigError(f"{key}.{a} ({'..'.join(getattr(sp, a))}) and {key}.{b} "

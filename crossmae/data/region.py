@@ -35,8 +35,8 @@ Where the data comes from
     table, a site outside the grid (or a latitude beyond ±90), a (site, date) given twice, a date that is missing,
     does not parse or reads both day first and month first, a value that is not a number, beyond float32, a fill
     value (readers.FILL_VALUES) or, under ``log1p``, -1 or less, a missing or ambiguous column (a wide table is
-    named as one), a row without a site id. Split periods that share a day are a ConfigError (raised when the
-    config is validated); windows that hold no day of any grid are logged.
+    named as one), a row without a site id. A training period sharing a day with val or test is a ConfigError
+    (raised when the config is validated); windows that hold no day of any grid are logged.
 
 Record, windows, splits
     The record runs from the first to the last day any grid or site set covers. A window is ``data.steps`` days
