@@ -459,7 +459,7 @@ def _write_series_csv(path: Path, header: list[str], days: np.ndarray, columns: 
 def _write_grid_netcdf(path: Path, attrs: dict, days: np.ndarray, variables: list[str], values: np.ndarray,
                        filled: np.ndarray, band: np.ndarray | None, reader) -> None:
     """One NetCDF: each variable of ``values [N, C, h, w]`` on ``(time, y, x)``, ``filled [N, h, w]`` uint8,
-    the band ``[2, N, C, h, w]``, the grid's coordinates after the crop."""
+    the band ``[2, N, C, h, w]``, the grid's coordinates (1-D and 2-D) after the crop."""
     import xarray as xr
 
     y_dim, x_dim = reader.dims
@@ -469,6 +469,8 @@ def _write_grid_netcdf(path: Path, attrs: dict, days: np.ndarray, variables: lis
     for dim, coord, (lo, hi) in zip(reader.dims, reader.coords, ((y0, y1), (x0, x1))):
         if coord is not None:
             coords[dim] = coord[lo:hi]
+    for name, (grid_values, grid_attrs) in reader.grid_coordinates().items():
+        coords[name] = (dims[1:], grid_values, grid_attrs)  # [h, w]
     data_vars = {v: (dims, values[:, c].astype(np.float32)) for c, v in enumerate(variables)}
     data_vars["filled"] = (dims, filled.astype(np.uint8))
     if band is not None:

@@ -34,7 +34,8 @@ def write_basin(folder: Path, basin: str, seed: int, flow_missing: bool = False)
     mask[0, 0] = np.nan
     xr.Dataset({"pre": (("time", "lat", "lon"), field.astype(np.float32)),
                 "mask": (("lat", "lon"), mask)},
-               coords={"time": dates.astype("datetime64[ns]"), "lat": np.arange(4.0), "lon": np.arange(4.0) + 10},
+               coords={"time": dates.astype("datetime64[ns]"), "lat": np.arange(4.0), "lon": np.arange(4.0) + 10,
+                       "easting": (("lat", "lon"), 1000.0 * np.arange(16.0).reshape(4, 4), {"units": "m"})},
                ).to_netcdf(folder / f"grid_{basin}.nc", engine="h5netcdf")
 
 

@@ -61,6 +61,9 @@ def test_a_30_day_hole_is_filled_and_observed_values_pass_through(trained, tmp_p
     assert np.isfinite(after[:, 0][holes]).all()
     seen = np.isfinite(before[:, 0])
     assert np.array_equal(after[:, 0][seen], before[:, 0][seen])
+    with xr.open_dataset(tmp_path / "out" / "pre" / "a.nc", engine="h5netcdf") as out:  # a 2-D coordinate kept
+        assert np.array_equal(out["easting"].values, 1000.0 * np.arange(16.0).reshape(4, 4))
+        assert out["easting"].dims == ("lat", "lon") and out["easting"].attrs["units"] == "m"
 
     assert report.skipped == {"flow/c": "no observed value in the whole record"}
     assert not (tmp_path / "out" / "flow" / "c.csv").exists()

@@ -697,6 +697,18 @@ class GridReader:
             dims = space
         return dims
 
+    def grid_coordinates(self) -> dict[str, tuple[np.ndarray, dict]]:
+        """The first file's 2-D coordinates on the grid's dims (``lat``/``lon`` of a projected grid, say): name →
+        (values ``[h, w]`` after the crop, attributes). Dimension coordinates are in :attr:`coords`."""
+        ds = self._dataset(0)
+        y0, y1, x0, x1 = self.crop or (0, self.full_shape[0], 0, self.full_shape[1])
+        out = {}
+        for name, coord in ds.coords.items():
+            if set(coord.dims) == set(self.dims) and coord.ndim == 2:
+                values = np.asarray(coord.transpose(*self.dims).values)[y0:y1, x0:x1]  # [h, w]
+                out[str(name)] = (values, dict(coord.attrs))
+        return out
+
     def describe(self) -> None:
         """Check every file, decode and order their times, resolve the crop (fills the attributes)."""
         opt = self.options
