@@ -138,3 +138,35 @@ def test_data_root_moves_a_region_runs_files_and_a_missing_region_root_is_named(
     config.data.source = "synthetic"
     with pytest.raises(ValueError, match="reads no files"):
         resolve_data(config, data_root=str(tmp_path / "here"))
+
+
+def test_a_gauge_file_with_only_its_header_is_a_basin_without_flow_reported_by_fill(tmp_path, caplog):
+    """A flow CSV that holds its header and no row (a gauge exported before it had data) does not stop the data
+    set: the basin trains on its other files, its flow is missing throughout, and fill reports and skips it. A
+    basin with no day of data in any file is named."""
+    import logging
+
+    config_path = make_data(tmp_path / "data", basins=("a", "b"))
+    data = yaml.safe_load(config_path.read_text())
+    data["data"]["files"]["series"][0]["path"] = "{basin}_flow.csv"
+    config_path.write_text(yaml.safe_dump(data))
+    for basin in ("a", "b"):
+        table = pd.read_csv(tmp_path / "data" / f"{basin}.csv")
+        flow = table[["date", "flow"]] if basin == "a" else table[["date", "flow"]].iloc[:0]
+        flow.to_csv(tmp_path / "data" / f"{basin}_flow.csv", index=False)
+    with caplog.at_level(logging.WARNING, logger="crossmae.data.files"):
+        run = train_run(config_path, tmp_path / "run")
+    assert "b_flow.csv' holds no data row: basin 'b' has no flow value" in caplog.text
+    report = fill_run(run, tmp_path / "out")
+    assert report.skipped == {"flow/b": "no observed value in the whole record"}
+    assert (tmp_path / "out" / "flow" / "a.csv").is_file() and not (tmp_path / "out" / "flow" / "b.csv").exists()
+
+    from crossmae.config import resolve_config
+    from crossmae.data.loader import build_dataset
+    from crossmae.data.readers import DataFileError
+
+    data["data"]["files"]["grids"] = []
+    data["data"]["files"]["series"] = data["data"]["files"]["series"][:1]  # b's only file is the empty one
+    config_path.write_text(yaml.safe_dump(data))
+    with pytest.raises(DataFileError, match=r"no file of basin\(s\) \['b'\] holds a day of data"):
+        build_dataset(resolve_config(None, str(config_path), []).data, "train")

@@ -8,8 +8,10 @@ Record, windows and splits
     A basin's record runs from the first to the last day that any of its files covers (the union over its
     modalities). Days a file lacks, and values that are NaN, infinite, the file's ``_FillValue`` or a
     configured marker (``-9999``, ``-999`` by default), are missing; a grid value equal to an undeclared
-    :data:`crossmae.data.readers.FILL_VALUES` entry is a DataFileError. Windows of ``data.steps`` days start
-    every ``data.stride`` days inside each split's range and never straddle a split boundary.
+    :data:`crossmae.data.readers.FILL_VALUES` entry is a DataFileError. A series file with a header and no
+    row leaves that basin's series missing throughout (logged); a basin with no day in any file is an error.
+    Windows of ``data.steps`` days start every ``data.stride`` days inside each split's range and never straddle
+    a split boundary.
     ``split.by: period``: every basin, cut by the ``[first day, last day]`` of each split (all empty: the
     last ``data.val_fraction`` of each record is val). ``split.by: basin``: whole records of the listed basins.
 
@@ -261,10 +263,11 @@ class FilesDataset(Dataset):
             else:
                 table = read_csv_series(path, src.date_column, src.date_format, src.columns, src.delimiter,
                                         src.skip_rows, src.missing_values, what)
-            if table.days.size == 0:
-                raise DataFileError(f"{what}: {path!r} holds no data row; expected one row per day")
             tables.append(table)
             self._inputs.add(path)
+            if table.days.size == 0:  # a header and nothing else: the basin's record of this series is all missing
+                log.warning("%s: %r holds no data row: basin %r has no %s value", what, path, basin, src.name)
+                continue
             coverage[b].append((int(table.days[0]), int(table.days[-1]), path))
         self.channel_names[src.name] = list(src.columns) if src.columns else list(tables[0].columns)
         unknown = [c for c in src.transforms if c not in self.channel_names[src.name]]
@@ -273,8 +276,13 @@ class FilesDataset(Dataset):
                                 f"{self.channel_names[src.name]}")
         return tables
 
-    @staticmethod
-    def _records(coverage) -> list[tuple[int, int]]:
+    def _records(self, coverage) -> list[tuple[int, int]]:
+        """Each basin's record: from the first to the last day any of its files covers."""
+        empty = [basin for basin, cov in zip(self.basins, coverage) if not cov]
+        if empty:
+            raise DataFileError(f"data.files: no file of basin(s) {empty} holds a day of data (their series files "
+                                "hold no data row and there is no grid); expected at least one day per basin, or "
+                                "leave them out of data.files.basins")
         return [(min(c[0] for c in cov), max(c[1] for c in cov)) for cov in coverage]
 
     def _dense(self, table: SeriesTable, basin: int) -> np.ndarray:
