@@ -57,7 +57,7 @@ import torch
 from torch.utils.data import Dataset
 
 from crossmae.config import DataConfig, FilesConfig, GridSource, SeriesSource
-from crossmae.data.normstats import NormStats
+from crossmae.data.normstats import NormStats, apply_transform
 from crossmae.data.readers import (
     DataFileError,
     GridOptions,
@@ -80,13 +80,6 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 STATS_BLOCK_DAYS = 366  # grids are read in blocks of this many days for the statistics
-
-
-def _transform(x: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "log1p":
-        with np.errstate(invalid="ignore"):
-            return np.log1p(np.where(x > -1.0, x, np.nan))
-    return x
 
 
 def _mean_std(count: float, s1: float, s2: float) -> tuple[float, float]:
@@ -365,7 +358,7 @@ class FilesDataset(Dataset):
                 for block in range(d0, d1 + 1, block_days):
                     x = grid.read(block, min(block + block_days, d1 + 1))  # [L, C, h, w]
                     for c, tr in enumerate(transforms):
-                        v = _transform(x[:, c][:, inside[:h, :w]].astype(np.float64), tr)  # [L, cells]
+                        v = apply_transform(x[:, c][:, inside[:h, :w]].astype(np.float64), tr)  # [L, cells]
                         v = v[np.isfinite(v)]
                         sums[:, c] += (v.size, v.sum(), (v * v).sum())
             stats["modalities"][src.name] = self._channel_stats(f"data.files.grids[{i}] {src.name!r}", src.name,
@@ -378,7 +371,7 @@ class FilesDataset(Dataset):
                 first = self.records[b][0]
                 x = raw_series[src.name][b][d0 - first:d1 - first + 1]  # [L, F]
                 for c, tr in enumerate(transforms):
-                    v = _transform(x[:, c], tr)
+                    v = apply_transform(x[:, c], tr)
                     v = v[np.isfinite(v)]
                     sums[:, c] += (v.size, v.sum(), (v * v).sum())
             stats["modalities"][src.name] = self._channel_stats(f"data.files.series[{i}] {src.name!r}", src.name,

@@ -27,6 +27,14 @@ import torch
 TRANSFORMS = ("none", "log1p")
 
 
+def apply_transform(x: np.ndarray, transform: str) -> np.ndarray:
+    """Physical values → the transform's space: ``log1p`` (a value ≤ -1 is NaN) or ``none`` (unchanged)."""
+    if transform == "log1p":
+        with np.errstate(invalid="ignore"):
+            return np.log1p(np.where(x > -1.0, x, np.nan))
+    return x
+
+
 @dataclass(frozen=True)
 class ModalityStats:
     """One modality's statistics.
@@ -155,10 +163,7 @@ class NormStats:
         for c, (tr, mean, std) in enumerate(zip(entry.transforms, entry.mean, entry.std, strict=True)):
             index = (Ellipsis, c, slice(None), slice(None)) if entry.axis == -3 else (Ellipsis, c)
             v = x[index]
-            if tr == "log1p":
-                with np.errstate(invalid="ignore"):
-                    v = np.log1p(np.where(v > -1.0, v, np.nan))
-            out[index] = (v - mean) / std
+            out[index] = (apply_transform(v, tr) - mean) / std
         return out
 
     def denormalize(self, name: str, values: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:

@@ -95,7 +95,7 @@ from crossmae.config import (
     SiteSetSource,
     SiteTableSource,
 )
-from crossmae.data.normstats import NormStats
+from crossmae.data.normstats import NormStats, apply_transform
 from crossmae.data.readers import (
     DataFileError,
     GridOptions,
@@ -233,18 +233,11 @@ class FileGrid:
         for start in range(day0, day1 + 1, block):
             x = self.reader.read(start, min(start + block, day1 + 1))  # [L, C, H, W]
             for c, tr in enumerate(transforms):
-                v = _transform(x[:, c][:, self.mask].astype(np.float64), tr)  # [L, land cells]
+                v = apply_transform(x[:, c][:, self.mask].astype(np.float64), tr)  # [L, land cells]
                 v = v[np.isfinite(v)]
                 sums[:, c] += (v.size, v.sum(), (v * v).sum())
         self.reader.close()
         return sums
-
-
-def _transform(x: np.ndarray, transform: str) -> np.ndarray:
-    if transform == "log1p":
-        with np.errstate(invalid="ignore"):
-            return np.log1p(np.where(x > -1.0, x, np.nan))
-    return x
 
 
 # -- users' tables ----------------------------------------------------------------------------------------
@@ -1275,7 +1268,7 @@ class RegionDataset(Dataset):
             sums = np.zeros((3, len(s.variables)))
             per_site: dict[str, dict[str, list[float]]] = {}
             for f, tr in enumerate(s.transforms):
-                v = _transform(x[..., f].astype(np.float64), tr)  # [L, S]
+                v = apply_transform(x[..., f].astype(np.float64), tr)  # [L, S]
                 finite = np.isfinite(v)
                 sums[:, f] = (finite.sum(), np.where(finite, v, 0).sum(), np.where(finite, v * v, 0).sum())
                 if s.variables[f] in s.per_site:
@@ -1363,7 +1356,7 @@ class RegionDataset(Dataset):
         values[:, present] = x[:, [position[order[i]] for i in present]]
         with np.errstate(over="ignore"):
             for f, tr in enumerate(entry.transforms):
-                values[..., f] = (_transform(values[..., f], tr) - mean[:, f]) / std[:, f]
+                values[..., f] = (apply_transform(values[..., f], tr) - mean[:, f]) / std[:, f]
         if np.isinf(values).any():
             day, site, f = (int(a[0]) for a in np.nonzero(np.isinf(values)))
             raise DataFileError(f"site set {s.name!r} ({s.source or 'synthetic'}): {s.variables[f]!r} of site "
