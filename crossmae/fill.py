@@ -14,8 +14,8 @@ What it does
     physical units. Observed values are written as read, unchanged. A grid patch with some missing cells is
     predicted whole, and only its missing cells are filled. A basin's record runs from the first to the last
     day that any of its files covers (``crossmae/data/files.py``), so the days before or after a file's own
-    rows are missing in it and are filled too (a gauge that opened a year after the gridded forcing starts
-    gets that year predicted, flagged ``filled``).
+    rows are missing in it and are filled too: a gauge that opened a year after the gridded forcing starts
+    gets that year predicted, flagged ``extended`` rather than ``filled``.
 
 Ensemble spread (``--members M``, M ≥ 2)
     M further passes, each also hiding a random ``--extra-ratio`` of the observed tokens (seeded by
@@ -28,8 +28,9 @@ files or none, and exits 130 or 143)
     ``OUT/<modality>/<basin>.csv`` for a series modality: three comment lines (``# run:``, ``# checkpoint:``
         with its step, ``# written:`` UTC time), then the header ``date,<column>...,<column>_flag...`` (and
         ``<column>_q10,<column>_q90`` with ``--members``), one row per record day; the flag is ``observed``,
-        ``filled`` or ``missing`` (not filled: see below). Read it back with the project's CSV reader:
-        ``format: csv``, ``skip_rows: [0, 1, 2]``.
+        ``filled`` (between the column's first and last observed day), ``extended`` (filled before the first or
+        after the last: beyond the gauge's own record) or ``missing`` (not filled: see below). Read it back with
+        the project's CSV reader: ``format: csv``, ``skip_rows: [0, 1, 2]``.
     ``OUT/<modality>/<basin>.nc`` for a grid modality: each variable ``(time, y, x)`` filled, ``filled``
         ``(time, y, x)`` uint8 (1 = filled), with ``--members`` ``<variable>_q10`` and ``<variable>_q90``; the
         grid's coordinates after the crop; attributes ``crossmae_run``, ``crossmae_checkpoint``,
@@ -456,6 +457,16 @@ def _write_series_csv(path: Path, header: list[str], days: np.ndarray, columns: 
     write_atomic(path, write)
 
 
+def _filled_or_extended(seen: np.ndarray) -> np.ndarray:
+    """``[N, F]`` flag of a value filled on each day: ``filled`` between a column's first and last observed day,
+    ``extended`` before the first or after the last (a prediction beyond the gauge's own record)."""
+    n = seen.shape[0]
+    first = np.where(seen.any(0), seen.argmax(0), n)  # [F]
+    last = np.where(seen.any(0), n - 1 - seen[::-1].argmax(0), -1)  # [F]
+    day = np.arange(n)[:, None]  # [N, 1]
+    return np.where((day < first) | (day > last), "extended", "filled")
+
+
 def _write_grid_netcdf(path: Path, attrs: dict, days: np.ndarray, variables: list[str], values: np.ndarray,
                        filled: np.ndarray, band: np.ndarray | None, reader) -> None:
     """One NetCDF: each variable of ``values [N, C, h, w]`` on ``(time, y, x)``, ``filled [N, h, w]`` uint8,
@@ -563,7 +574,7 @@ def fill_run(run_dir: str | Path, out_dir: str | Path, *, config_file: str | Non
             header = [f"run: {run.run_dir.resolve()}", f"checkpoint: {run.checkpoint.resolve()} (step {run.step})",
                       f"written: {written}"]
             if m.kind == "series":
-                flags = np.where(seen, "observed", np.where(fill, "filled", "missing"))
+                flags = np.where(seen, "observed", np.where(fill, _filled_or_extended(seen), "missing"))
                 path = out_dir / m.name / f"{basin}.csv"
                 _write_series_csv(path, header, days, names, values, flags, band)
             else:

@@ -170,3 +170,27 @@ def test_a_gauge_file_with_only_its_header_is_a_basin_without_flow_reported_by_f
     config_path.write_text(yaml.safe_dump(data))
     with pytest.raises(DataFileError, match=r"no file of basin\(s\) \['b'\] holds a day of data"):
         build_dataset(resolve_config(None, str(config_path), []).data, "train")
+
+
+def test_days_beyond_a_gauges_own_record_are_flagged_extended(tmp_path):
+    """Basin b's gauge file starts 40 days after its grid and ends 10 days before it: those days are filled (the
+    record is the union of the basin's files) but flagged `extended`; a gap inside the gauge's record is
+    `filled`."""
+    config_path = make_data(tmp_path / "data", basins=("a", "b"))
+    data = yaml.safe_load(config_path.read_text())
+    data["data"]["files"]["series"][0]["path"] = "{basin}_flow.csv"
+    config_path.write_text(yaml.safe_dump(data))
+    for basin in ("a", "b"):
+        flow = pd.read_csv(tmp_path / "data" / f"{basin}.csv")[["date", "flow"]]
+        if basin == "b":
+            flow = flow.iloc[40:DAYS - 10].copy()
+            flow.loc[flow.index[100:105], "flow"] = np.nan  # a 5-day gap inside the gauge's record
+        flow.to_csv(tmp_path / "data" / f"{basin}_flow.csv", index=False)
+    run = train_run(config_path, tmp_path / "run")
+    fill_run(run, tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "flow" / "b.csv", skiprows=3)
+    assert len(table) == DAYS
+    expected = np.array(["extended"] * 40 + ["observed"] * (DAYS - 50) + ["extended"] * 10, dtype=object)
+    expected[140:145] = "filled"
+    assert (table["flow_flag"].to_numpy() == expected).all()
+    assert table["flow"].notna().all()

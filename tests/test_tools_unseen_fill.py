@@ -100,7 +100,9 @@ def test_user_gauge_files_fill_round_trip_with_observed_values_exact(gauges, tmp
             assert np.array_equal(back.values[seen, 0], original.values[seen, 0])  # exactly as read
             assert np.isfinite(back.values[:, 0]).all()  # every missing day filled
             flags = pd.read_csv(path, skiprows=3)[f"{column}_flag"].to_numpy()
-            assert np.array_equal(flags, np.where(seen, "observed", "filled"))
+            inside = np.arange(DAYS) >= np.argmax(seen)  # from the first observed day ...
+            inside &= np.arange(DAYS) <= DAYS - 1 - np.argmax(seen[::-1])  # ... to the last
+            assert np.array_equal(flags, np.where(seen, "observed", np.where(inside, "filled", "extended")))
     missing = np.zeros(DAYS, dtype=bool)
     missing[[0, DAYS - 1]] = True
     missing[HOLE[0]:HOLE[1]] = True
